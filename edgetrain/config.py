@@ -1,0 +1,161 @@
+"""Typed configuration of one run, validated on construction and written to the run dir.
+
+This file holds no training logic. `RunConfig.from_dict` reads a `config.json` back; unknown
+keys or bad values raise `UserError` (never a traceback at the CLI).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgetrain.errors import UserError
+
+MODES = ("e2e", "parallel", "sequential", "multilap")
+SPLITS = ("depth", "memory")
+TAU_SCHEDULES = ("constant", "midpoint", "multipliers")
+TRANSPORT_SCALINGS = ("mean", "sample")
+HEADS = ("dgl", "linear", "mlp")
+OPTIMIZERS = ("sgd", "adamw")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name} must be one of {', '.join(choices)} (got {value!r})")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Defaults are the product's main path (multi-lap TRGL).
+
+    Learning rates, momentum, weight decay, label smoothing and orthogonal init follow the
+    options of the paper's Appendix E; the defaults are tuned for the embedded `digits` set.
+    """
+
+    # data
+    data: str = "digits"
+    train_size: int | None = None  # stratified, seeded subset of the training split
+    val_fraction: float = 0.1  # carved from the training split, stratified
+    input_shape: tuple[int, int, int] | None = None  # only for `synthetic`
+    synthetic_size: int = 512  # number of training samples of `synthetic`
+    augment: bool = True
+    # model and split
+    model: str = "kmresnet"
+    width: int | None = None  # base width; None = the model's default
+    depth: int | None = None  # number of blocks for models that take it
+    modules: int = 4
+    split: str = "depth"
+    head: str = "dgl"
+    # regime
+    mode: str = "multilap"
+    laps: int = 2
+    epochs: int = 8  # per module (sequential/multilap: total over laps) or total (e2e/parallel)
+    # transport
+    transport: bool = True
+    tau: float = 1.0
+    tau_schedule: str = "midpoint"
+    transport_scaling: str = "mean"
+    mult_h: float = 1.0
+    mult_s: int = 50
+    mult_lambda1: float = 1.0
+    # optimisation (Appendix E)
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    label_smoothing: float = 0.0
+    init_gain: float | None = None  # orthogonal init gain; None keeps PyTorch's default
+    cosine: bool = True
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    # out-of-core (sequential / multilap)
+    cache_dtype: str = "float16"
+    cache_dir: str | None = None
+    cache_views: int = 1
+    prefetch_mib: float = 64.0
+    # memory budget (bytes); None = unlimited
+    memory_budget: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.input_shape is not None:
+            self.input_shape = tuple(int(v) for v in self.input_shape)
+        _check_choice("--mode", self.mode, MODES)
+        _check_choice("--split", self.split, SPLITS)
+        _check_choice("--tau-schedule", self.tau_schedule, TAU_SCHEDULES)
+        _check_choice("--transport-scaling", self.transport_scaling, TRANSPORT_SCALINGS)
+        _check_choice("--head", self.head, HEADS)
+        _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
+        _check_choice("--device", self.device, DEVICES)
+        _check(self.modules >= 1, f"--modules must be >= 1 (got {self.modules})")
+        _check(self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})")
+        _check(self.laps >= 1, f"--laps must be >= 1 (got {self.laps})")
+        if self.mode == "multilap":
+            _check(self.epochs % self.laps == 0,
+                   f"--epochs ({self.epochs}) must be a multiple of --laps ({self.laps}): "
+                   "each lap trains every module for epochs/laps epochs")
+        if self.transport and self.tau_schedule != "multipliers":
+            _check(self.tau > 0, f"--tau must be > 0 with transport on (got {self.tau})")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
+        _check(self.lr > 0, f"--lr must be > 0 (got {self.lr})")
+        _check(0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        _check(0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)")
+        _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        _check(0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)")
+        _check(self.train_size is None or self.train_size >= 1, "--train-size must be >= 1")
+        _check(self.width is None or self.width >= 1, "--width must be >= 1")
+        _check(self.depth is None or self.depth >= 1, "--depth must be >= 1")
+        _check(self.cache_views >= 1, "--cache-views must be >= 1")
+        _check(self.prefetch_mib > 0, "--prefetch-mib must be > 0")
+        _check(self.mult_s >= 1, "--mult-s must be >= 1")
+        _check(self.synthetic_size >= 2, "--synthetic-size must be >= 2")
+        _check(self.memory_budget is None or self.memory_budget > 0, "--memory-budget must be > 0")
+        if self.input_shape is not None:
+            _check(len(self.input_shape) == 3 and all(v >= 1 for v in self.input_shape),
+                   f"--input must be CxHxW with positive sizes (got {self.input_shape})")
+
+    @property
+    def epochs_per_lap(self) -> int:
+        """Epochs each module trains per lap (sequential is one lap of `epochs`)."""
+        return self.epochs // self.laps if self.mode == "multilap" else self.epochs
+
+    @property
+    def n_laps(self) -> int:
+        return self.laps if self.mode == "multilap" else 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        _check(not unknown, f"unknown configuration keys: {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # wrong value types in a hand-edited file
+            raise UserError(f"invalid configuration: {e}") from None
+
+    def save(self, path: Path) -> None:
+        from edgetrain.store import atomic_write_text
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        path = Path(path)
+        _check(path.is_file(), f"no config.json in {path.parent}")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+        _check(isinstance(d, dict), f"{path} must hold a JSON object")
+        return cls.from_dict(d)

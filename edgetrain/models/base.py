@@ -1,0 +1,39 @@
+"""The uniform model surface: `Network` = stem + blocks, each block -> (out, residue).
+
+A residue is r(x) in out = x + r(x) (or out = shortcut(x) + r(x) for a block that changes
+shape with a projection), or None for a block that carries no transport cost.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Network(nn.Module):
+    """A stem followed by blocks. `forward` returns (features, residues)."""
+
+    def __init__(self, stem: nn.Module, blocks: list[nn.Module]):
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.stem(x)
+        residues = []
+        for blk in self.blocks:
+            x, r = blk(x)
+            if r is not None:
+                residues.append(r)
+        return x, residues
+
+
+class AsResidual(nn.Module):
+    """Treat any layer T as a block: residue T(x) - x when shapes match, else None."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.layer(x)
+        return out, (out - x if out.shape == x.shape else None)

@@ -1,0 +1,198 @@
+"""The one inner loop shared by every regime, batch sources and evaluation.
+
+`fit_module(trainers, source, epochs)` trains a chain of stages on the batches of
+`source`: one stage for sequential/multilap (the module being trained) and for e2e (the
+whole network as one stage); all stages for parallel, each stage fed the detached output
+of the one before it. No gradient ever crosses a stage boundary.
+
+A batch source yields normalised (x, y) batches on the device, one epoch at a time, and
+is deterministic for a given (seed, salt, epoch): `RawSource` reads the data set with live
+augmentation, `PrefixSource` runs a frozen prefix (eval mode, no_grad) over it on the fly.
+The out-of-core cache (`edgetrain.cache`) provides the same interface.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from edgetrain.config import RunConfig
+from edgetrain.data import DataSplits, Split, augment, batch_indices
+from edgetrain.errors import UserError
+from edgetrain.split import Stage
+from edgetrain.transport import LossWeighting, tau_for_module, transport_cost
+
+
+class BatchSource(Protocol):
+    def epoch(self, epoch: int, salt: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def steps_per_epoch(self) -> int: ...
+
+
+def epoch_generator(seed: int, salt: int, epoch: int) -> torch.Generator:
+    """The RNG of one epoch of one stream: a pure function of (seed, salt, epoch)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + salt * 10_007 + epoch) % 2**62)
+
+
+@dataclass
+class RawSource:
+    """Batches of a data split, normalised, with live augmentation when `train`."""
+
+    data: DataSplits
+    split: Split
+    batch_size: int
+    device: torch.device
+    train: bool = True
+    augment: bool = True
+    seed: int = 0
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.split) / self.batch_size)
+
+    def epoch(self, epoch: int = 0, salt: int = 0):
+        gen = epoch_generator(self.seed, salt, epoch)
+        for idx in batch_indices(len(self.split), self.batch_size, self.train, gen):
+            x = self.data.normalize(self.split.x[idx].to(self.device))
+            if self.train and self.augment:
+                x = augment(x, gen, self.data.flip)
+            yield x, self.split.y[idx].to(self.device)
+
+
+@dataclass
+class PrefixSource:
+    """Runs frozen stages (eval mode, no_grad) over another source's batches: the
+    recompute path of the reference code, kept as the baseline of the cache."""
+
+    inner: BatchSource
+    prefix: list[Stage]
+
+    def steps_per_epoch(self) -> int:
+        return self.inner.steps_per_epoch()
+
+    def epoch(self, epoch: int = 0, salt: int = 0):
+        for st in self.prefix:
+            st.eval()
+        for x, y in self.inner.epoch(epoch, salt):
+            with torch.no_grad():
+                for st in self.prefix:
+                    x, _ = st.forward_features(x)
+            yield x, y
+
+
+@dataclass
+class Trainer:
+    """One stage's optimiser, transport weighting and learning-rate schedule (by step)."""
+
+    stage: Stage
+    opt: torch.optim.Optimizer
+    weighting: LossWeighting
+    base_lr: float
+    total_steps: int
+    cosine: bool
+    step: int = 0
+    history: list = field(default_factory=list)
+
+    def set_lr(self) -> None:
+        lr = self.base_lr
+        if self.cosine and self.total_steps > 0:
+            lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * min(self.step, self.total_steps)
+                                                    / self.total_steps))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+
+def make_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def make_trainer(stage: Stage, cfg: RunConfig, k: int, n_modules: int, total_steps: int,
+                 transport: bool | None = None) -> Trainer:
+    """Trainer for stage k of n_modules; `transport` overrides cfg.transport (e2e: False)."""
+    on = cfg.transport if transport is None else transport
+    w = LossWeighting(on, tau_for_module(k, n_modules, cfg.tau, cfg.tau_schedule),
+                      cfg.tau_schedule, cfg.mult_h, cfg.mult_s, cfg.mult_lambda1)
+    return Trainer(stage, make_optimizer(stage.parameters(), cfg), w, cfg.lr, total_steps,
+                   cfg.cosine)
+
+
+class NonFiniteLoss(UserError):
+    """A NaN or infinite loss: training stops, the last good checkpoint stays."""
+
+
+def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
+               label_smoothing: float, scaling: str) -> list[dict]:
+    """One optimiser step of every trainer on a chain; returns per-stage statistics."""
+    stats = []
+    for tr in trainers:
+        tr.stage.train()
+        tr.set_lr()
+        logits, z, residues = tr.stage(x)
+        ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        w = transport_cost(residues, scaling)
+        total = tr.weighting.combine(ce, w)
+        if not torch.isfinite(total):
+            raise NonFiniteLoss(f"non-finite loss ({float(total)}) at step {tr.step + 1}")
+        tr.opt.zero_grad(set_to_none=True)
+        total.backward()
+        tr.opt.step()
+        tr.weighting.after_step()
+        tr.step += 1
+        stats.append({"loss": float(ce.detach()), "transport": float(w.detach()),
+                      "correct": int((logits.argmax(1) == y).sum()), "n": len(y)})
+        x = z.detach()  # the boundary: nothing flows back into the stage before
+    return stats
+
+
+def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, first_epoch: int = 0,
+               salt: int = 0, label_smoothing: float = 0.0, scaling: str = "mean",
+               on_step: Callable[[list[dict]], None] | None = None,
+               on_epoch_end: Callable[[int, list[dict]], None] | None = None) -> list[list[dict]]:
+    """Train `trainers` for `epochs` epochs of `source`; returns per-epoch, per-stage means.
+
+    `first_epoch` and `salt` select the deterministic batch order (for resuming and for
+    distinct streams per module and lap).
+    """
+    out = []
+    for e in range(first_epoch, first_epoch + epochs):
+        acc = [{"loss": 0.0, "transport": 0.0, "correct": 0, "n": 0} for _ in trainers]
+        for x, y in source.epoch(e, salt):
+            stats = train_step(trainers, x, y, label_smoothing, scaling)
+            for a, s in zip(acc, stats):
+                a["loss"] += s["loss"] * s["n"]
+                a["transport"] += s["transport"] * s["n"]
+                a["correct"] += s["correct"]
+                a["n"] += s["n"]
+            if on_step:
+                on_step(stats)
+        summary = [{"epoch": e, "train_loss": a["loss"] / max(a["n"], 1),
+                    "transport": a["transport"] / max(a["n"], 1),
+                    "train_acc": a["correct"] / max(a["n"], 1)} for a in acc]
+        for tr, s in zip(trainers, summary):
+            tr.history.append(s)
+        out.append(summary)
+        if on_epoch_end:
+            on_epoch_end(e, summary)
+    return out
+
+
+@torch.no_grad()
+def evaluate_chain(stages: list[Stage], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                   ) -> list[dict]:
+    """Accuracy and loss of every prefix F_k o G_k over `batches` (all stages in eval mode)."""
+    for st in stages:
+        st.eval()
+    acc = [{"correct": 0, "loss": 0.0, "n": 0} for _ in stages]
+    for x, y in batches:
+        for a, st in zip(acc, stages):
+            logits, x, _ = st(x)
+            a["correct"] += int((logits.argmax(1) == y).sum())
+            a["loss"] += float(F.cross_entropy(logits, y, reduction="sum"))
+            a["n"] += len(y)
+    return [{"acc": a["correct"] / max(a["n"], 1), "loss": a["loss"] / max(a["n"], 1)}
+            for a in acc]

@@ -1,0 +1,78 @@
+"""The kinetic-energy (transport) cost of a module and the tau schedules.
+
+Scaling (documented, the reference code's choice by default):
+  `mean`:   W = sum over the module's blocks of mean(r**2), the mean taken over every
+            element of the batch (B * C * H * W numbers). Independent of the batch size
+            and of the feature-map size.
+  `sample`: W = sum over blocks of mean over the batch of ||r_i||^2 (squared norm of one
+            sample's residue); this is the paper's formula (10) per sample, and grows with
+            the feature size, so it needs a tau larger by roughly C * H * W.
+The module loss is CE + W / (2 tau_k) (constant and midpoint schedules) or, with the
+method of multipliers of Appendix D, lambda * CE + W with lambda = 2 tau grown by
+h * CE every s steps.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def transport_cost(residues: list[torch.Tensor], scaling: str = "mean") -> torch.Tensor:
+    """Kinetic energy of one module from its blocks' residues (see the module docstring)."""
+    if not residues:
+        return torch.zeros(())
+    if scaling == "mean":
+        return sum(r.pow(2).mean() for r in residues)
+    if scaling == "sample":
+        return sum(r.pow(2).flatten(1).sum(1).mean() for r in residues)
+    raise ValueError(f"unknown transport scaling {scaling!r}")
+
+
+def tau_for_module(k: int, n_modules: int, tau: float, schedule: str) -> float:
+    """tau_k for module k (0-based): `constant` tau; `midpoint` doubles it for the second
+    half, modules k >= ceil(K/2) (for K = 4: tau, tau, 2tau, 2tau as in the paper's Table 1)."""
+    if schedule == "midpoint" and k >= (n_modules + 1) // 2:
+        return 2.0 * tau
+    return tau
+
+
+class LossWeighting:
+    """Combines cross-entropy and transport for one module and carries the tau state.
+
+    Constant/midpoint: total = CE + W / (2 tau). Multipliers (Appendix D): total =
+    lam * CE + W, and every `s` steps lam += h * CE of the next batch.
+    """
+
+    def __init__(self, transport: bool, tau: float, schedule: str, h: float = 1.0,
+                 s: int = 50, lambda1: float = 1.0):
+        self.transport, self.tau, self.schedule = transport, tau, schedule
+        self.h, self.s = h, s
+        self.lam = lambda1
+        self.step = 0
+        self._grow_next = False
+
+    def combine(self, ce: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if not self.transport:
+            return ce
+        if self.schedule != "multipliers":
+            return ce + w / (2.0 * self.tau)
+        if self._grow_next:
+            self.lam += self.h * float(ce.detach())
+            self._grow_next = False
+        return self.lam * ce + w
+
+    def after_step(self) -> None:
+        self.step += 1
+        if self.transport and self.schedule == "multipliers" and self.step % self.s == 0:
+            self._grow_next = True
+
+    @property
+    def effective_tau(self) -> float:
+        """The tau in force: lam / 2 under the multipliers (lam = 2 tau)."""
+        return self.lam / 2.0 if self.schedule == "multipliers" else self.tau
+
+    def state_dict(self) -> dict:
+        return {"tau": self.tau, "lam": self.lam, "step": self.step, "grow_next": self._grow_next}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.tau, self.lam, self.step = float(d["tau"]), float(d["lam"]), int(d["step"])
+        self._grow_next = bool(d["grow_next"])

@@ -1,0 +1,35 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+for line in Path("edgetrain/__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        exec(line, version)  # a single literal assignment
+
+setup(
+    name="edgetrain",
+    version=version["__version__"],
+    description="Module-wise (TRGL) training for memory-constrained devices",
+    long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["edgetrain", "edgetrain.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1,<2.15",
+        "torchvision>=0.16,<0.30",
+        "numpy>=1.23",
+        "safetensors>=0.4",
+        "click>=8.1",
+        "psutil>=5.9",
+        "tqdm>=4.64",
+        "scikit-learn>=1.2",
+        "tomli>=2.0; python_version < '3.11'",
+    ],
+    extras_require={
+        "export": ["onnx>=1.15", "onnxruntime>=1.17"],
+        "plots": ["matplotlib>=3.7"],
+        "test": ["pytest>=7.4", "onnx>=1.15", "onnxruntime>=1.17", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["edgetrain=edgetrain.cli:main"]},
+)
