@@ -204,8 +204,8 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False) -> dict:
     Raises:
         UserError: bad configuration, unwritable output, non-finite loss.
     """
+    run = build_run(cfg)  # every configuration error surfaces before the run dir exists
     out = prepare_out_dir(out_dir)
-    run = build_run(cfg)
     cfg.save(out / "config.json")
     t0 = time.perf_counter()
     trainers = REGIMES[cfg.mode](run, progress)
