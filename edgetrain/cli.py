@@ -102,6 +102,10 @@ def train_options(fn):
         click.option("--cache-dir", default=None, help="activation cache (default RUN_DIR/cache)"),
         click.option("--cache-views", type=int, default=d.cache_views, show_default=True),
         click.option("--prefetch-mib", type=float, default=d.prefetch_mib, show_default=True),
+        click.option("--distributed", is_flag=True,
+                     help="one rank per group of modules (--mode parallel, launched by torchrun)"),
+        click.option("--buffer-size", type=int, default=d.buffer_size, show_default=True,
+                     help="--distributed: activation batches buffered per direction; 0 = synchronous"),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -126,12 +130,27 @@ def print_table(modules: list[dict], best: int) -> None:
 @train_options
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def train(out, progress, **opts):
+@click.option("--device-profile", default=None,
+              help="devices/NAME.toml: enforce its memory budget (see `edgetrain devices`)")
+@click.option("--memory-budget", default=None, help="resident memory budget, e.g. 1.5GiB")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="continue the interrupted run in RUN_DIR from its last checkpoint")
+def train(out, progress, device_profile, memory_budget, resume_dir, **opts):
     """Train a network module by module (or end-to-end) and write a run directory."""
+    if resume_dir is not None:
+        return resume_cmd(Path(resume_dir), progress)
+    from edgetrain.devices import apply_budget_options
     from edgetrain.schedule import default_out_dir, train as run_train
-    cfg = config_from_options(opts)
+    cfg = config_from_options(apply_budget_options(opts, device_profile, memory_budget))
     out_dir = Path(out) if out else default_out_dir(cfg)
-    metrics = run_train(cfg, out_dir, progress=progress)
+    launch = None
+    if cfg.distributed:  # the library never reads the environment: torchrun's variables, here
+        import os
+        from edgetrain.distributed import launch_from_env
+        launch = launch_from_env(os.environ)
+    metrics = run_train(cfg, out_dir, progress=progress, launch=launch)
+    if metrics is None:  # a distributed rank other than 0: rank 0 reports
+        return
     print_table(metrics["modules"], metrics["best_depth"])
     click.echo(f"best depth {metrics['best_depth']}: test accuracy {metrics['best_test_acc']:.4f}"
                f"  (run directory {out_dir})")
@@ -146,9 +165,151 @@ def eval_cmd(run_dir):
     print_table(res["modules"], res["best_depth"])
 
 
+@cli.command("export")
+@click.argument("run_dir", type=click.Path())
+@click.option("--depth", default="best", show_default=True,
+              help="'best' (chosen on validation) or a depth 1..K")
+@click.option("--features-only", is_flag=True, help="export G_k alone (no head): features out")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="ONNX file (default RUN_DIR/prefix-depthK.onnx)")
+def export_cmd(run_dir, depth, features_only, opset, out):
+    """Export a trained prefix (stem, modules 1..k, head F_k) to ONNX, checked with onnxruntime."""
+    from edgetrain.export import export_prefix, format_report
+    report = export_prefix(Path(run_dir), depth=depth, features_only=features_only, opset=opset,
+                           out=Path(out) if out else None)
+    click.echo(format_report(report))
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks that write JSON, tables and plots to benchmarks/results/."""
+
+
+@bench.command("accuracy")
+@click.option("--preset", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu",
+              show_default=True, help="grid: smoke (tests), cpu (< 1 h on 2 cores), paper (GPU)")
+@click.option("--data", "datasets", multiple=True, help="only these data sets (repeatable)")
+@click.option("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads (0: torch's default)")
+@click.option("--resume/--fresh", default=True, show_default=True,
+              help="reuse the runs an interrupted invocation left in the results JSON")
+@click.option("--plots/--no-plots", default=True, show_default=True)
+def bench_accuracy(preset, datasets, seeds, out_dir, device, threads, resume, plots):
+    """TRGL vs VanGL vs end-to-end accuracy over regimes, train sizes and seeds."""
+    from edgetrain.bench.accuracy import narrow_grid, run_benchmark
+    grid = narrow_grid(preset, list(datasets), seeds)
+    out = run_benchmark(grid, Path(out_dir), device=device, threads=threads or None,
+                        resume=resume, plots=plots, log=click.echo)
+    for p in out["paths"]:
+        click.echo(f"wrote {p}")
+
+
+@cli.command("devices")
+def devices_cmd():
+    """List the device profiles in devices/ and the budget each leaves for training."""
+    from edgetrain.devices import fmt_bytes, list_profiles
+    click.echo(f"{'name':<22} {'total':>10} {'reserved':>10} {'budget':>10} {'accel':>5}  cache")
+    for p in list_profiles():
+        click.echo(f"{p.name:<22} {fmt_bytes(p.total_memory_mib * 2**20):>10} "
+                   f"{fmt_bytes(p.reserved_mib * 2**20):>10} {fmt_bytes(p.budget_bytes):>10} "
+                   f"{p.accelerator:>5}  {p.cache_dtype}")
+
+
+@cli.command("plan")
+@click.option("--device", "device_name", default=None, help="device profile (`edgetrain devices`)")
+@click.option("--memory-budget", default=None, help="instead of --device: a budget, e.g. 1.5GiB")
+@click.option("--model", default=RunConfig.model, show_default=True)
+@click.option("--data", default=None, help="dataset name (default: synthetic with --input, else digits)")
+@click.option("--input", "input_shape", default=None, help="CxHxW: plan for synthetic data of this shape")
+@click.option("--train-size", type=int, default=None)
+@click.option("--synthetic-size", type=int, default=RunConfig.synthetic_size, show_default=True)
+@click.option("--width", type=int, default=None)
+@click.option("--depth", type=int, default=None)
+@click.option("--epochs", type=int, default=RunConfig.epochs, show_default=True)
+@click.option("--laps", type=int, default=RunConfig.laps, show_default=True)
+@click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True,
+              help="the largest batch to consider")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=RunConfig.optimizer,
+              show_default=True)
+@click.option("--head", type=click.Choice(HEADS), default=RunConfig.head, show_default=True)
+@click.option("--prefetch-mib", type=float, default=RunConfig.prefetch_mib, show_default=True)
+def plan_cmd(device_name, memory_budget, **opts):
+    """Choose regime, K, split, batch size and cache dtype that fit a device; print the command."""
+    from edgetrain.devices import fmt_bytes, format_plan, load_profile, parse_size, plan_for_device
+    if bool(device_name) == bool(memory_budget):
+        raise UserError("give exactly one of --device NAME or --memory-budget SIZE")
+    opts["data"] = opts["data"] or ("synthetic" if opts["input_shape"] else "digits")
+    profile = load_profile(device_name) if device_name else None
+    budget = parse_size(memory_budget) if memory_budget else None
+    base = config_from_options({**opts, "no_transport": False, "memory_budget": budget})
+    p = plan_for_device(base, profile, budget)
+    click.echo(format_plan(p))
+    if not p.fits:
+        raise UserError(f"nothing fits in {fmt_bytes(p.budget_bytes)}: the smallest plan "
+                        f"({p.cfg.mode}, K={p.cfg.modules}, batch {p.cfg.batch_size}) needs "
+                        f"{fmt_bytes(p.needed_bytes)} ({p.needed_bytes} bytes)")
+    click.echo(f"command     {p.command()}")
+
+
+@bench.command("distributed", context_settings={"ignore_unknown_options": True})
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--nproc", type=int, multiple=True, help="process counts (default 2)")
+@click.option("--buffer-size", type=int, multiple=True, help="buffer sizes B (default 0 and 4)")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def bench_distributed(repeats, nproc, buffer_size, out_dir, train_args):
+    """Images/s of 1 process vs torchrun P processes (one thread each; TRAIN_ARGS after --)."""
+    import os
+    from edgetrain.bench.distributed import DEFAULT_TRAIN_ARGS, ScalingSetup, run_benchmark
+    setup = ScalingSetup(list(train_args) or list(DEFAULT_TRAIN_ARGS), list(nproc) or [2],
+                         list(buffer_size) or [0, 4], repeats)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    res = run_benchmark(setup, Path(out_dir), env, log=click.echo)
+    for path in res["paths"]:
+        click.echo(f"wrote {path}")
+
+
+def resume_cmd(run_dir: Path, progress: bool) -> None:
+    """`train --resume RUN_DIR`: the configuration comes from RUN_DIR, so no other option."""
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "progress")
+             and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise UserError(f"--resume takes the configuration from {run_dir}/config.json; "
+                        f"do not combine it with {', '.join(given)}")
+    from edgetrain.schedule import resume
+    metrics = resume(run_dir, progress=progress)
+    print_table(metrics["modules"], metrics["best_depth"])
+    click.echo(f"best depth {metrics['best_depth']}: test accuracy {metrics['best_test_acc']:.4f}"
+               f"  (run directory {run_dir})")
+
+
+@bench.command("speed")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True, help="where speed.json and speed.md go")
+@click.option("--ks", default="4,8", show_default=True, help="module counts, comma separated")
+@click.option("--epochs", type=int, default=3, show_default=True, help="epochs per module")
+@click.option("--synthetic-size", type=int, default=512, show_default=True)
+@click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default="float16", show_default=True)
+@click.option("--accuracy/--no-accuracy", default=True, show_default=True,
+              help="also measure the cache dtype and --cache-views accuracy effects on digits")
+@click.option("--rss/--no-rss", default=True, show_default=True,
+              help="also measure peak RSS at N and 4N samples in fresh processes")
+def bench_speed(out_dir, ks, epochs, synthetic_size, cache_dtype, accuracy, rss):
+    """Cache vs recomputed prefix (time), disk-streamed vs in-RAM (throughput), RSS vs N."""
+    from edgetrain.bench.speed import run_speed
+    try:
+        k_list = [int(v) for v in ks.split(",")]
+    except ValueError:
+        raise UserError(f"--ks must be comma-separated integers (got {ks!r})") from None
+    res = run_speed(Path(out_dir), ks=k_list, epochs=epochs, synthetic_size=synthetic_size,
+                    cache_dtype=cache_dtype, accuracy=accuracy, rss=rss)
+    click.echo(res["table_md"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,6 +83,9 @@ class RunConfig:
     prefetch_mib: float = 64.0
     # memory budget (bytes); None = unlimited
     memory_budget: int | None = None
+    # torch.distributed (parallel only): one rank per group of modules, launched by torchrun
+    distributed: bool = False
+    buffer_size: int = 0  # activation batches buffered per direction per rank; 0 = synchronous
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,6 +122,9 @@ class RunConfig:
         _check(self.mult_s >= 1, "--mult-s must be >= 1")
         _check(self.synthetic_size >= 2, "--synthetic-size must be >= 2")
         _check(self.memory_budget is None or self.memory_budget > 0, "--memory-budget must be > 0")
+        _check(self.buffer_size >= 0, f"--buffer-size must be >= 0 (got {self.buffer_size})")
+        _check(not self.distributed or self.mode == "parallel",
+               f"--distributed needs --mode parallel (got {self.mode!r})")
         if self.input_shape is not None:
             _check(len(self.input_shape) == 3 and all(v >= 1 for v in self.input_shape),
                    f"--input must be CxHxW with positive sizes (got {self.input_shape})")

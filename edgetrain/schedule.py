@@ -14,6 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,7 +22,9 @@ import torch
 from edgetrain import __version__
 from edgetrain.config import RunConfig
 from edgetrain.data import DataSplits, load_splits
+from edgetrain.devices import budget_guard, check_fits
 from edgetrain.errors import UserError
+from edgetrain.memory import PhaseRecorder
 from edgetrain.models import create_model
 from edgetrain.models.base import Network
 from edgetrain.split import Stage, build_stages, init_orthogonal, make_bounds
@@ -54,6 +57,8 @@ class Run:
     bounds: list[int]
     stages: list[Stage]
     device: torch.device
+    step_check: Callable[[], None] | None = None  # called after every optimiser step (budget watchdog)
+    memory: PhaseRecorder | None = None  # per-phase peaks (`with run.memory.phase("cache_write")`)
 
     @property
     def n_modules(self) -> int:
@@ -116,7 +121,11 @@ def _progress(total: int, desc: str, enabled: bool):
 def _fit(run: Run, trainers: list[Trainer], source, epochs: int, first_epoch: int, salt: int,
          desc: str, progress: bool) -> None:
     with _progress(epochs * source.steps_per_epoch(), desc, progress) as bar:
-        on_step = (lambda stats: bar.update(1)) if bar is not None else None
+        def on_step(stats):
+            if bar is not None:
+                bar.update(1)
+            if run.step_check is not None:
+                run.step_check()  # raises between steps, where checkpoints are intact
         try:
             fit_module(trainers, source, epochs, first_epoch=first_epoch, salt=salt,
                        label_smoothing=run.cfg.label_smoothing,
@@ -157,6 +166,59 @@ def train_sequential(run: Run, progress: bool) -> list[Trainer]:
     return trainers
 
 
+def out_of_core(cfg: RunConfig) -> bool:
+    """Sequential / multilap runs go through the module store and the activation cache,
+    unless `cfg.extra["in_memory"]` asks for the in-memory `PrefixSource` path (the
+    baseline of `edgetrain bench speed` and of the cache-equivalence test)."""
+    return cfg.mode in ("sequential", "multilap") and not cfg.extra.get("in_memory", False)
+
+
+def train_stored(run: Run, out: Path, progress: bool, state: dict | None = None) -> dict:
+    """Out-of-core sequential / multilap training (one module resident), fresh or resumed;
+    writes and returns metrics.json. See `edgetrain.sequential`."""
+    from edgetrain.sequential import train_out_of_core
+    run.memory = run.memory or PhaseRecorder(run.device)
+    with budget_guard(run), run.memory.phase("train"):
+        summaries, resident, seconds = train_out_of_core(run, out, progress, state)
+    evals = [{k: s[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")} for s in summaries]
+    metrics = build_metrics(run, summaries, evals, seconds)
+    metrics["max_resident_modules"] = resident
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def resume(run_dir: Path, progress: bool = False) -> dict:
+    """Continue an interrupted sequential / multilap run from its last checkpoint.
+
+    Raises:
+        UserError: no run there, another edgetrain version, a changed config.json, a run
+            that is not resumable (e2e / parallel), or any error of `train`.
+    """
+    from edgetrain.sequential import check_config, read_state
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"no run to resume in {run_dir} (no config.json)")
+    cfg = RunConfig.load(run_dir / "config.json")
+    state = read_state(run_dir)
+    if state is not None:
+        check_config(state, cfg, run_dir)
+    if (run_dir / "metrics.json").is_file() and (state is None or state.get("finished")):
+        import json
+        return json.loads((run_dir / "metrics.json").read_text())
+    if not out_of_core(cfg):
+        raise UserError(f"{run_dir} is a {cfg.mode} run; only sequential and multilap runs "
+                        "checkpoint and can be resumed")
+    return train_stored(build_run(cfg), run_dir, progress, state)
+
+
+def _module_record(tr) -> dict:
+    """history, tau, step and blocks of a Trainer, or of an out-of-core summary dict."""
+    if isinstance(tr, dict):
+        return tr
+    return {"history": tr.history, "tau": tr.weighting.effective_tau, "step": tr.step,
+            "blocks": len(tr.stage.blocks)}
+
+
 REGIMES = {"e2e": train_e2e, "parallel": train_parallel, "sequential": train_sequential,
            "multilap": train_sequential}
 
@@ -183,36 +245,52 @@ def peak_rss_mib() -> float:
 def build_metrics(run: Run, trainers: list[Trainer], evals: list[dict], seconds: float) -> dict:
     modules = []
     for k, (tr, ev) in enumerate(zip(trainers, evals)):
-        last = tr.history[-1] if tr.history else {}
+        rec = _module_record(tr)
+        last = rec["history"][-1] if rec["history"] else {}
         modules.append({"index": k, **ev, "train_loss": last.get("train_loss"),
                         "transport": last.get("transport"),
-                        "tau": tr.weighting.effective_tau, "epochs": len(tr.history),
-                        "steps": tr.step, "blocks": len(tr.stage.blocks)})
+                        "tau": rec["tau"], "epochs": len(rec["history"]),
+                        "steps": rec["step"], "blocks": rec["blocks"]})
     bd = best_depth(modules)
     return {"edgetrain_version": __version__, "mode": run.cfg.mode, "modules": modules,
             "n_modules": len(modules), "bounds": run.bounds, "best_depth": bd,
             "best_val_acc": modules[bd - 1]["val_acc"], "best_test_acc": modules[bd - 1]["test_acc"],
             "last_test_acc": modules[-1]["test_acc"],
             "max_resident_modules": len(run.stages),
-            "peak_rss_mib": peak_rss_mib(), "timings": {"train_s": seconds},
+            "peak_rss_mib": run.memory.peak_rss_mib() if run.memory else peak_rss_mib(),
+            "memory": run.memory.metrics() if run.memory else {}, "timings": {"train_s": seconds},
             "device": str(run.device)}
 
 
-def train(cfg: RunConfig, out_dir: Path, progress: bool = False) -> dict:
+def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None) -> dict | None:
     """Train a run as configured and write its run directory; returns the metrics.
 
     Raises:
         UserError: bad configuration, unwritable output, non-finite loss.
+
+    With `cfg.distributed` this process is one rank (`launch`, an `edgetrain.distributed.Launch`)
+    of a torchrun launch; it returns the metrics on rank 0 and None on the other ranks.
     """
-    run = build_run(cfg)  # every configuration error surfaces before the run dir exists
+    if cfg.distributed:
+        from edgetrain.distributed import train_distributed
+        return train_distributed(cfg, out_dir, launch, progress)
+    data = load_data(cfg)
+    check_fits(cfg, data.input_shape, data.num_classes, len(data.train))  # before the model exists
+    run = build_run(cfg, data=data)  # every configuration error surfaces before the run dir exists
     out = prepare_out_dir(out_dir)
     cfg.save(out / "config.json")
+    run.memory = PhaseRecorder(run.device)
+    if out_of_core(cfg):
+        return train_stored(run, out, progress)
     t0 = time.perf_counter()
-    trainers = REGIMES[cfg.mode](run, progress)
+    with budget_guard(run), run.memory.phase("train"):  # RSS watchdog when cfg.memory_budget is set
+        trainers = REGIMES[cfg.mode](run, progress)
     seconds = time.perf_counter() - t0
     for k, st in enumerate(run.stages):
         save_module(out, k, st, {"edgetrain_version": __version__, "index": k})
-    metrics = build_metrics(run, trainers, evaluate(run), seconds)
+    with run.memory.phase("eval"):
+        evals = evaluate(run)
+    metrics = build_metrics(run, trainers, evals, seconds)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -1,9 +1,18 @@
 """Module store: one safetensors file per module (weights and head), atomic file writes.
 
-Only safetensors and JSON are ever read from a run directory; nothing is unpickled.
+`ModuleStore` owns the module files of an out-of-core (sequential / multilap) run: while
+training, module k's file also holds its optimizer state (`optim.*` tensors), its tau state,
+step and history (JSON in the safetensors metadata). Loading module k through the store
+unloads every other module (their tensors go to the `meta` device), and the store counts
+how many modules are resident at once (`max_resident`).
+
+Only safetensors and JSON are ever read from a run directory; nothing is unpickled. This
+file does not decide when to checkpoint (that is `edgetrain.sequential`).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -13,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors import SafetensorError
 
+from edgetrain import __version__
 from edgetrain.errors import UserError
 
 
@@ -27,9 +37,13 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device while writing {path}; the previous "
+                            "checkpoint is intact: free some space, then run "
+                            "`edgetrain train --resume RUN_DIR`") from None
         raise
 
 
@@ -80,5 +94,149 @@ def load_module(run_dir: Path, k: int, stage: torch.nn.Module) -> None:
                         f"{str(e).splitlines()[0]}") from None
 
 
+def read_meta(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (its header only; no tensor is read)."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing module file {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a valid safetensors file ({e})") from None
+
+
+def tensors_digest(tensors) -> str:
+    """sha256 over names, dtypes, shapes and bytes of `tensors` (sorted by name).
+
+    Args:
+        tensors: a dict name -> tensor, or an object with `keys()` and `get_tensor(name)`
+            (a safetensors file opened with `safe_open`, read one tensor at a time).
+    """
+    get = tensors.get_tensor if hasattr(tensors, "get_tensor") else tensors.__getitem__
+    h = hashlib.sha256()
+    for name in sorted(n for n in tensors.keys() if not n.startswith("optim.")):
+        t = get(name).detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into `optim.<param>.<name>` tensors and JSON metadata."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{name}"] = v
+            else:
+                scalars[f"{pid}.{name}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of `optimizer_to_tensors`: a state_dict for `Optimizer.load_state_dict`."""
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for key, v in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = [{n: tuple(v) if isinstance(v, list) and n != "params" else v for n, v in g.items()}
+              for g in meta["param_groups"]]  # JSON turned tuples (Adam's betas) into lists
+    return {"state": state, "param_groups": groups}
+
+
+class ModuleStore:
+    """The module files of a run and the modules in memory: loading k unloads all others.
+
+    Stages are built once (for a deterministic initialisation) and handed to the store,
+    which writes them out and releases them; from then on `load(k)` materialises module k
+    from its file and sends every other module to the `meta` device (no storage).
+    `max_resident` is the largest number of modules ever resident at once after `adopt`.
+    """
+
+    def __init__(self, run_dir: Path, stages: list[torch.nn.Module], device: torch.device):
+        self.run_dir, self.stages, self.device = Path(run_dir), stages, device
+        self.resident: set[int] = set(range(len(stages)))
+        self.max_resident = 0
+
+    def path(self, k: int) -> Path:
+        return module_path(self.run_dir, k)
+
+    def adopt(self, write: bool) -> None:
+        """Take ownership: write every module's initial file (if `write`), release all."""
+        for k in range(len(self.stages)):
+            if write:
+                self.save(k, meta={"progress": json.dumps({"lap": -1, "epochs": 0})})
+            self.release(k)
+
+    def release(self, k: int) -> None:
+        """Unload module k: its parameters and buffers lose their storage."""
+        if k in self.resident:
+            self.stages[k].to("meta")
+            self.resident.discard(k)
+
+    def load(self, k: int) -> torch.nn.Module:
+        """Make module k the only resident module, read from its file; returns the stage."""
+        for j in sorted(self.resident - {k}):
+            self.release(j)
+        if k not in self.resident:
+            stage = self.stages[k]
+            stage.to_empty(device=self.device)
+            load_module(self.run_dir, k, stage)
+            self.resident.add(k)
+        self.max_resident = max(self.max_resident, len(self.resident))
+        return self.stages[k]
+
+    def save(self, k: int, trainer=None, meta: dict | None = None) -> None:
+        """Atomically write module k (resident) with, if given, its trainer's state."""
+        tensors = dict(self.stages[k].state_dict())
+        meta = {"edgetrain_version": __version__, "index": str(k),
+                **(meta or {})}
+        if trainer is not None:
+            opt_tensors, opt_meta = optimizer_to_tensors(trainer.opt)
+            tensors.update(opt_tensors)
+            meta["optimizer"] = json.dumps(opt_meta)
+            meta["trainer"] = json.dumps({"step": trainer.step, "history": trainer.history,
+                                          "weighting": trainer.weighting.state_dict()})
+        save_tensors(self.path(k), tensors, meta)
+
+    def meta(self, k: int) -> dict[str, str]:
+        return read_meta(self.path(k))
+
+    def restore_trainer(self, k: int, trainer) -> None:
+        """Load optimizer, tau state, step and history saved with module k (if any)."""
+        meta = self.meta(k)
+        if "trainer" not in meta:
+            return
+        t = json.loads(meta["trainer"])
+        trainer.step, trainer.history = int(t["step"]), list(t["history"])
+        trainer.weighting.load_state_dict(t["weighting"])
+        opt = {n: v for n, v in load_tensors(self.path(k)).items() if n.startswith("optim.")}
+        opt = {n: v.to(self.device) for n, v in opt.items()}
+        trainer.opt.load_state_dict(optimizer_from_tensors(opt, json.loads(meta["optimizer"])))
+
+    def weights_digest(self, k: int) -> str:
+        """Digest of module k's weights, read tensor by tensor from its file."""
+        from safetensors import safe_open
+        with safe_open(str(self.path(k)), "pt") as f:
+            return tensors_digest(f)
+
+    def strip(self, k: int) -> None:
+        """Rewrite module k's file with weights only (the end of training)."""
+        meta = self.meta(k)
+        if "optimizer" not in meta:
+            return
+        tensors = {n: v for n, v in load_tensors(self.path(k)).items() if not n.startswith("optim.")}
+        keep = {n: v for n, v in meta.items() if n not in ("optimizer",)}
+        save_tensors(self.path(k), tensors, keep)
+
+
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_tensors",
-           "load_tensors", "module_path", "save_module", "load_module", "save_file"]
+           "load_tensors", "module_path", "save_module", "load_module", "save_file", "ModuleStore",
+           "read_meta", "tensors_digest", "optimizer_to_tensors", "optimizer_from_tensors"]

@@ -134,7 +134,8 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
         tr.set_lr()
         logits, z, residues = tr.stage(x)
         ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        w = transport_cost(residues, scaling)
+        with torch.set_grad_enabled(tr.weighting.transport):  # VanGL/e2e: a statistic only,
+            w = transport_cost(residues, scaling)  # so its graph must not keep the residues alive
         total = tr.weighting.combine(ce, w)
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"non-finite loss ({float(total)}) at step {tr.step + 1}")
@@ -146,6 +147,7 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
         stats.append({"loss": float(ce.detach()), "transport": float(w.detach()),
                       "correct": int((logits.argmax(1) == y).sum()), "n": len(y)})
         x = z.detach()  # the boundary: nothing flows back into the stage before
+        del logits, z, residues, ce, w, total  # free them before the next stage's forward
     return stats
 
 

@@ -38,4 +38,4 @@ def create_model(name: str, in_shape: tuple[int, int, int], num_classes: int,
 
 
 # populate the registry
-from edgetrain.models import resnet, vgg  # noqa: E402,F401
+from edgetrain.models import resnet, swin, tv_resnet, vgg, vit  # noqa: E402,F401

@@ -1,0 +1,293 @@
+"""`edgetrain bench memory`: peak memory of every regime against end-to-end (the paper's Table 5).
+
+Each configuration runs the product path, `edgetrain.schedule.train`, on synthetic data for a
+few optimizer steps in a fresh child process (`run_child`), which reports its resident set
+after importing torch and edgetrain, its per-phase peaks from `metrics.json` (VmHWM reset per
+phase; on CUDA `max_memory_allocated` / `max_memory_reserved`) and its peak address space.
+Measured memory is the child's peak minus its own figure after imports; the analytic
+prediction (`edgetrain.memory.predict_peak`) sits next to it in every row.
+
+This module is also the child's entry point (`python -m edgetrain.bench.memory`, spec as JSON
+on stdin); it imports nothing heavy at module level so that a memory cap set by the child
+(`rlimit_as_bytes`, see `edgetrain.bench.cap`) applies to the torch import too. It does not
+parse argv: `edgetrain bench memory` and `benchmarks/memory.py` do.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+MIB = 1024 * 1024
+MARK = "EDGETRAIN-CHILD-RESULT "
+METHODS = {True: "TRGL", False: "VanGL"}
+
+
+# --------------------------------------------------------------------------- the child
+def _child_measure(spec: dict) -> dict:
+    import torch
+    torch.set_num_threads(int(spec.get("threads", 2)))
+    from edgetrain import memory, schedule
+    from edgetrain.config import RunConfig
+    res = {"import_rss_bytes": memory.current_rss_bytes(),
+           "import_peak_rss_bytes": memory.peak_rss_bytes(),
+           "import_address_space_bytes": memory.peak_address_space_bytes()}
+    cfg = RunConfig.from_dict(spec["cfg"])
+    t0 = time.perf_counter()
+    metrics = schedule.train(cfg, Path(spec["out_dir"]))
+    res.update(ok=True, wall_s=time.perf_counter() - t0, phases=metrics.get("memory", {}),
+               peak_rss_bytes=int(metrics["peak_rss_mib"] * MIB),
+               peak_address_space_bytes=memory.peak_address_space_bytes(),
+               max_resident_modules=metrics.get("max_resident_modules"),
+               device=metrics.get("device"),
+               cuda_name=torch.cuda.get_device_name() if cfg.device == "cuda" else None)
+    return res
+
+
+def child_main(spec: dict) -> dict:
+    """Run one configuration in this (fresh) process; never raises, returns a result dict."""
+    cap = spec.get("rlimit_as_bytes")
+    if cap:
+        resource.setrlimit(resource.RLIMIT_AS, (int(cap), int(cap)))
+    try:
+        return _child_measure(spec)
+    except BaseException as e:  # noqa: BLE001 - out-of-memory surfaces as many types
+        return {"ok": False, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+
+
+def run_child(spec: dict, timeout_s: float = 3600) -> dict:
+    """Run `spec` ({cfg, out_dir, threads, rlimit_as_bytes}) in a fresh Python process."""
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-m", "edgetrain.bench.memory"], input=json.dumps(spec),
+                           capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout_s} s", "child_wall_s": timeout_s}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
+    if lines:
+        res = json.loads(lines[-1][len(MARK):])
+    else:  # killed, or died before it could report
+        tail = (p.stderr.strip().splitlines() or [""])[-1][:300]
+        res = {"ok": False, "error": f"child exited with code {p.returncode}: {tail}"}
+    res["child_wall_s"] = time.perf_counter() - t0
+    return res
+
+
+# --------------------------------------------------------------------------- configurations
+def bench_config(model: str, input_shape, batch: int, mode: str, modules: int, transport: bool,
+                 steps: int = 2, device: str = "cpu", width: int | None = None,
+                 depth: int | None = None, cache_dir: str | None = None, **kw):
+    """The RunConfig of one configuration: synthetic data, `steps` optimizer steps per module
+    and lap (multilap: 2 laps), no augmentation cost beyond the product's default."""
+    from edgetrain.config import RunConfig
+    n_train = steps * batch
+    size = math.ceil(n_train / 0.9) + 1
+    laps = 2 if mode == "multilap" else 1
+    return RunConfig(data="synthetic", input_shape=tuple(input_shape), synthetic_size=size,
+                     train_size=n_train, val_fraction=0.1, model=model, width=width, depth=depth,
+                     modules=1 if mode == "e2e" else modules, mode=mode, laps=laps, epochs=laps,
+                     transport=transport, batch_size=batch, device=device, cache_dir=cache_dir, **kw)
+
+
+def _configs(modes, modules, transports) -> list[tuple[str, int, bool]]:
+    out = [("e2e", 1, False)] if "e2e" in modes else []
+    for k in modules:
+        for mode in modes:
+            if mode != "e2e":
+                out += [(mode, k, t) for t in transports]
+    return out
+
+
+# --------------------------------------------------------------------------- one row
+def _measured_bytes(res: dict, device: str) -> int | None:
+    """The peak of training tensors: CUDA max allocated, or peak RSS minus RSS after imports."""
+    if not res.get("ok"):
+        return None
+    if device == "cuda":
+        return int(max(p.get("cuda_max_allocated_mib", 0) for p in res["phases"].values()) * MIB)
+    return res["peak_rss_bytes"] - res["import_rss_bytes"]
+
+
+def _phases_mib(res: dict, device: str) -> dict:
+    key = "cuda_max_allocated_mib" if device == "cuda" else "peak_rss_mib"
+    base = 0 if device == "cuda" else res["import_rss_bytes"] / MIB
+    return {name: round(p.get(key, 0) - base, 2) for name, p in res.get("phases", {}).items()}
+
+
+def _row(mode, k, transport, cfg, res: dict, pred, device: str, warm_extra: int) -> dict:
+    """One table row; `warm_extra` is the runtime's warm-up RSS above its import figure."""
+    measured = _measured_bytes(res, device)
+    tensors = None if measured is None else measured - (0 if device == "cuda" else warm_extra)
+    predicted = pred.peak_bytes - (pred.dataset_bytes if device == "cuda" else 0)
+    path = ("schedule.train (out-of-core, one module resident)"
+            if mode in ("sequential", "multilap") and res.get("max_resident_modules") == 1
+            else "schedule.train")
+    row = {"mode": mode, "modules": k, "method": "E2E" if mode == "e2e" else METHODS[transport],
+           "transport": transport, "ok": bool(res.get("ok")), "error": res.get("error"),
+           "measured_path": path, "max_resident_modules": res.get("max_resident_modules"),
+           "measured_mib": None if measured is None else round(measured / MIB, 2),
+           "measured_tensors_mib": None if tensors is None else round(tensors / MIB, 2),
+           "predicted_mib": round(predicted / MIB, 2),
+           "predicted_train_step_mib": round(pred.train_step_bytes / MIB, 2),
+           "ratio_measured_predicted": None if tensors is None else round(tensors / predicted, 3),
+           "import_rss_mib": round(res.get("import_rss_bytes", 0) / MIB, 2),
+           "peak_rss_mib": round(res.get("peak_rss_bytes", 0) / MIB, 2),
+           "phases_mib": _phases_mib(res, device) if res.get("ok") else {},
+           "wall_s": round(res.get("child_wall_s", 0), 2), "prediction": pred.to_dict()}
+    row["prediction"].pop("per_module", None)
+    return row
+
+
+def _add_savings(rows: list[dict]) -> None:
+    e2e = next((r for r in rows if r["mode"] == "e2e" and r["ok"]), None)
+    for r in rows:
+        r["saved_pct"] = (round(100 * (1 - r["measured_mib"] / e2e["measured_mib"]), 1)
+                          if e2e and r["ok"] else None)
+        r["saved_pct_tensors"] = (
+            round(100 * (1 - r["measured_tensors_mib"] / e2e["measured_tensors_mib"]), 1)
+            if e2e and r["ok"] else None)
+        r["saved_pct_predicted"] = (round(100 * (1 - r["predicted_mib"] / e2e["predicted_mib"]), 1)
+                                    if e2e else None)
+
+
+# --------------------------------------------------------------------------- the benchmark
+def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes: list[str],
+                 transports=(True, False), device: str = "cpu", steps: int = 2,
+                 width: int | None = None, depth: int | None = None, threads: int = 2,
+                 out_dir: Path = Path("benchmarks/results"), timeout_s: float = 3600,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Measure every (regime, K, transport) configuration in a fresh process; write JSON + PNG.
+
+    Args:
+        model, input_shape, batch, width, depth: the network and its input.
+        modules: the K values; modes: regimes (e2e is measured once, as the reference).
+        transports: True (TRGL) and/or False (VanGL).
+        device: "cpu" (measured: peak RSS minus RSS after imports) or "cuda"
+            (measured: `torch.cuda.max_memory_allocated`, reset per phase).
+        steps: optimizer steps per module and lap.
+        out_dir: where `memory_<...>.json` and `.png` go.
+
+    Returns:
+        The result dict (also written as JSON), with `json_path` and `png_path`.
+    """
+    from edgetrain.errors import UserError
+    from edgetrain.memory import predict_peak, runtime_rss_bytes
+    rt = runtime_rss_bytes()
+    warm_extra = rt["warm_rss_bytes"] - rt["import_rss_bytes"]
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda requested but CUDA is not available")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgetrain-bench-memory-") as tmp:
+        for i, (mode, k, t) in enumerate(_configs(modes, modules, transports)):
+            cfg = bench_config(model, input_shape, batch, mode, k, t, steps, device, width, depth,
+                               cache_dir=f"{tmp}/cache{i}")
+            pred = predict_peak(cfg, tuple(input_shape), 10, n_train=cfg.train_size)
+            res = run_child({"cfg": cfg.to_dict(), "out_dir": f"{tmp}/run{i}", "threads": threads},
+                            timeout_s)
+            rows.append(_row(mode, k, t, cfg, res, pred, device, warm_extra))
+            if log:
+                log(format_row(rows[-1]))
+    _add_savings(rows)
+    result = _result(model, input_shape, batch, modules, modes, device, steps, threads, rows, res)
+    result["runtime_import_rss_mib"] = round(rt["import_rss_bytes"] / MIB, 2)
+    return write_result(result, Path(out_dir))
+
+
+def _result(model, input_shape, batch, modules, modes, device, steps, threads, rows, last) -> dict:
+    from edgetrain import __version__
+    from edgetrain.memory import runtime_baseline_bytes
+    import torch
+    name = (last.get("cuda_name") or "cuda") if device == "cuda" else "cpu"
+    return {"benchmark": "memory", "edgetrain_version": __version__, "torch_version": torch.__version__,
+            "model": model, "input_shape": list(input_shape), "batch_size": batch,
+            "modules": list(modules), "modes": list(modes), "device": device, "device_name": name,
+            "steps_per_module": steps, "threads": threads, "data": "synthetic",
+            "runtime_baseline_mib": round(runtime_baseline_bytes() / MIB, 2),
+            "measured_is": ("torch.cuda.max_memory_allocated, max over phases" if device == "cuda"
+                            else "peak RSS (VmHWM) of the child minus its RSS after imports"),
+            "measured_tensors_is": ("same as measured" if device == "cuda" else
+                                    "measured minus the runtime's warm-up RSS (runtime_baseline "
+                                    "minus runtime_import, from a separate fresh process)"),
+            "ratio_is": "measured_tensors / predicted",
+            "predicted_is": "edgetrain.memory.predict_peak(...).peak_bytes (tensors only)",
+            "paper_table5_parallel_trgl_saved_pct": {"4": 24, "8": 48, "16": 58},
+            "rows": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def result_stem(result: dict) -> str:
+    shape = "x".join(str(v) for v in result["input_shape"])
+    dev = "".join(c if c.isalnum() or c in "-." else "-" for c in result["device_name"])
+    return f"memory_{result['model']}_{shape}_b{result['batch_size']}_{dev}"
+
+
+def write_result(result: dict, out_dir: Path) -> dict:
+    """Write the JSON and the PNG bar chart; returns `result` with their paths."""
+    from edgetrain.store import atomic_write_json
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(result)
+    result["json_path"] = str(out_dir / f"{stem}.json")
+    result["png_path"] = plot_savings(result, out_dir / f"{stem}.png")
+    atomic_write_json(Path(result["json_path"]), result)
+    return result
+
+
+def plot_savings(result: dict, path: Path) -> str | None:
+    """Grouped bar chart of memory saved vs e2e per K and regime (None without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in result["rows"] if r["mode"] != "e2e" and r["saved_pct"] is not None]
+    series = sorted({(r["mode"], r["method"]) for r in rows})
+    ks = sorted({r["modules"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(series), 1)
+    for i, (mode, method) in enumerate(series):
+        vals = [next((r["saved_pct"] for r in rows if r["modules"] == k and r["mode"] == mode
+                      and r["method"] == method), 0) for k in ks]
+        ax.bar([j + i * width for j in range(len(ks))], vals, width, label=f"{mode} {method}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ks))], [f"K={k}" for k in ks])
+    ax.set_ylabel("memory saved vs end-to-end (%)")
+    ax.set_title(f"{result['model']} {'x'.join(map(str, result['input_shape']))} "
+                 f"batch {result['batch_size']} ({result['device_name']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def format_row(r: dict) -> str:
+    """One line of the table."""
+    def f(v, spec):
+        return format(v, spec) if v is not None else "-"
+    return (f"{r['mode']:<10} {r['modules']:>3} {r['method']:<5} {f(r['measured_mib'], '>10.1f')} "
+            f"{f(r['measured_tensors_mib'], '>10.1f')} "
+            f"{f(r['predicted_mib'], '>10.1f')} {f(r['ratio_measured_predicted'], '>6.2f')} "
+            f"{f(r.get('saved_pct'), '>7.1f')} {f(r.get('saved_pct_tensors'), '>7.1f')} "
+            f"{f(r.get('saved_pct_predicted'), '>7.1f')} "
+            f"{'ok' if r['ok'] else 'FAILED: ' + str(r['error'])}")
+
+
+TABLE_HEADER = (f"{'mode':<10} {'K':>3} {'meth.':<5} {'meas_MiB':>10} {'tens_MiB':>10} "
+                f"{'pred_MiB':>10} {'t/p':>6} {'saved%':>7} {'tens%':>7} {'pred%':>7} status")
+
+
+def format_table(result: dict) -> str:
+    """The Table-5-like table: memory saved as % of end-to-end per K and regime."""
+    return "\n".join([TABLE_HEADER] + [format_row(r) for r in result["rows"]])
+
+
+if __name__ == "__main__":
+    _res = child_main(json.loads(sys.stdin.read()))
+    print(MARK + json.dumps(_res), flush=True)

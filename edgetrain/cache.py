@@ -1,0 +1,334 @@
+"""Activation cache: sharded writer, checksummed manifest, streaming reader with prefetch.
+
+A cache holds the outputs of a frozen prefix for one data split. Rows are stored view-major
+(row = view * n + sample) in safetensors shards of at most `shard_bytes`, each holding one
+tensor `x` of shape (rows, *shape) in the storage dtype (float32, float16 or bfloat16).
+`manifest.json` is written last, atomically: a cache without it is incomplete. It records
+shape, storage dtype, counts, per-shard size and sha256, and the cache `key` (a hash of the
+producing prefix's weights, the data subset, the seed and the augmentation views).
+
+Reading never loads a whole cache: rows are read with `os.pread` at offsets taken from the
+shard headers (file-backed memory maps would count every touched page in the process's RSS,
+so peak memory would grow with the cache), batch by batch, by a background thread that
+keeps a bounded number of batches ready (`prefetch_bytes`). Checksums are verified when a
+cache is opened and again before every epoch; a missing, stale, truncated or altered cache
+raises `CacheInvalid` and is never read.
+
+This file knows nothing about modules or schedules (that is `edgetrain.sequential`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import shutil
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from edgetrain.data import batch_indices
+from edgetrain.errors import UserError
+from edgetrain.store import atomic_write_bytes, atomic_write_json
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+MIB = 1024 * 1024
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+class CacheInvalid(UserError):
+    """A cache that must not be read: missing, incomplete, stale (key) or corrupt."""
+
+
+def digest(*parts) -> str:
+    """sha256 of the JSON of `parts` (the cache key builder)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def planned_bytes(rows: int, shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes a cache of `rows` rows of `shape` in `dtype` takes on disk (without headers)."""
+    return rows * math.prod(shape) * DTYPES[dtype].itemsize
+
+
+def check_free_space(directory: Path, need_bytes: int, what: str) -> None:
+    """Raise a `UserError` when `directory`'s file system has less than `need_bytes` free.
+
+    A margin of 1% plus 8 MiB is kept for headers, manifests and checkpoints.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    margin = need_bytes // 100 + 8 * MIB
+    if need_bytes + margin > free:
+        raise UserError(f"{what} needs {(need_bytes + margin) / MIB:.1f} MiB in {directory} but "
+                        f"only {free / MIB:.1f} MiB are free: free space or use --cache-dir, "
+                        "--cache-dtype float16 or fewer --cache-views, then --resume the run")
+
+
+class CacheWriter:
+    """Appends rows (any float dtype, cast to the storage dtype) and writes shards.
+
+    Args:
+        directory: the cache directory (created; an old manifest there is removed first).
+        key: the cache key recorded in the manifest.
+        shape: the shape of one row (without the batch dim).
+        dtype: storage dtype name, one of float32, float16, bfloat16.
+        n: samples per view; views: number of views (rows = n * views).
+        shard_bytes: the largest shard (rounded to whole rows, at least one row).
+    """
+
+    def __init__(self, directory: Path, key: str, shape: tuple[int, ...], dtype: str, n: int,
+                 views: int = 1, shard_bytes: int = 8 * MIB):
+        self.dir, self.key, self.shape, self.dtype = Path(directory), key, tuple(shape), dtype
+        self.n, self.views = n, views
+        self.row_bytes = planned_bytes(1, self.shape, dtype)
+        self.rows_per_shard = max(1, shard_bytes // self.row_bytes)
+        self.shards: list[dict] = []
+        self._buf: list[torch.Tensor] = []
+        self._buffered = 0
+        self.rows = 0
+        remove_cache(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Append a batch of rows (B, *shape) in sample order."""
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"row shape {tuple(x.shape[1:])} != cache shape {self.shape}")
+        x = x.detach().to("cpu", DTYPES[self.dtype]).contiguous()
+        while len(x):
+            take = min(len(x), self.rows_per_shard - self._buffered)
+            self._buf.append(x[:take])
+            self._buffered += take
+            x = x[take:]
+            if self._buffered == self.rows_per_shard:
+                self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save
+        if not self._buffered:
+            return
+        data = save({"x": torch.cat(self._buf)})
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        atomic_write_bytes(self.dir / name, data)
+        self.shards.append({"file": name, "rows": self._buffered, "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})
+        self.rows += self._buffered
+        self._buf, self._buffered = [], 0
+
+    def close(self) -> dict:
+        """Write the last shard and then the manifest (the cache becomes valid); returns it."""
+        self._flush()
+        if self.rows != self.n * self.views:
+            raise ValueError(f"cache got {self.rows} rows, expected {self.n * self.views}")
+        manifest = {"format": FORMAT, "key": self.key, "shape": list(self.shape),
+                    "dtype": self.dtype, "n": self.n, "views": self.views, "count": self.rows,
+                    "rows_per_shard": self.rows_per_shard, "shards": self.shards}
+        atomic_write_json(self.dir / MANIFEST, manifest)
+        return manifest
+
+
+def remove_cache(directory: Path) -> None:
+    """Delete a cache directory: the manifest first, so a half-removed cache is invalid."""
+    directory = Path(directory)
+    if (directory / MANIFEST).exists():
+        (directory / MANIFEST).unlink()
+    if directory.exists():
+        shutil.rmtree(directory)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(MIB), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(directory: Path, key: str | None) -> dict:
+    """The manifest of a complete cache whose key is `key` (None: any key).
+
+    Raises:
+        CacheInvalid: no manifest (incomplete or absent), unreadable, or another key.
+    """
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CacheInvalid(f"no complete activation cache in {directory}")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise CacheInvalid(f"unreadable cache manifest {path}: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("dtype") not in DTYPES:
+        raise CacheInvalid(f"cache manifest {path} has an unknown format")
+    if key is not None and m.get("key") != key:
+        raise CacheInvalid(f"activation cache in {directory} was made by other weights, data or "
+                           "settings (key mismatch); it is not read")
+    return m
+
+
+class CacheReader:
+    """Random-access reads of rows of a verified cache (by `os.pread`, never whole shards).
+
+    Args:
+        directory: the cache directory.
+        key: the expected key; a cache with another key is refused.
+    Raises:
+        CacheInvalid: see `read_manifest` and `verify`.
+    """
+
+    def __init__(self, directory: Path, key: str | None):
+        self.dir = Path(directory)
+        self.manifest = read_manifest(self.dir, key)
+        m = self.manifest
+        self.shape, self.dtype = tuple(m["shape"]), m["dtype"]
+        self.n, self.views, self.count = int(m["n"]), int(m["views"]), int(m["count"])
+        self.row_bytes = planned_bytes(1, self.shape, self.dtype)
+        self.rows_per_shard = int(m["rows_per_shard"])
+        self.verify()
+        self._fds = [os.open(self.dir / s["file"], os.O_RDONLY) for s in m["shards"]]
+        self._data_offsets = [self._data_offset(s) for s in m["shards"]]
+
+    def verify(self) -> None:
+        """Check every shard's size and sha256 against the manifest (streamed, 1 MiB reads).
+
+        Raises:
+            CacheInvalid: a shard is missing, truncated or altered.
+        """
+        for s in self.manifest["shards"]:
+            path = self.dir / s["file"]
+            if not path.is_file() or path.stat().st_size != s["bytes"]:
+                raise CacheInvalid(f"cache shard {path} is missing or truncated; it is not read")
+            if _file_sha256(path) != s["sha256"]:
+                raise CacheInvalid(f"cache shard {path} fails its checksum (altered or corrupt); "
+                                   "it is not read")
+        if sum(s["rows"] for s in self.manifest["shards"]) != self.count:
+            raise CacheInvalid(f"cache manifest in {self.dir} does not add up; it is not read")
+
+    def _data_offset(self, shard: dict) -> int:
+        with open(self.dir / shard["file"], "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(hlen))
+        x = header["x"]
+        expect = [shard["rows"], *self.shape]
+        if x["dtype"] != _ST_DTYPES[self.dtype] or x["shape"] != expect:
+            raise CacheInvalid(f"cache shard {shard['file']} does not match its manifest")
+        return 8 + hlen + x["data_offsets"][0]
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` (global row numbers) as float32 (len(idx), *shape)."""
+        idx = idx.tolist()
+        buf = bytearray(len(idx) * self.row_bytes)
+        view = memoryview(buf)
+        i = 0
+        while i < len(idx):  # coalesce runs of consecutive rows in one shard into one read
+            shard, r0 = divmod(idx[i], self.rows_per_shard)
+            j = i + 1
+            while (j < len(idx) and idx[j] == idx[j - 1] + 1
+                   and idx[j] // self.rows_per_shard == shard):
+                j += 1
+            off = self._data_offsets[shard] + r0 * self.row_bytes
+            nbytes = (j - i) * self.row_bytes
+            got = os.preadv(self._fds[shard], [view[i * self.row_bytes:i * self.row_bytes + nbytes]], off)
+            if got != nbytes:
+                raise CacheInvalid(f"cache shard {shard} in {self.dir} is truncated")
+            i = j
+        x = torch.frombuffer(buf, dtype=DTYPES[self.dtype]) if buf else torch.empty(0)
+        return x.view(len(idx), *self.shape).float()
+
+
+def prefetch(items: Iterable, max_items: int) -> Iterator:
+    """Iterate `items` produced by a background thread, at most `max_items` ahead.
+
+    Exceptions in the producer are re-raised in the consumer; closing the consumer stops
+    the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, max_items))
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for it in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", it), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("done", done))
+        except BaseException as e:  # handed to the consumer
+            q.put(("error", e))
+
+    t = threading.Thread(target=produce, daemon=True, name="edgetrain-prefetch")
+    t.start()
+    try:
+        while True:
+            kind, it = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise it
+            yield it
+    finally:
+        stop.set()
+        t.join()
+
+
+@dataclass
+class CacheSource:
+    """Shuffled training batches (or ordered eval batches) from a cache: a `BatchSource`.
+
+    Epoch e reads view e % views in the order of `RawSource` for the same (seed, salt, e),
+    so the cached path sees the same batches as the recompute path.
+    """
+
+    reader: CacheReader
+    labels: torch.Tensor  # (n,) int64
+    batch_size: int
+    device: torch.device
+    train: bool = True
+    seed: int = 0
+    prefetch_bytes: int = 64 * MIB
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.reader.n / self.batch_size)
+
+    def _max_batches(self) -> int:
+        return max_batches(self.reader, self.batch_size, self.prefetch_bytes)
+
+    def epoch(self, epoch: int = 0, salt: int = 0):
+        from edgetrain.train import epoch_generator
+        self.reader.verify()
+        gen = epoch_generator(self.seed, salt, epoch)
+        offset = (epoch % self.reader.views) * self.reader.n
+        order = list(batch_indices(self.reader.n, self.batch_size, self.train, gen))
+        batches = ((self.reader.rows(idx + offset), idx) for idx in order)
+        for x, idx in prefetch(batches, self._max_batches()):
+            yield x.to(self.device), self.labels[idx].to(self.device)
+
+
+def sequential_rows(reader: CacheReader, batch_size: int, prefetch_bytes: int
+                    ) -> Iterator[torch.Tensor]:
+    """All rows of a cache in order (view-major), batch by batch, through the prefetcher."""
+    starts = range(0, reader.count, batch_size)
+    gen = (reader.rows(torch.arange(s, min(s + batch_size, reader.count))) for s in starts)
+    return prefetch(gen, max_batches(reader, batch_size, prefetch_bytes))
+
+
+def max_batches(reader: CacheReader, batch_size: int, prefetch_bytes: int) -> int:
+    """How many float32 batches (plus their storage-dtype read buffer) fit `prefetch_bytes`."""
+    per_batch = batch_size * (math.prod(reader.shape) * 4 + reader.row_bytes)
+    return max(1, prefetch_bytes // per_batch)

@@ -1,0 +1,588 @@
+"""Parallel module-wise training across processes on torch.distributed (launched by torchrun).
+
+Rank r of P owns a contiguous group of modules, balanced with `edgetrain.split.split_balanced`
+by the run's `--split` rule (blocks per module, or activation memory per module). Rank 0 reads the data set; rank r > 0 receives
+(activations, labels) from rank r-1 by plain point-to-point `send`/`recv`. Every rank
+trains its modules with the shared `fit_module` / `train_step` / `Trainer` of
+`edgetrain.train` and sends the detached output of its last module (the same tensor the
+single-process parallel regime hands to the next module) to rank r+1. No gradient crosses
+a rank, so no backward message exists.
+
+Forward unlocking: with `buffer_size` B > 0 each rank has a send thread and a receive
+thread (gloo's isend/irecv do not overlap with compute), each holding at most B
+activation batches, so rank r-1 computes batch t+1 while rank r trains on batch t. B = 0
+sends and receives synchronously in the training thread.
+
+Stale activations: every batch is consumed exactly once, in order (a FIFO, not a replay
+buffer). Rank r-1 never receives anything back, so the activations it produces for batch t
+depend only on the batches 0..t, never on timing: a buffer changes when a batch arrives,
+not what it holds, and the trained weights equal those of B = 0 and of the
+single-process parallel regime.
+
+The run directory is the single-process one: rank 0 writes config.json and, after gathering
+every rank's figures, metrics.json; each rank writes its own modules/NN.safetensors (a
+shared file system for multi-node runs). Validation and test batches stream through the
+ranks like training batches.
+
+Not here: launching processes (torchrun), reading the environment (`cli.py` builds a
+`Launch`), `torch.distributed.pipelining` (which computes the loss on the last stage only).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from edgetrain import __version__
+from edgetrain.config import RunConfig
+from edgetrain.errors import UserError
+from edgetrain.split import Stage, block_activation_bytes, split_balanced
+from edgetrain.train import Trainer, evaluate_chain, fit_module, make_trainer
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+END = -1  # phase of the end-of-stream message
+PHASE_VAL, PHASE_TEST = 1_000_000, 1_000_001  # training phases are the epoch numbers
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_DIMS = 6
+HEADER_LEN = 4 + MAX_DIMS  # phase, index, dtype code, ndim, dims...
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in a torchrun launch (built from the environment by cli.py)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    timeout_s: float = 300.0
+
+
+def launch_from_env(env: Mapping[str, str], timeout_s: float = 300.0) -> Launch:
+    """Read torchrun's variables from `env` (a mapping the caller passes, e.g. os.environ).
+
+    Raises:
+        UserError: a variable is missing or malformed.
+    """
+    missing = [v for v in LAUNCH_VARS if not env.get(v)]
+    if missing:
+        raise UserError(f"--distributed needs torchrun's environment ({', '.join(missing)} not set):"
+                        " launch with torchrun --nproc_per_node P -m edgetrain.cli train"
+                        " --mode parallel --distributed ...")
+    try:
+        launch = Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
+                        env["MASTER_ADDR"], int(env["MASTER_PORT"]), timeout_s)
+    except ValueError:
+        raise UserError("RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers") from None
+    if not 0 <= launch.rank < launch.world_size:
+        raise UserError(f"RANK {launch.rank} is outside WORLD_SIZE {launch.world_size}")
+    return launch
+
+
+# ----------------------------------------------------------------------------- placement
+
+def module_costs(how: str, bounds: list[int], net: torch.nn.Module, sample: torch.Tensor) -> list[int]:
+    """Weight of each module for placing modules on ranks, by the run's `--split` rule:
+    `depth` counts blocks, `memory` measures the activation bytes saved for backward (on a
+    copy of `net`: a train-mode forward moves BatchNorm statistics, the real one must not)."""
+    if how == "depth":
+        per_block = [1] * bounds[-1]
+    else:
+        per_block = block_activation_bytes(copy.deepcopy(net), sample)
+    return [sum(per_block[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def rank_groups(costs: list[int], world_size: int) -> list[list[int]]:
+    """Contiguous groups of module indices, one per rank, minimising the heaviest group.
+
+    Raises:
+        UserError: more ranks than modules.
+    """
+    if world_size > len(costs):
+        raise UserError(f"{world_size} processes but only {len(costs)} modules: launch at most "
+                        f"{len(costs)} processes (torchrun --nproc_per_node) or raise --modules")
+    bounds = split_balanced(costs, world_size)
+    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# ----------------------------------------------------------------------------- messages
+
+def encode_header(phase: int, index: int, z: torch.Tensor | None) -> torch.Tensor:
+    """(HEADER_LEN,) int64: phase, batch index, dtype code, ndim, shape padded with zeros."""
+    h = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    h[0], h[1] = phase, index
+    if z is not None:
+        if z.dim() > MAX_DIMS or z.dtype not in DTYPES:
+            raise ValueError(f"cannot send a {z.dim()}-d {z.dtype} tensor")
+        h[2], h[3] = DTYPES.index(z.dtype), z.dim()
+        h[4:4 + z.dim()] = torch.tensor(z.shape)
+    return h
+
+
+def decode_header(h: torch.Tensor) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
+    v = h.tolist()
+    return v[0], v[1], DTYPES[v[2]], tuple(v[4:4 + v[3]])
+
+
+class Link:
+    """Point-to-point messages (header, activations, labels) with one neighbour rank."""
+
+    def __init__(self, peer: int, group, device: torch.device):
+        self.peer, self.group, self.device = peer, group, device
+
+    def send(self, phase: int, index: int, z: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        import torch.distributed as dist
+        dist.send(encode_header(phase, index, z).to(self.device), self.peer, group=self.group)
+        if z is not None:
+            dist.send(z.contiguous().to(self.device), self.peer, group=self.group)
+            dist.send(y.to(self.device, torch.int64).contiguous(), self.peer, group=self.group)
+
+    def recv(self) -> tuple[int, int, torch.Tensor | None, torch.Tensor | None]:
+        import torch.distributed as dist
+        h = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        dist.recv(h, self.peer, group=self.group)
+        phase, index, dtype, shape = decode_header(h)
+        if phase == END:
+            return phase, index, None, None
+        z = torch.empty(shape, dtype=dtype, device=self.device)  # (B, C, H, W)
+        dist.recv(z, self.peer, group=self.group)
+        y = torch.empty(shape[0], dtype=torch.int64, device=self.device)
+        dist.recv(y, self.peer, group=self.group)
+        return phase, index, z, y
+
+
+class Outbox:
+    """Sends messages to the next rank: synchronously (capacity 0) or from a background
+    thread that holds at most `capacity` messages, so that sending overlaps compute."""
+
+    def __init__(self, link, capacity: int, poll_s: float = 0.2):
+        self.link, self.poll_s, self.error = link, poll_s, None
+        self.q = queue.Queue(maxsize=capacity) if capacity > 0 else None
+        self.thread = None
+        if self.q is not None:
+            self.thread = threading.Thread(target=self._run, name="edgetrain-send", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                msg = self.q.get()
+                self.link.send(*msg)
+                if msg[0] == END:
+                    return
+        except BaseException as e:  # handed to the training thread by put/close
+            self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, phase: int, index: int, z: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        """Queue one message (blocks while `capacity` messages wait); re-raises a send error."""
+        if self.q is None:
+            self.link.send(phase, index, z, y)
+            return
+        while True:
+            self._raise()
+            try:
+                self.q.put((phase, index, z, y), timeout=self.poll_s)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, timeout_s: float) -> None:
+        """Send the end-of-stream message and wait until everything has left."""
+        self.put(END, 0, None, None)
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+            self._raise()
+            if self.thread.is_alive():
+                raise TimeoutError(f"send thread still busy after {timeout_s:.0f} s")
+
+
+class Inbox:
+    """Receives messages from the previous rank: synchronously (capacity 0) or through a
+    background thread that receives ahead, at most `capacity` messages."""
+
+    def __init__(self, link, capacity: int, poll_s: float = 0.2):
+        self.link, self.poll_s = link, poll_s
+        self.q = queue.Queue(maxsize=capacity) if capacity > 0 else None
+        self.thread = None
+        if self.q is not None:
+            self.thread = threading.Thread(target=self._run, name="edgetrain-recv", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                msg = self.link.recv()
+                self.q.put(msg)
+                if msg[0] == END:
+                    return
+        except BaseException as e:
+            self.q.put(e)
+
+    def _next(self):
+        if self.q is None:
+            return self.link.recv()
+        msg = self.q.get()
+        if isinstance(msg, BaseException):
+            raise msg
+        return msg
+
+    def get(self, phase: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (activations, labels); checks it is batch `index` of `phase`."""
+        got_phase, got_index, z, y = self._next()
+        if (got_phase, got_index) != (phase, index):
+            raise RuntimeError(f"protocol error: expected batch {index} of phase {phase}, "
+                               f"got batch {got_index} of phase {got_phase}")
+        return z, y
+
+    def close(self) -> None:
+        """Consume the end-of-stream message."""
+        got_phase, _, _, _ = self._next()
+        if got_phase != END:
+            raise RuntimeError(f"protocol error: expected the end of stream, got phase {got_phase}")
+        if self.thread is not None:
+            self.thread.join()
+
+
+# ----------------------------------------------------------------------------- streams
+
+class OutputTap:
+    """Forward hook on a stage that keeps its last detached features (the tensor the
+    single-process parallel regime passes to the next module)."""
+
+    def __init__(self, stage: Stage):
+        self.z = None
+        self.handle = stage.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.z = output[1].detach()  # output = (logits, features, residues)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def forward_stream(batches: Iterator, tap: OutputTap | None, outbox: Outbox | None,
+                   phase: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield `batches`; once the consumer has processed one, send the tap's features on."""
+    for i, (x, y) in enumerate(batches):
+        if tap is not None:
+            tap.z = None
+        yield x, y
+        if outbox is not None:
+            if tap.z is None:
+                raise RuntimeError("the last stage produced no features for this batch")
+            outbox.put(phase, i, tap.z, y)
+
+
+def received(inbox: Inbox, phase: int, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for i in range(n_batches):
+        yield inbox.get(phase, i)
+
+
+@dataclass
+class StreamSource:
+    """A `BatchSource` that reads the previous rank's activations, passing its own on."""
+
+    inner: object  # a BatchSource (rank 0) or None (batches come from `inbox`)
+    inbox: Inbox | None
+    steps: int
+    tap: OutputTap | None
+    outbox: Outbox | None
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int = 0, salt: int = 0):
+        src = (self.inner.epoch(epoch, salt) if self.inbox is None
+               else received(self.inbox, epoch, self.steps))
+        return forward_stream(src, self.tap, self.outbox, epoch)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+def _tensor_from_json(obj, device) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
+
+
+def all_gather_json(obj, device: torch.device) -> list:
+    """Every rank's JSON-serialisable `obj`, in rank order (JSON over uint8, no pickle)."""
+    import torch.distributed as dist
+    data = _tensor_from_json(obj, device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: len(data)] = data
+    parts = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes)]
+
+
+def broadcast_json(obj, device: torch.device) -> object:
+    """Rank 0's `obj` on every rank."""
+    return all_gather_json(obj, device)[0]
+
+
+# ----------------------------------------------------------------------------- one rank
+
+@dataclass
+class RankState:
+    """What one rank holds: its modules, their trainers, and the links to its neighbours."""
+
+    cfg: RunConfig
+    launch: Launch
+    device: torch.device
+    groups: list[list[int]]
+    bounds: list[int]
+    owned: list[int]
+    stages: list[Stage]
+    source: object  # RawSource on rank 0
+    data: object
+    inbox: Inbox | None = None
+    outbox: Outbox | None = None
+    tap: OutputTap | None = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.launch.world_size - 1
+
+
+def choose_device(cfg: RunConfig, launch: Launch) -> tuple[torch.device, str]:
+    """(device, backend): NCCL on CUDA (one GPU per local rank), gloo on CPU."""
+    from edgetrain.schedule import resolve_device
+    dev = resolve_device(cfg.device)
+    if dev.type == "cuda":
+        if launch.local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {launch.local_rank} but only "
+                            f"{torch.cuda.device_count()} CUDA devices; use --device cpu")
+        torch.cuda.set_device(launch.local_rank)
+        return torch.device("cuda", launch.local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def plan_rank(cfg: RunConfig, launch: Launch, device: torch.device) -> RankState:
+    """Build the whole run on CPU exactly as one process would (same seed, same init), keep
+    this rank's modules on `device` and drop the rest."""
+    from edgetrain.schedule import build_run
+    run = build_run(cfg, device=torch.device("cpu"))
+    sample = run.data.normalize(run.data.train.x[: min(8, len(run.data.train))])
+    groups = rank_groups(module_costs(cfg.split, run.bounds, run.net, sample), launch.world_size)
+    owned = groups[launch.rank]
+    stages = [run.stages[k].to(device) for k in owned]
+    source = run.raw("train", train=True)
+    source.device = device
+    return RankState(cfg, launch, device, groups, run.bounds, owned, stages, source, run.data)
+
+
+def open_links(state: RankState, backend: str) -> None:
+    """One two-rank process group per neighbour pair, so each direction has its own channel."""
+    import torch.distributed as dist
+    r, P, B = state.rank, state.launch.world_size, state.cfg.buffer_size
+    pairs = [dist.new_group([i, i + 1], backend=backend) for i in range(P - 1)]
+    if r > 0:
+        state.inbox = Inbox(Link(r - 1, pairs[r - 1], state.device), B)
+    if r < P - 1:
+        state.outbox = Outbox(Link(r + 1, pairs[r], state.device), B)
+        state.tap = OutputTap(state.stages[-1])
+
+
+def make_rank_trainers(state: RankState) -> list[Trainer]:
+    cfg, K = state.cfg, len(state.bounds) - 1
+    total = cfg.epochs * state.source.steps_per_epoch()
+    return [make_trainer(st, cfg, k, K, total) for k, st in zip(state.owned, state.stages)]
+
+
+def train_rank(state: RankState, trainers: list[Trainer], progress: bool) -> None:
+    """This rank's share of the parallel regime: the shared `fit_module` on a stream."""
+    cfg = state.cfg
+    src = StreamSource(state.source if state.inbox is None else None, state.inbox,
+                       state.source.steps_per_epoch(), state.tap, state.outbox)
+    bar = _progress_bar(cfg.epochs * src.steps_per_epoch(), progress and state.rank == 0)
+    try:
+        fit_module(trainers, src, cfg.epochs, first_epoch=0, salt=0,
+                   label_smoothing=cfg.label_smoothing, scaling=cfg.transport_scaling,
+                   on_step=(lambda stats: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc="parallel (rank 0)", unit="step", leave=False, dynamic_ncols=True)
+
+
+def evaluate_rank(state: RankState) -> list[dict]:
+    """Validation and test figures of this rank's modules, streaming both splits through."""
+    from edgetrain.train import RawSource
+    out = {}
+    for name, phase in (("val", PHASE_VAL), ("test", PHASE_TEST)):
+        split = getattr(state.data, name)
+        n = -(-len(split) // state.cfg.batch_size)
+        if state.inbox is None:
+            src = RawSource(state.data, split, state.cfg.batch_size, state.device, train=False).epoch()
+        else:
+            src = received(state.inbox, phase, n)
+        out[name] = evaluate_chain(state.stages, forward_stream(src, state.tap, state.outbox, phase))
+    return [{"val_acc": v["acc"], "val_loss": v["loss"], "test_acc": t["acc"], "test_loss": t["loss"]}
+            for v, t in zip(out["val"], out["test"])]
+
+
+def close_links(state: RankState) -> None:
+    if state.outbox is not None:
+        state.outbox.close(state.launch.timeout_s)
+    if state.inbox is not None:
+        state.inbox.close()
+    if state.tap is not None:
+        state.tap.remove()
+
+
+def module_entries(state: RankState, trainers: list[Trainer], evals: list[dict]) -> list[dict]:
+    """Per-module figures with the keys of the single-process metrics.json, plus the rank."""
+    out = []
+    for k, tr, ev in zip(state.owned, trainers, evals):
+        last = tr.history[-1] if tr.history else {}
+        out.append({"index": k, **ev, "train_loss": last.get("train_loss"),
+                    "transport": last.get("transport"), "tau": tr.weighting.effective_tau,
+                    "epochs": len(tr.history), "steps": tr.step, "blocks": len(tr.stage.blocks),
+                    "rank": state.rank})
+    return out
+
+
+def rank_report(state: RankState, trainers: list[Trainer], evals: list[dict]) -> dict:
+    from edgetrain.schedule import peak_rss_mib
+    return {"rank": state.rank, "modules": module_entries(state, trainers, evals),
+            "train_s": state.timings["train_s"], "peak_rss_mib": peak_rss_mib(),
+            "num_threads": torch.get_num_threads()}
+
+
+def assemble_metrics(state: RankState, reports: list[dict], backend: str) -> dict:
+    """The single-process metrics.json layout, filled from every rank's report."""
+    from edgetrain.schedule import best_depth
+    modules = [m for rep in reports for m in rep["modules"]]
+    bd = best_depth(modules)
+    train_s = max(rep["train_s"] for rep in reports)
+    n_train = len(state.data.train) * state.cfg.epochs
+    return {"edgetrain_version": __version__, "mode": state.cfg.mode, "modules": modules,
+            "n_modules": len(modules), "bounds": state.bounds, "best_depth": bd,
+            "best_val_acc": modules[bd - 1]["val_acc"], "best_test_acc": modules[bd - 1]["test_acc"],
+            "last_test_acc": modules[-1]["test_acc"],
+            "max_resident_modules": max(len(g) for g in state.groups),
+            "peak_rss_mib": max(rep["peak_rss_mib"] for rep in reports),
+            "timings": {"train_s": train_s, "per_rank_train_s": [rep["train_s"] for rep in reports]},
+            "device": str(state.device),
+            "distributed": {"world_size": len(reports), "backend": backend,
+                            "buffer_size": state.cfg.buffer_size, "rank_modules": state.groups,
+                            "train_images": n_train, "images_per_s": n_train / train_s,
+                            "per_rank_peak_rss_mib": [rep["peak_rss_mib"] for rep in reports],
+                            "num_threads": [rep["num_threads"] for rep in reports]}}
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def _init_group(launch: Launch, backend: str) -> None:
+    import torch.distributed as dist
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                rank=launch.rank, world_size=launch.world_size,
+                                timeout=timedelta(seconds=launch.timeout_s))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise UserError(f"rank {launch.rank}: cannot join the process group at "
+                        f"{launch.master_addr}:{launch.master_port} ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _start_run_dir(state: RankState, out_dir: Path) -> Path:
+    """Rank 0 creates the run directory and writes config.json; every rank learns its path
+    (rank 0's) or rank 0's error, so a bad --out stops all ranks."""
+    from edgetrain.schedule import prepare_out_dir
+    msg = {"out": str(out_dir), "error": None}
+    if state.rank == 0:
+        try:
+            state.cfg.save(prepare_out_dir(out_dir) / "config.json")
+        except UserError as e:
+            msg["error"] = str(e)
+    msg = broadcast_json(msg, state.device)
+    if msg["error"] is not None:
+        raise UserError(msg["error"] if state.rank == 0 else f"rank 0 could not start: {msg['error']}")
+    return Path(msg["out"])
+
+
+def _run_rank(state: RankState, out_dir: Path, backend: str, progress: bool) -> dict | None:
+    import torch.distributed as dist
+    from edgetrain.store import save_module
+    out = _start_run_dir(state, out_dir)
+    open_links(state, backend)
+    trainers = make_rank_trainers(state)
+    dist.barrier()
+    t0 = time.perf_counter()
+    train_rank(state, trainers, progress)
+    state.timings["train_s"] = time.perf_counter() - t0
+    evals = evaluate_rank(state)
+    close_links(state)
+    for k, st in zip(state.owned, state.stages):
+        save_module(out, k, st, {"edgetrain_version": __version__, "index": k})
+    reports = all_gather_json(rank_report(state, trainers, evals), state.device)
+    if state.rank != 0:
+        return None
+    metrics = assemble_metrics(state, reports, backend)
+    from edgetrain.store import atomic_write_json
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def train_distributed(cfg: RunConfig, out_dir: Path, launch: Launch | None,
+                      progress: bool = False) -> dict | None:
+    """Train this rank's modules of a parallel run launched by torchrun.
+
+    Args:
+        cfg: the run's configuration (`mode` parallel, `distributed` true).
+        out_dir: the run directory (rank 0's value is used by every rank).
+        launch: this process's place in the launch (`launch_from_env`).
+        progress: show a progress bar on rank 0.
+
+    Returns:
+        The metrics (as written to metrics.json) on rank 0; None on the other ranks.
+
+    Raises:
+        UserError: no launch, more processes than modules, a bad configuration or --out, or
+            a peer rank that stopped or timed out (the others then stop too).
+    """
+    if launch is None:
+        launch_from_env({})  # raises the message that names the missing variables
+    device, backend = choose_device(cfg, launch)
+    state = plan_rank(cfg, launch, device)  # raises before any rank waits for another
+    _init_group(launch, backend)
+    import torch.distributed as dist
+    try:
+        metrics = _run_rank(state, out_dir, backend, progress)
+    except UserError as e:
+        raise UserError(f"rank {launch.rank}: {e}") from None
+    except (RuntimeError, TimeoutError, OSError) as e:
+        raise UserError(f"rank {launch.rank}: lost contact with another rank, stopping "
+                        f"({_first_line(e)})") from None
+    dist.destroy_process_group()
+    return metrics

@@ -1,0 +1,366 @@
+"""Out-of-core sequential and multi-lap training with crash-safe checkpoints and resume.
+
+One module (plus its head) is resident at a time, through `ModuleStore`. Module 0 trains
+on live-augmented raw batches; module k > 0 streams cache k, written by one no-grad,
+eval-mode pass of module k-1 over cache k-1 (or the raw data). In the last lap every module
+is evaluated on validation and test caches right after it is trained, so per-module accuracy
+needs one module in memory.
+
+Cache lifetime (the deletion rule): cache k is written after module k-1 is trained (and
+evaluated) and is deleted as soon as cache k+1 is complete, or after module k is trained and
+evaluated when k is the last module. At most two caches exist at once; none is left at the end.
+Each lap rebuilds every cache; a cache is read only if its key (data, seed, views, dtype and
+the digests of the producing modules' weights, read from the module store) matches.
+
+Checkpoints, all written atomically: at every epoch boundary module k's file gets its weights,
+optimizer, tau state, step, history and `progress` (lap, epochs done in that lap), then
+`state.json` gets the cursor (lap, module, epoch), RNG states, per-module summaries, the
+config hash and the version. The data order needs no saved state: it is a pure function of
+(seed, module, epoch). On resume the module file's `progress` says how many epochs of the
+cursor's module are done, so a kill between the two writes loses nothing; a cache that is
+missing, incomplete or fails its checksum is rebuilt from the module store.
+
+This file does not parse argv and does not know e2e or parallel training.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetrain import __version__
+from edgetrain.cache import (CacheInvalid, CacheReader, CacheSource, CacheWriter, MIB,
+                             check_free_space, digest, planned_bytes, remove_cache,
+                             sequential_rows)
+from edgetrain.config import RunConfig
+from edgetrain.data import augment, batch_indices
+from edgetrain.errors import UserError
+from edgetrain.store import ModuleStore, atomic_write_json, tensors_digest
+from edgetrain.train import (NonFiniteLoss, Trainer, epoch_generator, evaluate_chain, fit_module,
+                             make_trainer)
+
+STATE = "state.json"
+VIEW_SALT = 7_777  # the salt of the augmentation streams of cached views
+log = logging.getLogger("edgetrain")
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """sha256 of the resolved configuration (canonical JSON)."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def rng_state() -> dict:
+    """torch, numpy and python RNG states as JSON."""
+    np_state = np.random.get_state()
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": json.loads(json.dumps(random.getstate()))}
+
+
+def set_rng_state(d: dict) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(d["torch"])), dtype=torch.uint8))
+    n = d["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = d["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def read_state(run_dir: Path) -> dict | None:
+    """state.json of a run directory (None if absent).
+
+    Raises:
+        UserError: unreadable, from another edgetrain version, or config.json was changed.
+    """
+    path = Path(run_dir) / STATE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); cannot resume") from None
+    if not isinstance(state, dict) or "cursor" not in state:
+        raise UserError(f"{path} is not an edgetrain state file; cannot resume")
+    if state.get("edgetrain_version") != __version__:
+        raise UserError(f"{run_dir} was written by edgetrain {state.get('edgetrain_version')}, "
+                        f"this is {__version__}; it cannot be resumed")
+    return state
+
+
+def check_config(state: dict, cfg: RunConfig, run_dir: Path) -> None:
+    if state.get("config_sha256") != config_hash(cfg):
+        raise UserError(f"{Path(run_dir) / 'config.json'} differs from the configuration the run "
+                        "was started with (hash mismatch); refusing to resume")
+
+
+class OutOfCore:
+    """Drives one out-of-core run: the module/lap loop, caches, checkpoints and resume."""
+
+    def __init__(self, run, out: Path, progress: bool = False):
+        self.run, self.cfg, self.out, self.progress = run, run.cfg, Path(out), progress
+        self.K, self.R, self.E = run.n_modules, run.cfg.n_laps, run.cfg.epochs_per_lap
+        self.store = ModuleStore(self.out, run.stages, run.device)
+        root = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
+        if self.cfg.cache_dir:
+            root = root / ("run-" + hashlib.sha256(str(self.out.resolve()).encode()).hexdigest()[:12])
+        self.cache_root = root
+        self.raw = run.raw("train", train=True)
+        self.total_steps = self.cfg.epochs * self.raw.steps_per_epoch()
+        self.prefetch_bytes = int(self.cfg.prefetch_mib * MIB)
+        self.views = self.cfg.cache_views if self.cfg.augment else 1
+        self.state = {"edgetrain_version": __version__, "config_sha256": config_hash(self.cfg),
+                      "seq": 0, "cursor": {"lap": 0, "module": 0, "epoch": 0},
+                      "modules": {}, "train_s": 0.0, "finished": False}
+        self._t0 = time.perf_counter()
+        self._base_s = 0.0
+        self._memo: dict = {}
+
+    # ------------------------------------------------------------------ state
+    def write_state(self, lap: int, module: int, epoch: int) -> None:
+        s = self.state
+        s["seq"] += 1
+        s["cursor"] = {"lap": lap, "module": module, "epoch": epoch}
+        s["rng"] = rng_state()
+        s["train_s"] = self._base_s + time.perf_counter() - self._t0
+        s["max_resident_modules"] = max(s.get("max_resident_modules", 0), self.store.max_resident)
+        atomic_write_json(self.out / STATE, s)
+
+    def start(self, state: dict | None) -> None:
+        """Fresh start (state None: write initial module files) or continue from `state`."""
+        _remove_temporaries(self.out)
+        if state is None:
+            self.store.adopt(write=True)
+            self.write_state(0, 0, 0)
+            return
+        self.store.adopt(write=False)
+        keep = ("seq", "cursor", "modules", "finished", "max_resident_modules")
+        self.state.update({k: state[k] for k in keep if k in state})
+        self._base_s = float(state.get("train_s", 0.0))
+        if "rng" in state:
+            set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ caches
+    def cache_dir(self, k: int, split: str) -> Path:
+        return self.cache_root / f"c{k:02d}" / split
+
+    def data_key(self, split: str) -> str:
+        if ("data", split) not in self._memo:
+            self._memo[("data", split)] = self._data_key(split)
+        return self._memo[("data", split)]
+
+    def weights_digest(self, j: int) -> str:
+        """Digest of module j's weights as stored (memoised on the file's identity)."""
+        st = self.store.path(j).stat()
+        ident = ("w", j, st.st_mtime_ns, st.st_size, st.st_ino)
+        if ident not in self._memo:
+            self._memo[ident] = self.store.weights_digest(j)
+        return self._memo[ident]
+
+    def _data_key(self, split: str) -> str:
+        sp = getattr(self.run.data, split)
+        h = hashlib.sha256()
+        h.update(sp.x.contiguous().numpy().tobytes())
+        h.update(sp.y.contiguous().numpy().tobytes())
+        views = self.views if split == "train" else 1
+        return digest(h.hexdigest(), split, self.cfg.seed, self.cfg.augment and split == "train",
+                      views, self.run.data.mean, self.run.data.std)
+
+    def cache_key(self, k: int, split: str) -> str:
+        """Key of cache k: chains the data key with modules 0..k-1's weight digests."""
+        key = self.data_key(split)
+        for j in range(k):
+            key = digest(key, self.weights_digest(j), self.cfg.cache_dtype, self.cfg.batch_size)
+        return key
+
+    def open_cache(self, k: int, split: str) -> CacheReader:
+        return CacheReader(self.cache_dir(k, split), self.cache_key(k, split))
+
+    def _valid(self, k: int, split: str) -> bool:
+        try:
+            self.open_cache(k, split).close()
+            return True
+        except CacheInvalid as e:
+            if self.cache_dir(k, split).exists():
+                log.warning("%s; rebuilding it from the module store", e)
+            return False
+
+    def ensure_cache(self, k: int, splits: list[str]) -> None:
+        """Make caches k of `splits` valid, rebuilding from the module store as needed."""
+        missing = [s for s in splits if not self._valid(k, s)]
+        if not missing:
+            return
+        if k > 1:
+            self.ensure_cache(k - 1, missing)
+        stage = self.store.load(k - 1)
+        for s in missing:
+            self._write(k, s, stage)
+            if k > 1:
+                remove_cache(self.cache_dir(k - 1, s))
+
+    def _inputs(self, k: int, split: str):
+        """Batches (in sample order, view-major) that module k-1 turns into cache k."""
+        if k > 1:
+            reader = self.open_cache(k - 1, split)
+            return reader.n, reader.views, sequential_rows(reader, self.cfg.batch_size,
+                                                           self.prefetch_bytes)
+        sp = getattr(self.run.data, split)
+        views = self.views if split == "train" else 1
+        return len(sp), views, self._raw_views(sp, views)
+
+    def _raw_views(self, sp, views: int):
+        """View 0 is the clean data; views 1.. are augmented (seeded per view)."""
+        data = self.run.data
+        for v in range(views):
+            gen = epoch_generator(self.cfg.seed, VIEW_SALT, v)
+            for idx in batch_indices(len(sp), self.cfg.batch_size, False, None):
+                x = data.normalize(sp.x[idx])
+                yield augment(x, gen, data.flip) if v > 0 else x
+
+    @torch.no_grad()
+    def _write(self, k: int, split: str, stage) -> None:
+        n, views, batches = self._inputs(k, split)
+        stage.eval()
+        writer = None
+        for x in batches:
+            z, _ = stage.forward_features(x.to(self.run.device))  # (B, *shape)
+            if writer is None:
+                need = planned_bytes(n * views, tuple(z.shape[1:]), self.cfg.cache_dtype)
+                check_free_space(self.cache_root, need, f"the activation cache of module {k + 1} "
+                                 f"({split}, {n * views} rows)")
+                writer = CacheWriter(self.cache_dir(k, split), self.cache_key(k, split),
+                                     tuple(z.shape[1:]), self.cfg.cache_dtype, n, views,
+                                     shard_bytes=max(MIB, self.prefetch_bytes // 4))
+            writer.add(z)
+        writer.close()
+
+    def source(self, k: int, split: str, train: bool):
+        if k == 0:
+            return self.raw if train else self.run.raw(split)
+        labels = getattr(self.run.data, split).y
+        return CacheSource(self.open_cache(k, split), labels, self.cfg.batch_size,
+                           self.run.device, train=train, seed=self.cfg.seed,
+                           prefetch_bytes=self.prefetch_bytes)
+
+    # ------------------------------------------------------------------ training
+    def trainer(self, k: int) -> tuple[Trainer, int, int]:
+        """Load module k with its trainer; returns (trainer, lap, epochs done in that lap)."""
+        stage = self.store.load(k)
+        tr = make_trainer(stage, self.cfg, k, self.K, self.total_steps)
+        self.store.restore_trainer(k, tr)
+        meta = self.store.meta(k)
+        prog = json.loads(meta.get("progress", '{"lap": -1, "epochs": 0}'))
+        return tr, int(prog["lap"]), int(prog["epochs"])
+
+    def train_module(self, lap: int, k: int) -> Trainer:
+        if k > 0:
+            self.ensure_cache(k, ["train"])
+        tr, done_lap, done = self.trainer(k)
+        done = done if done_lap == lap else 0
+        if done < self.E:
+            src = self.source(k, "train", train=True)
+            for e in range(done, self.E):
+                self._epoch(tr, src, lap, k, e)
+        return tr
+
+    def _epoch(self, tr: Trainer, src, lap: int, k: int, e: int) -> None:
+        from edgetrain.schedule import _progress
+        epoch = lap * self.E + e
+        desc = f"lap {lap + 1}/{self.R} module {k + 1}/{self.K} epoch {epoch + 1}"
+        check = getattr(self.run, "step_check", None)
+        with _progress(src.steps_per_epoch(), desc, self.progress) as bar:
+            def on_step(stats):
+                if bar is not None:
+                    bar.update(1)
+                if check is not None:
+                    check()
+            try:
+                fit_module([tr], src, 1, first_epoch=epoch, salt=k,
+                           label_smoothing=self.cfg.label_smoothing,
+                           scaling=self.cfg.transport_scaling, on_step=on_step)
+            except NonFiniteLoss as ex:
+                raise NonFiniteLoss(f"module {k + 1}/{self.K}, lap {lap + 1}/{self.R}, epoch "
+                                    f"{epoch + 1}: {ex}; the last checkpoint in {self.out} is "
+                                    "kept") from None
+        self.store.save(k, tr, meta={"progress": json.dumps({"lap": lap, "epochs": e + 1})})
+        self.write_state(lap, k, e + 1)
+
+    def finish_module(self, lap: int, k: int, tr: Trainer) -> None:
+        """After module k of lap `lap`: evaluate (last lap), write cache k+1, drop cache k."""
+        last_lap = lap == self.R - 1
+        splits = ["train", "val", "test"] if last_lap else ["train"]
+        if last_lap:
+            self.state["modules"][str(k)] = self._summary(k, tr)
+        if k + 1 < self.K:
+            self.ensure_cache(k + 1, splits)
+        if k > 0:
+            for s in ("train", "val", "test"):
+                remove_cache(self.cache_dir(k, s))
+        nxt = (lap, k + 1) if k + 1 < self.K else (lap + 1, 0)
+        self.write_state(nxt[0], nxt[1], 0)
+
+    def _summary(self, k: int, tr: Trainer) -> dict:
+        if k > 0:
+            self.ensure_cache(k, ["val", "test"])
+        stage = self.store.load(k)
+        ev = {}
+        for split in ("val", "test"):
+            (r,) = evaluate_chain([stage], self.source(k, split, train=False).epoch())
+            ev[f"{split}_acc"], ev[f"{split}_loss"] = r["acc"], r["loss"]
+        return {**ev, "history": tr.history, "tau": tr.weighting.effective_tau,
+                "step": tr.step, "blocks": len(stage.blocks)}
+
+    def run_all(self) -> None:
+        cur = self.state["cursor"]
+        for lap in range(cur["lap"], self.R):
+            first = cur["module"] if lap == cur["lap"] else 0
+            for k in range(first, self.K):
+                tr = self.train_module(lap, k)
+                self.finish_module(lap, k, tr)
+        for k in range(self.K):
+            self.store.strip(k)
+        for k in range(self.K):
+            self.store.release(k)
+        self.state["finished"] = True
+        self.write_state(self.R, 0, 0)
+        if not self.cfg.cache_dir and self.cache_root.exists():
+            import shutil
+            shutil.rmtree(self.cache_root)
+
+    def summaries(self) -> list[dict]:
+        """Per-module records (history, tau, step, blocks, val/test accuracy and loss)."""
+        return [self.state["modules"][str(k)] for k in range(self.K)]
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Delete temporary files a killed writer left behind (never a completed file)."""
+    for p in Path(out).rglob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def train_out_of_core(run, out: Path, progress: bool = False, state: dict | None = None
+                      ) -> tuple[list[dict], int, float]:
+    """Train a sequential / multilap run with one module resident; resumable.
+
+    Args:
+        run: the built run (its stages are handed to the module store and released).
+        out: the run directory (config.json already written).
+        progress: show a progress bar.
+        state: the state.json of an interrupted run to continue, or None for a fresh start.
+    Returns:
+        (per-module summaries, max resident modules, training seconds across resumes).
+    Raises:
+        UserError: disk full, non-finite loss (NonFiniteLoss), unusable cache directory.
+    """
+    ooc = OutOfCore(run, out, progress)
+    ooc.start(state)
+    if not ooc.state["finished"]:
+        ooc.run_all()
+    resident = max(ooc.store.max_resident, ooc.state.get("max_resident_modules", 0))
+    return ooc.summaries(), resident, float(ooc.state["train_s"])

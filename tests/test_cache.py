@@ -1,0 +1,120 @@
+"""Activation cache: bit-exact round trip, deterministic order, checksums, keys, budget."""
+import threading
+
+import pytest
+import torch
+
+from edgetrain import cache as cache_mod
+from edgetrain.cache import (CacheInvalid, CacheReader, CacheSource, CacheWriter, prefetch,
+                             sequential_rows)
+from edgetrain.data import batch_indices
+from edgetrain.errors import UserError
+from edgetrain.train import epoch_generator
+
+
+def _write(tmp_path, x, dtype="float32", views=1, key="k1", shard_bytes=4096):
+    n = len(x) // views
+    w = CacheWriter(tmp_path / "c", key, tuple(x.shape[1:]), dtype, n, views, shard_bytes)
+    for i in range(0, len(x), 7):  # batches that do not line up with shards
+        w.add(x[i:i + 7])
+    return w.close()
+
+
+def test_float32_round_trip_is_bit_exact(tmp_path):
+    x = torch.randn(50, 3, 4, 4)
+    m = _write(tmp_path, x)
+    assert len(m["shards"]) == 3 and m["count"] == 50  # 21 + 21 + 8 rows of 192 bytes
+    r = CacheReader(tmp_path / "c", "k1")
+    assert torch.equal(r.rows(torch.arange(50)), x)
+    idx = torch.randperm(50)
+    assert torch.equal(r.rows(idx), x[idx])
+    assert torch.equal(torch.cat(list(sequential_rows(r, 8, 1 << 20))), x)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_storage_returns_the_rounded_values(tmp_path, dtype):
+    x = torch.randn(20, 5)
+    _write(tmp_path, x, dtype=dtype)
+    got = CacheReader(tmp_path / "c", "k1").rows(torch.arange(20))
+    assert got.dtype == torch.float32
+    assert torch.equal(got, x.to(getattr(torch, dtype)).float())
+
+
+def test_batches_follow_the_raw_order_for_a_seed_and_views_rotate(tmp_path):
+    n, views = 30, 2
+    x = torch.arange(n * views, dtype=torch.float32).view(-1, 1)  # row value = row number
+    _write(tmp_path, x, views=views)
+    labels = torch.arange(n)
+    src = CacheSource(CacheReader(tmp_path / "c", "k1"), labels, 8, torch.device("cpu"), seed=3)
+    for epoch in (0, 1):
+        got = list(src.epoch(epoch, salt=2))
+        want = list(batch_indices(n, 8, True, epoch_generator(3, 2, epoch)))
+        assert [y.tolist() for _, y in got] == [w.tolist() for w in want]
+        assert [xb.flatten().long().tolist() for xb, _ in got] == [
+            (w + epoch * n).tolist() for w in want]  # epoch e reads view e % views
+    again = [y.tolist() for _, y in src.epoch(0, salt=2)]
+    assert again == [y.tolist() for _, y in src.epoch(0, salt=2)]
+    other = CacheSource(src.reader, labels, 8, torch.device("cpu"), seed=4)
+    assert [y.tolist() for _, y in other.epoch(0, salt=2)] != again
+
+
+def test_truncated_shard_is_detected(tmp_path):
+    _write(tmp_path, torch.randn(50, 3, 4, 4))
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CacheInvalid, match="shard-00001.*truncated"):
+        CacheReader(tmp_path / "c", "k1")
+
+
+def test_altered_shard_is_detected_even_after_opening(tmp_path):
+    _write(tmp_path, torch.randn(50, 3, 4, 4))
+    r = CacheReader(tmp_path / "c", "k1")
+    shard = tmp_path / "c" / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01  # one flipped bit in the tensor data, same size
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheInvalid, match="checksum"):
+        CacheReader(tmp_path / "c", "k1")
+    src = CacheSource(r, torch.zeros(50, dtype=torch.long), 8, torch.device("cpu"))
+    with pytest.raises(CacheInvalid, match="checksum"):
+        next(iter(src.epoch(0)))  # verified again before every epoch
+
+
+def test_incomplete_or_stale_cache_is_never_read(tmp_path):
+    _write(tmp_path, torch.randn(10, 2), key="old")
+    with pytest.raises(CacheInvalid, match="key mismatch"):
+        CacheReader(tmp_path / "c", "new")
+    (tmp_path / "c" / "manifest.json").unlink()  # as if killed before the manifest
+    with pytest.raises(CacheInvalid, match="no complete"):
+        CacheReader(tmp_path / "c", "old")
+
+
+def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
+    class Usage:
+        free = 10 * 2**20
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: Usage)
+    cache_mod.check_free_space(tmp_path, 1 * 2**20, "small")
+    with pytest.raises(UserError, match="needs .* MiB .* only 10.0 MiB are free"):
+        cache_mod.check_free_space(tmp_path, 50 * 2**20, "the activation cache of module 2")
+
+
+def test_prefetch_stays_within_its_bound_and_passes_errors():
+    produced, consumed, ahead = [0], [0], []
+    lock = threading.Lock()
+
+    def items():
+        for i in range(20):
+            with lock:
+                produced[0] += 1
+                ahead.append(produced[0] - consumed[0])
+            yield i
+        raise RuntimeError("reader failed")
+
+    out = []
+    with pytest.raises(RuntimeError, match="reader failed"):
+        for it in prefetch(items(), 3):
+            with lock:
+                consumed[0] += 1
+            out.append(it)
+    assert out == list(range(20))
+    assert max(ahead) <= 3 + 2  # queue bound + the one being put + the one being consumed

@@ -1,0 +1,215 @@
+"""The planner: its preference rule (against a brute-force reference), `edgetrain plan`,
+and running the printed command under the planned budget."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import edgetrain.memory as memory
+from edgetrain import devices
+from edgetrain.cli import cli
+from edgetrain.config import RunConfig
+from edgetrain.devices import MIB, load_profile, needed_bytes, plan
+from edgetrain.errors import UserError
+
+BASELINE = 100 * MIB
+
+
+def fake_predict(cfg: RunConfig, input_shape, num_classes, n_train=None):
+    """A monotone stand-in for the predictor: memory grows with the batch, falls with K."""
+    b = cfg.batch_size
+    if cfg.mode == "e2e":
+        peak = 8 * MIB * b
+    elif cfg.mode == "parallel":
+        peak = 2 * MIB * b + 6 * MIB * b // cfg.modules // (2 if cfg.split == "memory" else 1)
+    else:
+        peak = 24 * MIB * b // cfg.modules + (6 if cfg.cache_dtype == "float32" else 3) * MIB
+    return memory.PeakPrediction(1, 1, 1, 1, 1, 1, 0, peak, 0, 0, peak, 0)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setattr(memory, "predict_peak", fake_predict)
+    monkeypatch.setattr(memory, "runtime_baseline_bytes", lambda: BASELINE)
+    monkeypatch.setattr(devices, "_count_blocks", lambda cfg, shape, nc: 18)
+
+
+def reference_order(base: RunConfig, n_blocks: int, dtype: str) -> list[RunConfig]:
+    """The documented rule spelled out without pruning: tier, regime, K, batch, split, dtype."""
+    batches = [base.batch_size // 2 ** i for i in range(10) if base.batch_size // 2 ** i >= 8]
+    tiers = [[b for b in batches if b >= 32], [b for b in batches if b < 32]]
+    ks = [2, 4, 8, 16, 18]
+    out = []
+    for tier in tiers:
+        out += [dataclasses.replace(base, mode="e2e", modules=1, batch_size=b) for b in tier]
+        for mode in ("parallel", "multilap"):
+            dts = [dtype, "float16"] if mode == "multilap" and dtype == "float32" else (
+                [dtype] if mode == "multilap" else [base.cache_dtype])
+            for k in ks:
+                for b in tier:
+                    for split in (("depth", "memory") if k < n_blocks else ("depth",)):
+                        out += [dataclasses.replace(base, mode=mode, modules=k, batch_size=b,
+                                                    split=split, cache_dtype=dt) for dt in dts]
+    return out
+
+
+def _key(c: RunConfig):
+    return (c.mode, c.modules, c.batch_size, c.split, c.cache_dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_plan_matches_brute_force_rule(fake, dtype):
+    base = RunConfig(batch_size=128, cache_dtype=dtype)
+    order = reference_order(base, 18, dtype)
+    needs = [needed_bytes(fake_predict(c, None, 10), BASELINE) for c in order]
+    rng = random.Random(0)
+    budgets = sorted({*needs, *(n - 1 for n in needs)}) + [rng.randrange(BASELINE + 1, 3 * 2**30)
+                                                            for _ in range(30)]
+    for budget in budgets:
+        p = plan(base, (3, 32, 32), 10, None, budget)
+        fitting = [c for c, n in zip(order, needs) if n <= budget]
+        if fitting:
+            assert p.fits and _key(p.cfg) == _key(fitting[0]), budget
+            assert p.needed_bytes <= budget
+        else:
+            assert not p.fits and p.needed_bytes == min(needs)
+
+
+def test_plan_rule_examples(fake):
+    base = RunConfig(batch_size=64)
+    big = plan(base, (3, 32, 32), 10, None, 4 * 2**30)
+    assert (big.cfg.mode, big.cfg.batch_size) == ("e2e", 64)
+    # e2e at 32 needs 100 MiB + 1.15 x 256 MiB; just below that parallel K=2 wins, at batch
+    # 64 with the memory split (224 MiB) rather than at 32 with the depth split (160 MiB)
+    p = plan(base, (3, 32, 32), 10, None, BASELINE + int(1.15 * 256 * MIB) - 1)
+    assert (p.cfg.mode, p.cfg.modules, p.cfg.batch_size, p.cfg.split) == ("parallel", 2, 64, "memory")
+    # 20 MiB over the runtime: parallel misses even at K=18, batch 8 (18.7 MiB x 1.15);
+    # multilap K=16 at batch 8 (15 MiB) is the smallest K that fits
+    small = plan(base, (3, 32, 32), 10, None, BASELINE + 20 * MIB)
+    assert (small.cfg.mode, small.cfg.modules, small.cfg.batch_size) == ("multilap", 16, 8)
+
+
+def test_nothing_fits_then_smallest_budget_fits(fake):
+    base = RunConfig(batch_size=64)
+    p = plan(base, (3, 32, 32), 10, None, BASELINE + MIB)
+    assert not p.fits and p.needed_bytes > BASELINE + MIB
+    again = plan(base, (3, 32, 32), 10, None, p.needed_bytes)
+    assert again.fits and again.needed_bytes == p.needed_bytes
+
+
+def test_budget_below_runtime(fake):
+    with pytest.raises(UserError, match="below the runtime itself"):
+        plan(RunConfig(), (3, 32, 32), 10, None, BASELINE - 1)
+
+
+def test_train_command_round_trips():
+    cfg = RunConfig(data="synthetic", input_shape=(3, 96, 96), model="resnet110", mode="multilap",
+                    modules=8, split="memory", batch_size=32, cache_dtype="bfloat16", epochs=4,
+                    laps=2, transport=False, width=8)
+    cmd = devices.train_command(cfg, load_profile("cpu-2gb"))
+    args = shlex.split(cmd)
+    assert args[:2] == ["edgetrain", "train"] and args[-2:] == ["--device-profile", "cpu-2gb"]
+    from edgetrain.cli import config_from_options, train
+    ctx = train.make_context("train", args[2:])
+    fields = {f.name for f in dataclasses.fields(RunConfig)} | {"no_transport"}
+    opts = {k: v for k, v in ctx.params.items() if k in fields}
+    assert ctx.params["device_profile"] == "cpu-2gb"
+    assert config_from_options(opts) == cfg
+
+
+# --------------------------------------------------------------------------- real predictor
+TINY = ["--model", "kmresnet", "--width", "8", "--depth", "4", "--data", "digits",
+        "--train-size", "300", "--epochs", "2", "--laps", "2"]
+
+
+def _tiny_need(mode: str, **kw) -> int:
+    cfg = RunConfig(data="digits", train_size=300, model="kmresnet", width=8, depth=4, epochs=2,
+                    laps=2, mode=mode, modules=1 if mode == "e2e" else 2, **kw)
+    pred = memory.predict_peak(cfg, (1, 8, 8), 10, 300)
+    return needed_bytes(pred, memory.runtime_baseline_bytes())
+
+
+def test_plan_cli_prints_phases_and_command():
+    budget = _tiny_need("e2e") - 1  # just too small for end-to-end at the largest batch
+    res = CliRunner().invoke(cli, ["plan", "--memory-budget", str(budget), *TINY])
+    assert res.exit_code == 0, res.output
+    for key in ("phase: train step", "phase: cache write", "phase: eval", "cache disk",
+                "runtime baseline", "command     edgetrain train"):
+        assert key in res.output
+    assert "--mode e2e --epochs 2 --batch-size 64" not in res.output
+
+
+def test_plan_cli_nothing_fits_gives_smallest_budget():
+    import math
+    tiny = memory.runtime_baseline_bytes() + MIB
+    res = CliRunner().invoke(cli, ["plan", "--memory-budget", str(tiny), *TINY])
+    assert res.exit_code == 2
+    m = re.search(r"nothing fits in .*needs .* \((\d+) bytes\)", res.output)
+    assert m, res.output
+    res = CliRunner().invoke(cli, ["plan", "--memory-budget", m.group(1), *TINY])
+    assert res.exit_code == 0 and "command" in res.output
+    assert math.isfinite(int(m.group(1)))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--device", "no-such-board"], "unknown device profile"),
+    ([], "exactly one of"),
+    (["--device", "cpu-2gb", "--memory-budget", "1GiB"], "exactly one of"),
+    (["--memory-budget", "1KiB"], "below the runtime itself"),
+    (["--memory-budget", "1GiB", "--model", "nosuchnet"], "model"),
+])
+def test_plan_cli_errors_one_line(args, match):
+    res = CliRunner().invoke(cli, ["plan", *args])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and re.search(match, lines[0]), res.output
+
+
+def _run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _plan_then_train(plan_args: list[str], tmp_path, budget_bytes: int) -> dict:
+    """`edgetrain plan` in a subprocess, then its printed command (plus --out), also fresh."""
+    exe = [sys.executable, "-m", "edgetrain.cli"]
+    p = _run(exe + ["plan", *plan_args])
+    assert p.returncode == 0, p.stderr
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("command"))
+    args = shlex.split(line.split(None, 1)[1])
+    assert args[:2] == ["edgetrain", "train"]
+    out = tmp_path / "run"
+    t = _run(exe + args[1:] + ["--out", str(out), "--no-progress"])
+    assert t.returncode == 0, t.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["peak_rss_mib"] * MIB <= budget_bytes
+    return {"plan": p.stdout, "metrics": metrics, "args": args}
+
+
+def test_planned_command_runs_under_its_budget(tmp_path):
+    """A budget that forces a module-wise plan; the printed command completes under it."""
+    budget = _tiny_need("e2e") - 1
+    done = _plan_then_train(["--memory-budget", str(budget), *TINY], tmp_path, budget)
+    assert "--mode e2e" not in " ".join(done["args"])
+    assert done["metrics"]["n_modules"] >= 2
+
+
+@pytest.mark.slow
+def test_cpu_2gb_resnet110_96(tmp_path):
+    """The issue's example: a plan for cpu-2gb, and its command (on 64 synthetic samples,
+    one epoch) completes under the profile's budget with the watchdog on."""
+    prof = load_profile("cpu-2gb")
+    res = CliRunner().invoke(cli, ["plan", "--device", "cpu-2gb", "--model", "resnet110",
+                                   "--input", "3x96x96"])
+    assert res.exit_code == 0 and "command     edgetrain train" in res.output, res.output
+    done = _plan_then_train(["--device", "cpu-2gb", "--model", "resnet110", "--input", "3x96x96",
+                             "--synthetic-size", "64", "--epochs", "1", "--laps", "1"],
+                            tmp_path, prof.budget_bytes)
+    assert "--device-profile cpu-2gb" in " ".join(done["args"])
