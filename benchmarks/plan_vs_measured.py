@@ -24,7 +24,8 @@ def main() -> None:
     print(HEADER, flush=True)
     res = bench_plan_vs_measured(configs, args.threads, args.out,
                                  log=lambda line: print(line, flush=True))
-    print(f"all within {res['tolerance']:.0%}: {res['all_within_tolerance']}  "
+    print(f"tensors all within {res['tolerance']:.0%}: {res['all_within_tolerance']}; process: "
+          f"{res['all_process_within_tolerance']}  "
           f"({res['json_path']}, {res['md_path']})")
 
 

@@ -63,8 +63,11 @@ def check_free_space(directory: Path, need_bytes: int, what: str) -> None:
     A margin of 1% plus 8 MiB is kept for headers, manifests and checkpoints.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory).free
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(directory).free
+    except OSError as e:
+        raise UserError(f"cannot use cache directory {directory}: {e.strerror or e}") from None
     margin = need_bytes // 100 + 8 * MIB
     if need_bytes + margin > free:
         raise UserError(f"{what} needs {(need_bytes + margin) / MIB:.1f} MiB in {directory} but "

@@ -64,6 +64,8 @@ def train_options(fn):
     opts = [
         click.option("--data", default=d.data, show_default=True, help="dataset name"),
         click.option("--train-size", type=int, default=None, help="stratified subset of the training split"),
+        click.option("--test-size", type=int, default=None,
+                     help="fixed stratified subset of the test split (quick benchmarks)"),
         click.option("--val-fraction", type=float, default=d.val_fraction, show_default=True),
         click.option("--input", "input_shape", default=None, help="CxHxW, for --data synthetic"),
         click.option("--synthetic-size", type=int, default=d.synthetic_size, show_default=True),
@@ -173,11 +175,13 @@ def eval_cmd(run_dir):
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18)")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="ONNX file (default RUN_DIR/prefix-depthK.onnx)")
-def export_cmd(run_dir, depth, features_only, opset, out):
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="largest max |onnxruntime - PyTorch| output difference accepted")
+def export_cmd(run_dir, depth, features_only, opset, out, atol):
     """Export a trained prefix (stem, modules 1..k, head F_k) to ONNX, checked with onnxruntime."""
     from edgetrain.export import export_prefix, format_report
     report = export_prefix(Path(run_dir), depth=depth, features_only=features_only, opset=opset,
-                           out=Path(out) if out else None)
+                           out=Path(out) if out else None, atol=atol)
     click.echo(format_report(report))
 
 
@@ -310,6 +314,79 @@ def bench_speed(out_dir, ks, epochs, synthetic_size, cache_dtype, accuracy, rss)
     res = run_speed(Path(out_dir), ks=k_list, epochs=epochs, synthetic_size=synthetic_size,
                     cache_dtype=cache_dtype, accuracy=accuracy, rss=rss)
     click.echo(res["table_md"])
+
+
+class VariadicCommand(click.Command):
+    """A command whose `multiple` options also take several values after one flag:
+    `--modules 4 8 16` is read as `--modules 4 --modules 8 --modules 16`."""
+
+    def parse_args(self, ctx, args):
+        multi = {o for p in self.params if isinstance(p, click.Option) and p.multiple for o in p.opts}
+        out, cur, fresh = [], None, False
+        for a in args:
+            if a.startswith("-"):
+                cur, fresh = (a, True) if a in multi else (None, False)
+                out.append(a)
+            elif cur and not fresh:
+                out += [cur, a]
+            else:
+                out.append(a)
+                fresh = False
+        return super().parse_args(ctx, out)
+
+
+def bench_job_options(fn):
+    """The training job of `bench memory` / `bench cap` (synthetic data)."""
+    opts = [click.option("--model", default="resnet110", show_default=True),
+            click.option("--input", "input_shape", default="3x96x96", show_default=True, help="CxHxW"),
+            click.option("--batch", type=int, default=64, show_default=True),
+            click.option("--width", type=int, default=None),
+            click.option("--depth", type=int, default=None),
+            click.option("--steps", type=int, default=2, show_default=True,
+                         help="optimizer steps per module and lap"),
+            click.option("--threads", type=int, default=2, show_default=True),
+            click.option("--out", "out_dir", type=click.Path(file_okay=False),
+                         default="benchmarks/results", show_default=True)]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@bench.command("memory", cls=VariadicCommand)
+@bench_job_options
+@click.option("--modules", type=int, multiple=True, help="K values (default 4 8 16)")
+@click.option("--modes", type=click.Choice(MODES), multiple=True, help="regimes (default: all)")
+@click.option("--vangl/--no-vangl", default=True, show_default=True,
+              help="also measure every regime without transport")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def bench_memory_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules,
+                     modes, vangl, device):
+    """Peak memory of every regime vs end-to-end (Table 5), one fresh process per row."""
+    from edgetrain.bench.memory import TABLE_HEADER, bench_memory, format_table
+    click.echo(TABLE_HEADER)
+    res = bench_memory(model, parse_shape(input_shape), batch, list(modules) or [4, 8, 16],
+                       list(modes) or list(MODES), (True, False) if vangl else (True,), device,
+                       steps, width, depth, threads, Path(out_dir), log=click.echo)
+    click.echo(format_table(res))
+    click.echo(f"wrote {res['json_path']}" + (f" and {res['png_path']}" if res["png_path"] else ""))
+
+
+@bench.command("cap")
+@bench_job_options
+@click.option("--modules", type=int, default=16, show_default=True, help="edgetrain's K")
+@click.option("--mode", type=click.Choice(["sequential", "multilap"]), default="sequential",
+              show_default=True)
+@click.option("--cap-mib", type=float, default=None, help="also run both jobs at this cap")
+@click.option("--tol-mib", type=float, default=16, show_default=True, help="bisection resolution")
+@click.option("--max-probes", type=int, default=8, show_default=True)
+def bench_cap_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules, mode,
+                  cap_mib, tol_mib, max_probes):
+    """e2e vs edgetrain under one RLIMIT_AS cap, and the smallest cap edgetrain completes at."""
+    from edgetrain.bench.cap import bench_cap, format_cap
+    res = bench_cap(model, parse_shape(input_shape), batch, modules, mode, width, depth, steps,
+                    threads, cap_mib, tol_mib, max_probes, Path(out_dir), log=click.echo)
+    click.echo(format_cap(res))
+    click.echo(f"wrote {res['json_path']}")
 
 
 def main(argv: list[str] | None = None) -> None:

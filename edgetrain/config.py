@@ -43,6 +43,7 @@ class RunConfig:
     data: str = "digits"
     train_size: int | None = None  # stratified, seeded subset of the training split
     val_fraction: float = 0.1  # carved from the training split, stratified
+    test_size: int | None = None  # fixed stratified subset of the test split (quick benchmarks)
     input_shape: tuple[int, int, int] | None = None  # only for `synthetic`
     synthetic_size: int = 512  # number of training samples of `synthetic`
     augment: bool = True
@@ -115,6 +116,7 @@ class RunConfig:
         _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
         _check(0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)")
         _check(self.train_size is None or self.train_size >= 1, "--train-size must be >= 1")
+        _check(self.test_size is None or self.test_size >= 1, "--test-size must be >= 1")
         _check(self.width is None or self.width >= 1, "--width must be >= 1")
         _check(self.depth is None or self.depth >= 1, "--depth must be >= 1")
         _check(self.cache_views >= 1, "--cache-views must be >= 1")

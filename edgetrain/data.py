@@ -204,12 +204,14 @@ def stratified_indices(y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor
 
 
 def load_splits(name: str, *, train_size: int | None = None, val_fraction: float = 0.1,
-                seed: int = 0, input_shape=None, synthetic_size: int = 512,
-                root: str | None = None) -> DataSplits:
+                test_size: int | None = None, seed: int = 0, input_shape=None,
+                synthetic_size: int = 512, root: str | None = None) -> DataSplits:
     """Load data set `name` and carve validation (and, if absent, test) splits.
 
+    `test_size` keeps a fixed stratified subset of the test split, the same for every seed.
+
     Raises:
-        UserError: unknown data set, or a train size larger than the training split.
+        UserError: unknown data set, or a train (test) size larger than the training (test) split.
     """
     if name not in _DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(list_datasets())}")
@@ -226,6 +228,8 @@ def load_splits(name: str, *, train_size: int | None = None, val_fraction: float
         tx, ty = tx[rest], ty[rest]
     else:
         test = Split(raw.test_x, raw.test_y)
+    if test_size is not None:  # the same fixed subset for every seed
+        test = _test_subset(test, test_size, name)
     n_val = int(round(len(ty) * val_fraction))
     val_idx, rest = stratified_indices(ty, n_val, seed + 1)
     val = Split(tx[val_idx], ty[val_idx])
@@ -238,6 +242,13 @@ def load_splits(name: str, *, train_size: int | None = None, val_fraction: float
         tx, ty = tx[keep], ty[keep]
     mean, std = _channel_stats(tx)
     return DataSplits(name, Split(tx, ty), val, test, raw.class_names, mean, std, raw.flip)
+
+
+def _test_subset(test: Split, n: int, name: str) -> Split:
+    if n > len(test):
+        raise UserError(f"--test-size {n} is larger than the {len(test)} test samples of {name}")
+    keep, _ = stratified_indices(test.y, n, TEST_SPLIT_SEED + 1)
+    return Split(test.x[keep], test.y[keep])
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:

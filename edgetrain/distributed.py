@@ -116,6 +116,19 @@ def rank_groups(costs: list[int], world_size: int) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------- messages
 
+class PeerLost(UserError):
+    """Another rank stopped, or did not answer within the timeout."""
+
+
+def _comm(what: str, fn, *args, **kw):
+    """Run one torch.distributed call; its failure (gloo and NCCL raise RuntimeError
+    subclasses) becomes `PeerLost`, while errors elsewhere keep their traceback."""
+    try:
+        return fn(*args, **kw)
+    except RuntimeError as e:
+        raise PeerLost(f"lost contact with another rank during {what} ({_first_line(e)})") from None
+
+
 def encode_header(phase: int, index: int, z: torch.Tensor | None) -> torch.Tensor:
     """(HEADER_LEN,) int64: phase, batch index, dtype code, ndim, shape padded with zeros."""
     h = torch.zeros(HEADER_LEN, dtype=torch.int64)
@@ -141,22 +154,25 @@ class Link:
 
     def send(self, phase: int, index: int, z: torch.Tensor | None, y: torch.Tensor | None) -> None:
         import torch.distributed as dist
-        dist.send(encode_header(phase, index, z).to(self.device), self.peer, group=self.group)
+        what = f"send to rank {self.peer}"
+        _comm(what, dist.send, encode_header(phase, index, z).to(self.device), self.peer, group=self.group)
         if z is not None:
-            dist.send(z.contiguous().to(self.device), self.peer, group=self.group)
-            dist.send(y.to(self.device, torch.int64).contiguous(), self.peer, group=self.group)
+            _comm(what, dist.send, z.contiguous().to(self.device), self.peer, group=self.group)
+            _comm(what, dist.send, y.to(self.device, torch.int64).contiguous(), self.peer,
+                  group=self.group)
 
     def recv(self) -> tuple[int, int, torch.Tensor | None, torch.Tensor | None]:
         import torch.distributed as dist
         h = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        dist.recv(h, self.peer, group=self.group)
+        what = f"receive from rank {self.peer}"
+        _comm(what, dist.recv, h, self.peer, group=self.group)
         phase, index, dtype, shape = decode_header(h)
         if phase == END:
             return phase, index, None, None
         z = torch.empty(shape, dtype=dtype, device=self.device)  # (B, C, H, W)
-        dist.recv(z, self.peer, group=self.group)
+        _comm(what, dist.recv, z, self.peer, group=self.group)
         y = torch.empty(shape[0], dtype=torch.int64, device=self.device)
-        dist.recv(y, self.peer, group=self.group)
+        _comm(what, dist.recv, y, self.peer, group=self.group)
         return phase, index, z, y
 
 
@@ -206,7 +222,7 @@ class Outbox:
             self.thread.join(timeout_s)
             self._raise()
             if self.thread.is_alive():
-                raise TimeoutError(f"send thread still busy after {timeout_s:.0f} s")
+                raise PeerLost(f"the next rank took no data for {timeout_s:.0f} s")
 
 
 class Inbox:
@@ -321,12 +337,13 @@ def all_gather_json(obj, device: torch.device) -> list:
     import torch.distributed as dist
     data = _tensor_from_json(obj, device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device))
+    _comm("all_gather", dist.all_gather, sizes,
+          torch.tensor([len(data)], dtype=torch.int64, device=device))
     longest = int(max(s.item() for s in sizes))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: len(data)] = data
     parts = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in sizes]
-    dist.all_gather(parts, padded)
+    _comm("all_gather", dist.all_gather, parts, padded)
     return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes)]
 
 
@@ -537,7 +554,7 @@ def _run_rank(state: RankState, out_dir: Path, backend: str, progress: bool) -> 
     out = _start_run_dir(state, out_dir)
     open_links(state, backend)
     trainers = make_rank_trainers(state)
-    dist.barrier()
+    _comm("the start barrier", dist.barrier)
     t0 = time.perf_counter()
     train_rank(state, trainers, progress)
     state.timings["train_s"] = time.perf_counter() - t0
@@ -579,10 +596,7 @@ def train_distributed(cfg: RunConfig, out_dir: Path, launch: Launch | None,
     import torch.distributed as dist
     try:
         metrics = _run_rank(state, out_dir, backend, progress)
-    except UserError as e:
+    except UserError as e:  # PeerLost included: this rank stops too
         raise UserError(f"rank {launch.rank}: {e}") from None
-    except (RuntimeError, TimeoutError, OSError) as e:
-        raise UserError(f"rank {launch.rank}: lost contact with another rank, stopping "
-                        f"({_first_line(e)})") from None
     dist.destroy_process_group()
     return metrics

@@ -80,7 +80,8 @@ def _saved_storages(fn: Callable[..., Any], *args, exclude: Iterable[torch.Tenso
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        if isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad):
+        base = t if t._base is None else t._base  # a parameter's view (W.t()) is a parameter
+        if isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad):
             return t
         key = _storage_key(t)
         if key not in skip:

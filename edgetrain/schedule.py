@@ -71,7 +71,7 @@ class Run:
 
 def load_data(cfg: RunConfig) -> DataSplits:
     return load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
-                       seed=cfg.seed, input_shape=cfg.input_shape,
+                       test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
                        synthetic_size=cfg.synthetic_size)
 
 

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -329,8 +330,7 @@ class OutOfCore:
             self.store.release(k)
         self.state["finished"] = True
         self.write_state(self.R, 0, 0)
-        if not self.cfg.cache_dir and self.cache_root.exists():
-            import shutil
+        if self.cache_root.exists():  # RUN_DIR/cache or this run's folder under --cache-dir
             shutil.rmtree(self.cache_root)
 
     def summaries(self) -> list[dict]:

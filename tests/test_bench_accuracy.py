@@ -116,6 +116,35 @@ def test_results_of_another_grid_are_not_mixed_in(tmp_path):
         acc.run_grid(acc.smoke_grid(), path)
 
 
+def test_resume_keeps_only_runs_of_the_same_settings(tmp_path):
+    grid = acc.smoke_grid()
+    grid.datasets = {"digits": {100: 2, 200: 4}}
+    runs = [{"dataset": d, "train_size": n, "arm": a, "seed": s, "epochs": grid.datasets[d][n]}
+            for d, n, a, s in acc.grid_points(grid)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"grid": grid.to_dict(), "runs": runs}))
+    narrower = acc.smoke_grid()
+    narrower.datasets = {"digits": {100: 2, 200: 2}}  # size 200 now trains 2 epochs, not 4
+    kept = acc._load_previous(path, narrower)
+    assert len(kept) == len(grid.arms) * len(grid.seeds)
+    assert {r["train_size"] for r in kept.values()} == {100}
+    changed = acc.smoke_grid()
+    changed.base = {**changed.base, "lr": 0.5}
+    with pytest.raises(UserError, match="different grid"):
+        acc._load_previous(path, changed)
+
+
+def test_test_size_is_one_fixed_stratified_subset_for_every_seed():
+    from edgetrain.data import load_splits
+    a = load_splits("digits", test_size=100, seed=0)
+    b = load_splits("digits", test_size=100, seed=3)
+    assert len(a.test) == 100 and bool((a.test.y == b.test.y).all())
+    assert bool((a.test.x == b.test.x).all())
+    assert a.test.y.bincount().min() >= 9  # stratified: every digit about 10 times
+    with pytest.raises(UserError, match="larger than"):
+        load_splits("digits", test_size=10_000)
+
+
 def test_presets_are_valid_configurations():
     for name in acc.PRESETS:
         grid = acc.preset(name)

@@ -23,7 +23,7 @@ from tests.conftest import tiny_cfg
 
 TINY = ["--data", "digits", "--train-size", "400", "--model", "kmresnet", "--width", "8",
         "--depth", "4", "--modules", "2", "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
-        "--seed", "0", "--mode", "parallel", "--no-progress"]
+        "--seed", "0", "--mode", "parallel", "--device", "cpu", "--no-progress"]  # gloo on CPU
 
 
 def free_port() -> int:
@@ -48,11 +48,11 @@ def torchrun(nproc: int, args: list[str], timeout_s: float = 300) -> subprocess.
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    metrics = train(tiny_cfg(mode="parallel", train_size=400), out)
+    metrics = train(tiny_cfg(mode="parallel", train_size=400, device="cpu"), out)
     return out, metrics
 
 
-@pytest.mark.parametrize("buffer_size", [0, 2])
+@pytest.mark.parametrize("buffer_size", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_two_ranks_train_the_same_weights_as_one_process(buffer_size, single_run, tmp_path):
     out = tmp_path / "dist"
     p = torchrun(2, [*TINY, "--distributed", "--buffer-size", str(buffer_size), "--out", str(out)])
@@ -210,3 +210,32 @@ def test_send_errors_reach_the_training_thread():
         for i in range(100):
             box.put(0, i, None, None)
             time.sleep(0.01)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def test_bench_ratios_are_taken_within_each_repeat(tmp_path):
+    from edgetrain.bench.distributed import ScalingSetup, arm_command, summarize
+    arms = ScalingSetup(["--data", "digits"], [2], [0, 4], 2).arms()
+    assert [a["name"] for a in arms] == ["1 process", "2 processes, B=0", "2 processes, B=4"]
+    speeds = {0: [100.0, 150.0, 180.0], 1: [200.0, 300.0, 300.0]}
+    rows = [{"repeat": r, "arm": a["name"], "images_per_s": v[i]}
+            for r, v in speeds.items() for i, a in enumerate(arms)]
+    s = {x["arm"]: x for x in summarize(rows, arms)}
+    assert s["2 processes, B=0"]["ratio_to_1_process_per_repeat"] == [1.5, 1.5]
+    assert s["2 processes, B=4"]["median_ratio_to_1_process"] == pytest.approx(1.65)
+    single = arm_command(arms[0], ["--data", "digits"], tmp_path / "o")
+    assert "torch.set_num_threads(1)" in single[2] and "--distributed" not in single
+    two = arm_command(arms[2], ["--data", "digits"], tmp_path / "o")
+    assert two[two.index("--nproc_per_node") + 1] == "2" and two[-2:] == ["--buffer-size", "4"]
+
+
+@pytest.mark.slow
+def test_bench_writes_results_for_every_arm(tmp_path):
+    from edgetrain.bench.distributed import ScalingSetup, run_benchmark
+    args = [a for a in TINY if a not in ("--mode", "parallel", "--no-progress")]
+    res = run_benchmark(ScalingSetup(args, [2], [0, 2], 1), tmp_path, loopback_env())
+    assert [x["arm"] for x in res["summary"]] == ["1 process", "2 processes, B=0", "2 processes, B=2"]
+    assert all(r["images_per_s"] > 0 and r["train_images"] == 2 * 400 for r in res["runs"])
+    assert json.loads((tmp_path / "distributed-scaling.json").read_text())["summary"]
+    assert not (tmp_path / "distributed-scaling.partial.json").exists()

@@ -151,7 +151,7 @@ def test_memory_split_differs_by_less_than_heaviest_block(name):
 @pytest.mark.parametrize("name", EXTRA)
 @pytest.mark.parametrize("mode", ["e2e", "parallel", "sequential", "multilap"])
 def test_every_regime_runs_a_few_steps(name, mode, tmp_path):
-    cfg = tiny_cfg(model=name, mode=mode, data="synthetic", input_shape=(3, 32, 32),
+    cfg = tiny_cfg(model=name, mode=mode, data="synthetic", input_shape=(3, 16, 16),
                    synthetic_size=40, train_size=None, epochs=2, laps=2, batch_size=16,
                    modules=3, split="memory", depth=None, **_small(name))
     m = train(cfg, tmp_path / mode)
@@ -174,7 +174,8 @@ def _onnx_check(prefix: torch.nn.Module, shape, tmp_path):
         for b in (1, 7):
             ref = prefix(x[:b]).numpy()
             got = sess.run(None, {"x": x[:b].numpy()})[0]
-            assert got.shape == ref.shape and abs(got - ref).max() < 1e-4
+            # untrained deep nets give logits of ~1e2-1e3 in eval mode: compare relatively
+            assert got.shape == ref.shape and abs(got - ref).max() < 1e-4 * max(1.0, abs(ref).max())
 
 
 @pytest.mark.parametrize("name", EXTRA)

@@ -74,12 +74,20 @@ def arm_command(arm: dict, train_args: list[str], out: Path) -> list[str]:
             "-m", "edgetrain.cli", *args, "--distributed", "--buffer-size", str(arm["buffer_size"])]
 
 
-def train_images(run_dir: Path) -> int:
-    """Images seen in training: epochs x training-split size, from the run's config."""
-    from edgetrain.config import RunConfig
-    from edgetrain.schedule import load_data
-    cfg = RunConfig.load(run_dir / "config.json")
-    return cfg.epochs * len(load_data(cfg).train)
+def train_images(run_dir: Path, env: dict) -> int:
+    """Images seen in training: epochs x training-split size, from the run's config.
+
+    Read in a fresh process, whose RunConfig is the one that wrote the run (the tree may
+    change while a long benchmark runs)."""
+    code = ("import sys; from pathlib import Path; from edgetrain.config import RunConfig; "
+            "from edgetrain.schedule import load_data; "
+            "c = RunConfig.load(Path(sys.argv[1]) / 'config.json'); "
+            "print(c.epochs * len(load_data(c).train))")
+    p = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True,
+                       env=env, timeout=600)
+    if p.returncode != 0:
+        raise UserError(f"cannot read {run_dir}/config.json: {p.stderr.strip().splitlines()[-1:]}")
+    return int(p.stdout.split()[-1])
 
 
 def run_arm(arm: dict, train_args: list[str], work: Path, env: dict, timeout_s: float) -> dict:
@@ -93,7 +101,7 @@ def run_arm(arm: dict, train_args: list[str], work: Path, env: dict, timeout_s: 
     threads = m.get("distributed", {}).get("num_threads", [1])
     if any(t != 1 for t in threads):
         raise UserError(f"{arm['name']} ran with {threads} torch threads, not 1 per process")
-    images = train_images(out)
+    images = train_images(out, env)
     return {"arm": arm["name"], "train_s": m["timings"]["train_s"],
             "images_per_s": images / m["timings"]["train_s"], "train_images": images,
             "per_rank_train_s": m["timings"].get("per_rank_train_s"),
@@ -130,6 +138,13 @@ def markdown_table(summary: list[dict], meta: dict) -> str:
             f"{meta['loadavg_end']} at the end).\n\n" + "\n".join(lines) + "\n")
 
 
+def _write_partial(out_dir: Path, meta: dict, setup: ScalingSetup, rows: list[dict]) -> None:
+    """The runs so far, so that an interrupted benchmark keeps what it measured."""
+    from edgetrain.store import atomic_write_json
+    atomic_write_json(out_dir / "distributed-scaling.partial.json",
+                      {"meta": meta, "setup": asdict(setup), "runs": rows})
+
+
 def run_benchmark(setup: ScalingSetup, out_dir: Path, env: dict,
                   log: Callable[[str], None] = lambda s: None) -> dict:
     """Measure every arm `setup.repeats` times; write distributed-scaling.{json,md}.
@@ -150,6 +165,7 @@ def run_benchmark(setup: ScalingSetup, out_dir: Path, env: dict,
             "torch": torch.__version__, "python": platform.python_version(),
             "loadavg_start": [round(v, 2) for v in os.getloadavg()],
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="edgetrain-dist-bench-") as work:
         for rep in range(setup.repeats):
             for arm in arms:
@@ -157,11 +173,12 @@ def run_benchmark(setup: ScalingSetup, out_dir: Path, env: dict,
                 log(f"repeat {rep + 1}/{setup.repeats} {arm['name']}: "
                     f"{row['images_per_s']:.1f} images/s ({row['train_s']:.2f} s)")
                 rows.append(row)
+                _write_partial(out_dir, meta, setup, rows)
     meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     result = {"meta": meta, "setup": asdict(setup), "runs": rows, "summary": summarize(rows, arms)}
-    out_dir = Path(out_dir)
     from edgetrain.store import atomic_write_json, atomic_write_text
     atomic_write_json(out_dir / "distributed-scaling.json", result)
     atomic_write_text(out_dir / "distributed-scaling.md", markdown_table(result["summary"], meta))
+    (out_dir / "distributed-scaling.partial.json").unlink(missing_ok=True)
     result["paths"] = [str(out_dir / "distributed-scaling.json"), str(out_dir / "distributed-scaling.md")]
     return result

@@ -1,0 +1,29 @@
+"""Speed benchmark of the activation cache (same as `edgetrain bench speed`).
+
+usage: python benchmarks/speed.py [--out benchmarks/results] [--ks 4,8] [--epochs 3]
+       [--synthetic-size 512] [--cache-dtype float16] [--no-accuracy] [--no-rss]
+"""
+import argparse
+from pathlib import Path
+
+from edgetrain.bench.speed import run_speed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--ks", default="4,8")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--synthetic-size", type=int, default=512)
+    ap.add_argument("--cache-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--no-rss", action="store_true")
+    a = ap.parse_args()
+    res = run_speed(Path(a.out), ks=[int(v) for v in a.ks.split(",")], epochs=a.epochs,
+                    synthetic_size=a.synthetic_size, cache_dtype=a.cache_dtype,
+                    accuracy=not a.no_accuracy, rss=not a.no_rss)
+    print(res["table_md"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""`edgetrain bench speed`: what the activation cache buys, measured as ratios in one run.
+
+1. Sequential training of resnet56 on 3x32x32 synthetic data, same epochs, with the disk
+   cache vs recomputing the frozen prefix for every batch (`PrefixSource`, the reference
+   code's way): total wall time of `train` (training, cache writes and per-module
+   evaluation), for each K.
+2. Training one module (the middle one of the largest K) from the disk cache vs from the
+   same cached activations held in RAM (same storage dtype, same batches): throughput. The
+   disk figure is taken twice: with the shards in the page cache ("warm") and after evicting
+   them with posix_fadvise(DONTNEED) before every epoch ("evicted").
+3. Peak RSS of sequential training at N and 4N training samples, each in a fresh process,
+   minus that process's RSS after its imports.
+4. Accuracy on digits of the cache storage dtype (float16 vs float32) and of --cache-views
+   (A = 1 vs 4), next to the in-memory path with live augmentation.
+
+Writes `speed.json` and `speed.md` to the output directory. Timings on a shared machine are
+noisy: only ratios taken in the same run are reported. This file does not parse argv.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edgetrain.config import RunConfig
+from edgetrain.store import atomic_write_json, atomic_write_text
+
+_RSS_CHILD = r"""
+import json, sys, resource
+from pathlib import Path
+from edgetrain.config import RunConfig
+from edgetrain.schedule import train
+import edgetrain.sequential, edgetrain.cache, torch
+torch.set_num_threads(2)
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+after_imports = hwm()
+cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
+train(cfg, Path(sys.argv[2]))
+print(json.dumps({"after_imports_mib": after_imports, "peak_mib": hwm()}))
+"""
+
+
+def speed_cfg(k: int, epochs: int, synthetic_size: int, cache_dtype: str, **kw) -> RunConfig:
+    """resnet56, 3x32x32 synthetic, sequential, K modules."""
+    base = dict(data="synthetic", input_shape=(3, 32, 32), synthetic_size=synthetic_size,
+                model="resnet56", modules=k, mode="sequential", epochs=epochs, batch_size=64,
+                cache_dtype=cache_dtype, seed=0, device="cpu")
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _timed_train(cfg: RunConfig, out: Path) -> float:
+    from edgetrain.schedule import train
+    t0 = time.perf_counter()
+    train(cfg, out)
+    return time.perf_counter() - t0
+
+
+def cache_vs_recompute(tmp: Path, ks: list[int], epochs: int, synthetic_size: int,
+                       cache_dtype: str) -> list[dict]:
+    """Total sequential training time, cache vs recompute, per K."""
+    rows = []
+    for k in ks:
+        cfg = speed_cfg(k, epochs, synthetic_size, cache_dtype)
+        rec = _timed_train(speed_cfg(k, epochs, synthetic_size, cache_dtype,
+                                     extra={"in_memory": True}), tmp / f"rec{k}")
+        cached = _timed_train(cfg, tmp / f"cache{k}")
+        rows.append({"modules": k, "epochs": epochs, "recompute_s": rec, "cache_s": cached,
+                     "cache_over_recompute": cached / rec})
+    return rows
+
+
+class RamSource:
+    """The same batches as a `CacheSource`, from the cache's rows held in RAM."""
+
+    def __init__(self, disk):
+        from edgetrain.cache import DTYPES
+        self.disk = disk
+        r = disk.reader
+        self.rows = r.rows(torch.arange(r.count)).to(DTYPES[r.dtype])  # storage dtype, in RAM
+
+    def steps_per_epoch(self) -> int:
+        return self.disk.steps_per_epoch()
+
+    def epoch(self, epoch: int = 0, salt: int = 0):
+        from edgetrain.data import batch_indices
+        from edgetrain.train import epoch_generator
+        d = self.disk
+        gen = epoch_generator(d.seed, salt, epoch)
+        off = (epoch % d.reader.views) * d.reader.n
+        for idx in batch_indices(d.reader.n, d.batch_size, True, gen):
+            yield self.rows[idx + off].float(), d.labels[idx]
+
+
+def _evict(reader) -> None:
+    for s in reader.manifest["shards"]:
+        fd = os.open(reader.dir / s["file"], os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class _Evicting:
+    """A CacheSource whose shards are evicted from the page cache before every epoch."""
+
+    def __init__(self, disk):
+        self.disk = disk
+
+    def steps_per_epoch(self) -> int:
+        return self.disk.steps_per_epoch()
+
+    def epoch(self, epoch: int = 0, salt: int = 0):
+        _evict(self.disk.reader)
+        yield from self.disk.epoch(epoch, salt)
+
+
+def disk_vs_ram(tmp: Path, k: int, epochs: int, synthetic_size: int, cache_dtype: str,
+                repeats: int = 2) -> dict:
+    """Throughput (samples/s) of training module k//2 from disk vs RAM (best of `repeats`)."""
+    from edgetrain.schedule import build_run
+    from edgetrain.sequential import OutOfCore
+    from edgetrain.train import fit_module, make_trainer
+    cfg = speed_cfg(k, epochs, synthetic_size, cache_dtype)
+    o = OutOfCore(build_run(cfg), tmp / "thr")
+    o.start(None)
+    m = k // 2
+    o.ensure_cache(m, ["train"])
+    disk = o.source(m, "train", train=True)
+    sources = {"ram": RamSource(disk), "disk_warm": disk, "disk_evicted": _Evicting(disk)}
+    best = {name: float("inf") for name in sources}
+    for _ in range(repeats):
+        for name, src in sources.items():
+            stage = o.store.load(m)  # the same initial weights every time
+            tr = make_trainer(stage, cfg, m, k, epochs * src.steps_per_epoch())
+            t0 = time.perf_counter()
+            fit_module([tr], src, epochs, salt=m)
+            best[name] = min(best[name], time.perf_counter() - t0)
+            o.store.release(m)
+    n = disk.reader.n * epochs
+    out = {f"{name}_samples_per_s": n / s for name, s in best.items()}
+    out.update(module=m, modules=k, epochs=epochs, cache_mib=disk.reader.count
+               * disk.reader.row_bytes / 2**20,
+               disk_warm_over_ram=best["ram"] / best["disk_warm"],
+               disk_evicted_over_ram=best["ram"] / best["disk_evicted"])
+    return out
+
+
+def rss_vs_samples(tmp: Path, n_small: int = 512, factor: int = 4) -> dict:
+    """Peak RSS of sequential training at N and factor*N samples, in fresh processes."""
+    res = {}
+    for n in (n_small, n_small * factor):
+        cfg = RunConfig(data="synthetic", input_shape=(3, 32, 32), synthetic_size=n,
+                        model="resnet20", modules=4, mode="sequential", epochs=1, seed=0,
+                        device="cpu", cache_dtype="float16")
+        p = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(cfg.to_dict()),
+                            str(tmp / f"rss{n}")], capture_output=True, text=True, timeout=3600)
+        if p.returncode != 0:
+            raise RuntimeError(f"RSS child failed: {p.stderr[-500:]}")
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        res[n] = {**r, "training_mib": r["peak_mib"] - r["after_imports_mib"]}
+    a, b = res[n_small], res[n_small * factor]
+    return {"samples": [n_small, n_small * factor], "runs": {str(k): v for k, v in res.items()},
+            "peak_ratio": b["peak_mib"] / a["peak_mib"],
+            "training_ratio": b["training_mib"] / a["training_mib"]}
+
+
+def cache_accuracy(tmp: Path) -> list[dict]:
+    """Per-depth test accuracy on digits: cache dtype and views, and the in-memory path."""
+    from edgetrain.schedule import train
+    base = dict(data="digits", model="kmresnet", width=16, depth=4, modules=4,
+                mode="sequential", epochs=6, seed=0, device="cpu")
+    variants = [("in-memory, live augmentation", {"extra": {"in_memory": True}}),
+                ("cache float32, A=1", {"cache_dtype": "float32", "cache_views": 1}),
+                ("cache float16, A=1", {"cache_dtype": "float16", "cache_views": 1}),
+                ("cache float16, A=4", {"cache_dtype": "float16", "cache_views": 4})]
+    rows = []
+    for i, (name, kw) in enumerate(variants):
+        m = train(RunConfig(**base, **kw), tmp / f"acc{i}")
+        rows.append({"variant": name, "test_acc": [x["test_acc"] for x in m["modules"]],
+                     "best_depth": m["best_depth"], "best_test_acc": m["best_test_acc"]})
+    return rows
+
+
+def _table(res: dict) -> str:
+    lines = ["| K | epochs | recompute s | cache s | cache / recompute |", "|---|---|---|---|---|"]
+    for r in res["cache_vs_recompute"]:
+        lines.append(f"| {r['modules']} | {r['epochs']} | {r['recompute_s']:.1f} | "
+                     f"{r['cache_s']:.1f} | {r['cache_over_recompute']:.3f} |")
+    if res.get("disk_vs_ram"):
+        d = res["disk_vs_ram"]
+        lines += ["", "| source | samples/s | ratio to RAM |", "|---|---|---|",
+                  f"| RAM | {d['ram_samples_per_s']:.1f} | 1.000 |",
+                  f"| disk (page cache warm) | {d['disk_warm_samples_per_s']:.1f} | "
+                  f"{d['disk_warm_over_ram']:.3f} |",
+                  f"| disk (evicted every epoch) | {d['disk_evicted_samples_per_s']:.1f} | "
+                  f"{d['disk_evicted_over_ram']:.3f} |"]
+    if res.get("rss"):
+        r = res["rss"]
+        lines += ["", "| samples | peak RSS MiB | after imports MiB | training MiB |",
+                  "|---|---|---|---|"]
+        for n, v in r["runs"].items():
+            lines.append(f"| {n} | {v['peak_mib']:.1f} | {v['after_imports_mib']:.1f} | "
+                         f"{v['training_mib']:.1f} |")
+        lines.append(f"| ratio 4N/N | {r['peak_ratio']:.3f} | | {r['training_ratio']:.3f} |")
+    if res.get("accuracy"):
+        lines += ["", "| digits, sequential K=4 | test acc per depth | best depth | test acc |",
+                  "|---|---|---|---|"]
+        for a in res["accuracy"]:
+            accs = " ".join(f"{v:.3f}" for v in a["test_acc"])
+            lines.append(f"| {a['variant']} | {accs} | {a['best_depth']} | "
+                         f"{a['best_test_acc']:.4f} |")
+    return "\n".join(lines)
+
+
+def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_size: int = 512,
+              cache_dtype: str = "float16", accuracy: bool = True, rss: bool = True) -> dict:
+    """Run the speed benchmark; write speed.json and speed.md to `out_dir`; return results.
+
+    Args:
+        out_dir: results directory (created).
+        ks: module counts for the cache-vs-recompute comparison.
+        epochs: epochs per module.
+        synthetic_size: training samples of the synthetic data set.
+        cache_dtype: storage dtype of the cache.
+        accuracy: also run the digits accuracy comparison (4 short runs).
+        rss: also run the RSS-vs-samples comparison (2 fresh processes).
+    """
+    out_dir = Path(out_dir)
+    res = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+           "cache_dtype": cache_dtype, "synthetic_size": synthetic_size}
+    with tempfile.TemporaryDirectory(prefix="edgetrain-speed-") as d:
+        tmp = Path(d)
+        res["cache_vs_recompute"] = cache_vs_recompute(tmp, list(ks), epochs, synthetic_size,
+                                                       cache_dtype)
+        res["disk_vs_ram"] = disk_vs_ram(tmp, max(ks), 1, synthetic_size, cache_dtype)
+        res["rss"] = rss_vs_samples(tmp) if rss else None
+        res["accuracy"] = cache_accuracy(tmp) if accuracy else None
+    res["table_md"] = _table(res)
+    atomic_write_json(out_dir / "speed.json", res)
+    atomic_write_text(out_dir / "speed.md", "# edgetrain bench speed\n\n" + res["table_md"] + "\n")
+    return res
