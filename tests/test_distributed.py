@@ -105,32 +105,35 @@ def test_bad_distributed_options(args, needle):
 
 
 def test_a_dying_rank_stops_the_other_with_exit_2(tmp_path):
-    """Launched without torchrun (whose agent would kill the survivor itself): rank 0 must
-    notice that rank 1 is gone and stop on its own, not hang."""
+    """Launched without torchrun (whose agent would kill the survivor itself): once training
+    has started, rank 1 is killed; rank 0 must notice and stop on its own, not hang."""
     out, port = tmp_path / "run", free_port()
-    args = [*TINY[:-1], "--epochs", "200", "--no-progress", "--distributed", "--out", str(out)]
-    procs = []
+    args = [*TINY[:-1], "--epochs", "200", "--distributed", "--out", str(out)]
+    procs, err0 = [], []
     for rank in range(2):
         env = loopback_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-m", "edgetrain.cli", "train", *args],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        progress = "--progress" if rank == 0 else "--no-progress"  # rank 0's bar: training began
+        procs.append(subprocess.Popen([sys.executable, "-m", "edgetrain.cli", "train", *args,
+                                       progress], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    reader = threading.Thread(target=lambda: err0.extend(iter(lambda: procs[0].stderr.read(1), "")))
+    reader.start()
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "config.json").exists():  # written once both ranks have joined
-            assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].stderr.read()
+        deadline = time.monotonic() + 180
+        while "parallel (rank 0)" not in "".join(err0):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "".join(err0)
             time.sleep(0.2)
-        time.sleep(1.0)
         procs[1].send_signal(signal.SIGKILL)
-        _, err = procs[0].communicate(timeout=120)
+        procs[0].wait(timeout=120)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert procs[0].returncode == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "lost contact" in lines[0], err
+        reader.join(10)
+    last = "".join(err0).replace("\r", "\n").strip().splitlines()[-1]
+    assert procs[0].returncode == 2, "".join(err0)
+    assert last.startswith("error: rank 0: lost contact") and "rank 1" in last, last
     assert not (out / "metrics.json").exists()
 
 

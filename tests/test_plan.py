@@ -40,6 +40,8 @@ def fake(monkeypatch):
     monkeypatch.setattr(memory, "predict_peak", fake_predict)
     monkeypatch.setattr(memory, "runtime_baseline_bytes", lambda: BASELINE)
     monkeypatch.setattr(devices, "_count_blocks", lambda cfg, shape, nc: 18)
+    monkeypatch.setattr(devices, "SAFETY", 1.15)  # the examples below are worked out with it
+    monkeypatch.setattr(devices, "HEADROOM_BYTES", 0)
 
 
 def reference_order(base: RunConfig, n_blocks: int, dtype: str) -> list[RunConfig]:
@@ -90,7 +92,8 @@ def test_plan_rule_examples(fake):
     # e2e at 32 needs 100 MiB + 1.15 x 256 MiB; just below that parallel K=2 wins, at batch
     # 64 with the memory split (224 MiB) rather than at 32 with the depth split (160 MiB)
     p = plan(base, (3, 32, 32), 10, None, BASELINE + int(1.15 * 256 * MIB) - 1)
-    assert (p.cfg.mode, p.cfg.modules, p.cfg.batch_size, p.cfg.split) == ("parallel", 2, 64, "memory")
+    assert (p.cfg.mode, p.cfg.modules, p.cfg.batch_size, p.cfg.split) == (
+        "parallel", 2, 64, "memory")
     # 20 MiB over the runtime: parallel misses even at K=18, batch 8 (18.7 MiB x 1.15);
     # multilap K=16 at batch 8 (15 MiB) is the smallest K that fits
     small = plan(base, (3, 32, 32), 10, None, BASELINE + 20 * MIB)
@@ -148,7 +151,6 @@ def test_plan_cli_prints_phases_and_command():
 
 
 def test_plan_cli_nothing_fits_gives_smallest_budget():
-    import math
     tiny = memory.runtime_baseline_bytes() + 1024  # above the runtime, below any plan
     res = CliRunner().invoke(cli, ["plan", "--memory-budget", str(tiny), *TINY])
     assert res.exit_code == 2
@@ -156,7 +158,6 @@ def test_plan_cli_nothing_fits_gives_smallest_budget():
     assert m, res.output
     res = CliRunner().invoke(cli, ["plan", "--memory-budget", m.group(1), *TINY])
     assert res.exit_code == 0 and "command" in res.output
-    assert math.isfinite(int(m.group(1)))
 
 
 @pytest.mark.parametrize("args, match", [

@@ -16,7 +16,6 @@ This file does not predict anything itself and does not parse argv (see
 """
 from __future__ import annotations
 
-import json
 import platform
 import tempfile
 import time
@@ -28,9 +27,12 @@ TOLERANCE = 0.15
 
 # (model, C x H x W, mode, K, batch, split): different models, regimes, K and batch sizes
 DEFAULT_CONFIGS = [
-    {"model": "resnet20", "input_shape": [1, 28, 28], "mode": "e2e", "modules": 1, "batch": 128},
-    {"model": "kmresnet", "input_shape": [3, 32, 32], "mode": "parallel", "modules": 2, "batch": 64},
-    {"model": "resnet56", "input_shape": [3, 32, 32], "mode": "multilap", "modules": 4, "batch": 64},
+    {"model": "resnet20", "input_shape": [1, 28, 28], "mode": "e2e", "modules": 1,
+     "batch": 128},
+    {"model": "kmresnet", "input_shape": [3, 32, 32], "mode": "parallel", "modules": 2,
+     "batch": 64},
+    {"model": "resnet56", "input_shape": [3, 32, 32], "mode": "multilap", "modules": 4,
+     "batch": 64},
     {"model": "vgg11", "input_shape": [3, 32, 32], "mode": "multilap", "modules": 8, "batch": 32},
     {"model": "resnet110", "input_shape": [3, 32, 32], "mode": "sequential", "modules": 16,
      "batch": 16, "split": "memory"},
