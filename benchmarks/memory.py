@@ -28,11 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
-    from edgetrain.bench.memory import TABLE_HEADER, bench_memory, format_table
+    from edgetrain.bench.memory import bench_memory, format_table
     from edgetrain.cli import parse_shape
     from edgetrain.errors import UserError
     try:
-        print(TABLE_HEADER, flush=True)
         res = bench_memory(a.model, parse_shape(a.input), a.batch, a.modules, a.modes,
                            transports=(True,) if a.no_vangl else (True, False), device=a.device,
                            steps=a.steps, width=a.width, depth=a.depth, threads=a.threads,

@@ -362,8 +362,7 @@ def bench_job_options(fn):
 def bench_memory_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules,
                      modes, vangl, device):
     """Peak memory of every regime vs end-to-end (Table 5), one fresh process per row."""
-    from edgetrain.bench.memory import TABLE_HEADER, bench_memory, format_table
-    click.echo(TABLE_HEADER)
+    from edgetrain.bench.memory import bench_memory, format_table
     res = bench_memory(model, parse_shape(input_shape), batch, list(modules) or [4, 8, 16],
                        list(modes) or list(MODES), (True, False) if vangl else (True,), device,
                        steps, width, depth, threads, Path(out_dir), log=click.echo)

@@ -127,6 +127,8 @@ class RunConfig:
         _check(self.buffer_size >= 0, f"--buffer-size must be >= 0 (got {self.buffer_size})")
         _check(not self.distributed or self.mode == "parallel",
                f"--distributed needs --mode parallel (got {self.mode!r})")
+        _check(not self.distributed or self.memory_budget is None,
+               "--memory-budget / --device-profile are not enforced per rank with --distributed")
         if self.input_shape is not None:
             _check(len(self.input_shape) == 3 and all(v >= 1 for v in self.input_shape),
                    f"--input must be CxHxW with positive sizes (got {self.input_shape})")

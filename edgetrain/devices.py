@@ -416,7 +416,7 @@ def format_plan(p: Plan) -> str:
             (f"needed (runtime + {SAFETY:g} x peak + {HEADROOM_BYTES // MIB} MiB)",
              p.needed_bytes)]
     lines.append(f"predicted   heaviest module: {pr.heaviest_module}")
-    lines += [f"            {k:<34} {fmt_bytes(v):>11}" for k, v in rows]
+    lines += [f"            {k:<44} {fmt_bytes(v):>11}" for k, v in rows]
     lines.append(f"cache disk  {fmt_bytes(pr.cache_disk_bytes)}" + _disk_time(p))
     return "\n".join(lines)
 
@@ -500,8 +500,8 @@ class RssWatchdog:
             raise MemoryBudgetExceeded(
                 f"stopped: resident memory reached {fmt_bytes(self.over_bytes)}, over the "
                 f"memory budget of {fmt_bytes(self.budget_bytes)}; the run directory keeps its "
-                "last checkpoint (resume it with a smaller --batch-size or larger -K, or see "
-                "`edgetrain plan`)")
+                "last checkpoint (`edgetrain train --resume RUN_DIR` continues it once memory "
+                "is freed; `edgetrain plan` finds a configuration that fits)")
 
     def __enter__(self) -> "RssWatchdog":
         self._thread.start()

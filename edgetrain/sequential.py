@@ -96,6 +96,7 @@ def read_state(run_dir: Path) -> dict | None:
 
 
 def check_config(state: dict, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume when config.json is not the configuration the run started with."""
     if state.get("config_sha256") != config_hash(cfg):
         raise UserError(f"{Path(run_dir) / 'config.json'} differs from the configuration the run "
                         "was started with (hash mismatch); refusing to resume")
@@ -125,6 +126,7 @@ class OutOfCore:
 
     # ------------------------------------------------------------------ state
     def write_state(self, lap: int, module: int, epoch: int) -> None:
+        """Atomically write state.json with the cursor (lap, module, epoch) and RNG states."""
         s = self.state
         s["seq"] += 1
         s["cursor"] = {"lap": lap, "module": module, "epoch": epoch}
@@ -149,6 +151,7 @@ class OutOfCore:
 
     # ------------------------------------------------------------------ caches
     def cache_dir(self, k: int, split: str) -> Path:
+        """Directory of cache k (the input of module k) for `split`."""
         return self.cache_root / f"c{k:02d}" / split
 
     def data_key(self, split: str) -> str:
@@ -181,6 +184,7 @@ class OutOfCore:
         return key
 
     def open_cache(self, k: int, split: str) -> CacheReader:
+        """A verified reader of cache k (raises `CacheInvalid` if stale, incomplete or corrupt)."""
         return CacheReader(self.cache_dir(k, split), self.cache_key(k, split))
 
     def _valid(self, k: int, split: str) -> bool:
@@ -242,6 +246,7 @@ class OutOfCore:
         writer.close()
 
     def source(self, k: int, split: str, train: bool):
+        """The batches module k sees: raw data for module 0, cache k for the others."""
         if k == 0:
             return self.raw if train else self.run.raw(split)
         labels = getattr(self.run.data, split).y
@@ -260,6 +265,7 @@ class OutOfCore:
         return tr, int(prog["lap"]), int(prog["epochs"])
 
     def train_module(self, lap: int, k: int) -> Trainer:
+        """Train module k for the epochs of lap `lap` not done yet, checkpointing each."""
         if k > 0:
             self.ensure_cache(k, ["train"])
         tr, done_lap, done = self.trainer(k)
@@ -318,6 +324,7 @@ class OutOfCore:
                 "step": tr.step, "blocks": len(stage.blocks)}
 
     def run_all(self) -> None:
+        """Every remaining (lap, module) from the cursor, then the final module files."""
         cur = self.state["cursor"]
         for lap in range(cur["lap"], self.R):
             first = cur["module"] if lap == cur["lap"] else 0

@@ -67,9 +67,13 @@ def _check_k(n_blocks: int, k: int) -> None:
 
 
 def block_activation_bytes(net: Network, sample: torch.Tensor) -> list[int]:
-    """Bytes saved for backward by each block (stem counted into block 0) on `sample`."""
+    """Bytes saved for backward by each block (stem counted into block 0) on `sample`.
+
+    Measured on a copy of `net`, so the network's BatchNorm statistics and mode are untouched.
+    """
+    import copy
     from edgetrain.memory import saved_activation_bytes
-    net.train()
+    net = copy.deepcopy(net).train()
     x = sample
     costs = []
     stem_bytes, x = saved_activation_bytes(lambda t: net.stem(t), x)

@@ -27,7 +27,10 @@ def test_required_profiles_present():
 
 @pytest.mark.parametrize("path", PROFILE_FILES, ids=lambda p: p.stem)
 def test_profile_fields(path: Path):
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
     raw = tomllib.loads(path.read_text())
     assert set(raw) == set(PROFILE_FIELDS)  # every field present, none unknown
     p = read_profile(path)
@@ -174,3 +177,39 @@ def test_watchdog_stops_run_cleanly_and_keeps_run_dir(tmp_path, tiny, small_runt
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["memory_budget"] == 150 * MIB
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+class _TripAfter:
+    """A watchdog stand-in that reports an overrun after `n` optimiser steps."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def check(self) -> None:
+        self.calls += 1
+        if self.calls > self.n:
+            raise MemoryBudgetExceeded("stopped: over the memory budget (test)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def test_budget_stop_leaves_run_resumable(tmp_path, tiny, monkeypatch):
+    """A budget stop in the middle of multilap training, then `resume`: the same accuracies
+    as a run that was never stopped."""
+    import edgetrain.schedule as schedule
+    monkeypatch.setattr(schedule, "check_fits", lambda *a, **k: None)
+    cfg = lambda: tiny(mode="multilap", memory_budget=64 * 2**30)  # noqa: E731
+    monkeypatch.setattr(devices, "watchdog_for", lambda c, device="cpu": _TripAfter(9))
+    with pytest.raises(MemoryBudgetExceeded):
+        schedule.train(cfg(), tmp_path / "stopped")
+    assert not (tmp_path / "stopped" / "metrics.json").exists()
+    monkeypatch.setattr(devices, "watchdog_for", lambda c, device="cpu": None)
+    resumed = schedule.resume(tmp_path / "stopped")
+    fresh = schedule.train(cfg(), tmp_path / "fresh")
+    assert ([m["test_acc"] for m in resumed["modules"]]
+            == [m["test_acc"] for m in fresh["modules"]])
+    assert resumed["modules"][-1]["steps"] == fresh["modules"][-1]["steps"]

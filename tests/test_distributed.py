@@ -98,6 +98,7 @@ def test_more_processes_than_modules_is_one_line_exit_2(monkeypatch, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--mode", "multilap", "--distributed"], "--distributed needs --mode parallel"),
     (["--buffer-size", "-1"], "--buffer-size"),
+    (["--mode", "parallel", "--distributed", "--memory-budget", "2GiB"], "not enforced per rank"),
 ])
 def test_bad_distributed_options(args, needle):
     r = CliRunner().invoke(cli, ["train", *args])

@@ -18,7 +18,7 @@ def _acc(m):
 
 
 def test_cached_sequential_matches_in_memory_path_with_one_module_resident(tmp_path):
-    kw = dict(mode="sequential", epochs=3, modules=3, depth=3, cache_dtype="float32", augment=False)
+    kw = dict(mode="sequential", epochs=2, modules=3, depth=3, cache_dtype="float32", augment=False)
     ooc = train(tiny_cfg(**kw), tmp_path / "ooc")
     mem = train(tiny_cfg(**kw, extra={"in_memory": True}), tmp_path / "mem")
     assert ooc["max_resident_modules"] == 1 and mem["max_resident_modules"] == 3

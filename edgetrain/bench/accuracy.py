@@ -421,9 +421,8 @@ def markdown_report(res: dict) -> str:
             f"epochs per train size: `{json.dumps(g['datasets'], sort_keys=True)}`; "
             f"seeds {g['seeds']}.", "",
             f"Runs: {n_runs}/{n_all} ({'complete' if res['complete'] else 'PARTIAL'}), "
-            f"wall time {res['wall_s'] / 60:.1f} min (load average at start/end "
-            f"{res.get('loadavg_start')}/{res.get('loadavg_end')} on this machine's cores: "
-            f"other jobs shared them), torch {res['torch_version']}, "
+            f"wall time {res['wall_s'] / 60:.1f} min (sum of the runs' times){_load_note(res)}, "
+            f"torch {res['torch_version']}, "
             f"threads {res['threads']}, device {res['device']}; sequential/multilap through "
             f"the out-of-core activation cache: {_cache_note(res['runs'])}.", "",
             "Cells: test accuracy in %, mean ± half-width of the two-sided 95% Student-t "
@@ -432,6 +431,13 @@ def markdown_report(res: dict) -> str:
             markdown_table(res, "best_test_acc"), ""]
     last = ["## Last module (Tables 12/13 style)", "", markdown_table(res, "last_test_acc"), ""]
     return "\n".join(head + best + last + claims_markdown(claim_checks(res["runs"])))
+
+
+def _load_note(res: dict) -> str:
+    if not res.get("loadavg_start"):
+        return ""
+    return (f", load average {res['loadavg_start'][0]} at the start and "
+            f"{(res.get('loadavg_end') or ['?'])[0]} at the end (other jobs shared the cores)")
 
 
 def _cache_note(runs: list[dict]) -> str:

@@ -124,7 +124,8 @@ def _row(mode, k, transport, cfg, res: dict, pred, device: str, warm_extra: int)
     """One table row; `warm_extra` is the runtime's warm-up RSS above its import figure."""
     measured = _measured_bytes(res, device)
     tensors = None if measured is None else measured - (0 if device == "cuda" else warm_extra)
-    predicted = pred.peak_bytes - (pred.dataset_bytes if device == "cuda" else 0)
+    predicted = (pred.peak_bytes if device != "cuda"  # on CUDA: the data, prefetch queue and
+                 else pred.train_step_bytes - pred.dataset_bytes - pred.prefetch_bytes)  # cache stay on CPU
     path = ("schedule.train (out-of-core, one module resident)"
             if mode in ("sequential", "multilap") and res.get("max_resident_modules") == 1
             else "schedule.train")
@@ -184,33 +185,42 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
         import torch
         if not torch.cuda.is_available():
             raise UserError("--device cuda requested but CUDA is not available")
+    if steps < 1 or threads < 1:
+        raise UserError("--steps and --threads must be >= 1")
+    plan = [(m, k, t, bench_config(model, input_shape, batch, m, k, t, steps, device, width, depth))
+            for m, k, t in _configs(modes, modules, transports)]
+    deepest = max(plan, key=lambda p: p[1])[3]
+    predict_peak(deepest, tuple(input_shape), 10)  # a bad model or K fails here, before any run
     rows = []
+    log = log or (lambda line: None)
+    log(TABLE_HEADER)
     with tempfile.TemporaryDirectory(prefix="edgetrain-bench-memory-") as tmp:
-        for i, (mode, k, t) in enumerate(_configs(modes, modules, transports)):
-            cfg = bench_config(model, input_shape, batch, mode, k, t, steps, device, width, depth,
-                               cache_dir=f"{tmp}/cache{i}")
+        for i, (mode, k, t, cfg) in enumerate(plan):
+            cfg.cache_dir = f"{tmp}/cache{i}"
             pred = predict_peak(cfg, tuple(input_shape), 10, n_train=cfg.train_size)
             res = run_child({"cfg": cfg.to_dict(), "out_dir": f"{tmp}/run{i}", "threads": threads},
                             timeout_s)
             rows.append(_row(mode, k, t, cfg, res, pred, device, warm_extra))
-            if log:
-                log(format_row(rows[-1]))
-    _add_savings(rows)
-    result = _result(model, input_shape, batch, modules, modes, device, steps, threads, rows, res)
-    result["runtime_import_rss_mib"] = round(rt["import_rss_bytes"] / MIB, 2)
-    return write_result(result, Path(out_dir))
+            log(format_row(rows[-1]))
+            result = _result(model, input_shape, batch, modules, modes, device, steps, threads,
+                             rows, res, rt, complete=i == len(plan) - 1)
+            write_result(result, Path(out_dir))  # after every row: a long run killed keeps its rows
+    return result
 
 
-def _result(model, input_shape, batch, modules, modes, device, steps, threads, rows, last) -> dict:
+def _result(model, input_shape, batch, modules, modes, device, steps, threads, rows, last, rt,
+            complete: bool) -> dict:
     from edgetrain import __version__
-    from edgetrain.memory import runtime_baseline_bytes
     import torch
+    _add_savings(rows)
     name = (last.get("cuda_name") or "cuda") if device == "cuda" else "cpu"
-    return {"benchmark": "memory", "edgetrain_version": __version__, "torch_version": torch.__version__,
+    return {"benchmark": "memory", "complete": complete, "edgetrain_version": __version__,
+            "torch_version": torch.__version__,
+            "runtime_import_rss_mib": round(rt["import_rss_bytes"] / MIB, 2),
             "model": model, "input_shape": list(input_shape), "batch_size": batch,
             "modules": list(modules), "modes": list(modes), "device": device, "device_name": name,
             "steps_per_module": steps, "threads": threads, "data": "synthetic",
-            "runtime_baseline_mib": round(runtime_baseline_bytes() / MIB, 2),
+            "runtime_baseline_mib": round(rt["warm_rss_bytes"] / MIB, 2),
             "measured_is": ("torch.cuda.max_memory_allocated, max over phases" if device == "cuda"
                             else "peak RSS (VmHWM) of the child minus its RSS after imports"),
             "measured_tensors_is": ("same as measured" if device == "cuda" else
@@ -260,7 +270,8 @@ def plot_savings(result: dict, path: Path) -> str | None:
     ax.set_ylabel("memory saved vs end-to-end (%)")
     ax.set_title(f"{result['model']} {'x'.join(map(str, result['input_shape']))} "
                  f"batch {result['batch_size']} ({result['device_name']})")
-    ax.legend(fontsize=7)
+    if series:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

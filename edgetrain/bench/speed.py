@@ -156,7 +156,7 @@ def disk_vs_ram(tmp: Path, k: int, epochs: int, synthetic_size: int, cache_dtype
     return out
 
 
-def rss_vs_samples(tmp: Path, n_small: int = 512, factor: int = 4) -> dict:
+def rss_vs_samples(tmp: Path, n_small: int = 256, factor: int = 4) -> dict:
     """Peak RSS of sequential training at N and factor*N samples, in fresh processes."""
     res = {}
     for n in (n_small, n_small * factor):
@@ -178,8 +178,8 @@ def rss_vs_samples(tmp: Path, n_small: int = 512, factor: int = 4) -> dict:
 def cache_accuracy(tmp: Path) -> list[dict]:
     """Per-depth test accuracy on digits: cache dtype and views, and the in-memory path."""
     from edgetrain.schedule import train
-    base = dict(data="digits", model="kmresnet", width=16, depth=4, modules=4,
-                mode="sequential", epochs=6, seed=0, device="cpu")
+    base = dict(data="digits", model="kmresnet", width=8, depth=4, modules=2,
+                mode="sequential", epochs=4, batch_size=64, lr=0.05, seed=0, device="cpu")
     variants = [("in-memory, live augmentation", {"extra": {"in_memory": True}}),
                 ("cache float32, A=1", {"cache_dtype": "float32", "cache_views": 1}),
                 ("cache float16, A=1", {"cache_dtype": "float16", "cache_views": 1}),
@@ -194,7 +194,7 @@ def cache_accuracy(tmp: Path) -> list[dict]:
 
 def _table(res: dict) -> str:
     lines = ["| K | epochs | recompute s | cache s | cache / recompute |", "|---|---|---|---|---|"]
-    for r in res["cache_vs_recompute"]:
+    for r in res.get("cache_vs_recompute") or []:
         lines.append(f"| {r['modules']} | {r['epochs']} | {r['recompute_s']:.1f} | "
                      f"{r['cache_s']:.1f} | {r['cache_over_recompute']:.3f} |")
     if res.get("disk_vs_ram"):
@@ -214,7 +214,7 @@ def _table(res: dict) -> str:
                          f"{v['training_mib']:.1f} |")
         lines.append(f"| ratio 4N/N | {r['peak_ratio']:.3f} | | {r['training_ratio']:.3f} |")
     if res.get("accuracy"):
-        lines += ["", "| digits, sequential K=4 | test acc per depth | best depth | test acc |",
+        lines += ["", "| digits, sequential K=2 | test acc per depth | best depth | test acc |",
                   "|---|---|---|---|"]
         for a in res["accuracy"]:
             accs = " ".join(f"{v:.3f}" for v in a["test_acc"])
@@ -239,14 +239,19 @@ def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_
     out_dir = Path(out_dir)
     res = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "cache_dtype": cache_dtype, "synthetic_size": synthetic_size}
+    parts = [("cache_vs_recompute", lambda t: cache_vs_recompute(t, list(ks), epochs,
+                                                                  synthetic_size, cache_dtype)),
+             ("disk_vs_ram", lambda t: disk_vs_ram(t, max(ks), 1, synthetic_size, cache_dtype)),
+             ("rss", lambda t: rss_vs_samples(t) if rss else None),
+             ("accuracy", lambda t: cache_accuracy(t) if accuracy else None)]
     with tempfile.TemporaryDirectory(prefix="edgetrain-speed-") as d:
-        tmp = Path(d)
-        res["cache_vs_recompute"] = cache_vs_recompute(tmp, list(ks), epochs, synthetic_size,
-                                                       cache_dtype)
-        res["disk_vs_ram"] = disk_vs_ram(tmp, max(ks), 1, synthetic_size, cache_dtype)
-        res["rss"] = rss_vs_samples(tmp) if rss else None
-        res["accuracy"] = cache_accuracy(tmp) if accuracy else None
+        for name, fn in parts:  # results are written after every part
+            res[name] = fn(Path(d))
+            _write(out_dir, res)
+    return res
+
+
+def _write(out_dir: Path, res: dict) -> None:
     res["table_md"] = _table(res)
     atomic_write_json(out_dir / "speed.json", res)
     atomic_write_text(out_dir / "speed.md", "# edgetrain bench speed\n\n" + res["table_md"] + "\n")
-    return res
