@@ -287,7 +287,11 @@ def prefetch(items: Iterable, max_items: int) -> Iterator:
             yield it
     finally:
         stop.set()
-        t.join()
+        while t.is_alive():  # drain, so a producer blocked on a full queue can finish
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
 
 
 @dataclass

@@ -68,8 +68,12 @@ def _check_results(res: dict, grid: acc.AccuracyGrid) -> None:
 
 
 def _check_table(md: str, grid: acc.AccuracyGrid) -> None:
-    for section in ("## Best depth", "## Last module"):
+    for section in ("## Best depth", "## Last module", "## Paper claims"):
         assert section in md
+    md, claims = md.split("## Paper claims")
+    for d, sizes in grid.datasets.items():
+        for n in sizes:  # one row of paired differences per (data set, size)
+            assert len([ln for ln in claims.splitlines() if ln.startswith(f"| {d} | {n} |")]) == 1
     header = [ln for ln in md.splitlines() if ln.startswith("| data set |")]
     assert len(header) == 2 and all(a in header[0] for a in grid.arms)
     for d, sizes in grid.datasets.items():
@@ -83,7 +87,7 @@ def _check_table(md: str, grid: acc.AccuracyGrid) -> None:
 
 
 def test_smoke_grid_writes_json_table_and_plots(tmp_path):
-    grid = acc.smoke_grid()
+    grid = acc.smoke_grid(("digits",))  # the default suite never needs Fashion-MNIST
     out = acc.run_benchmark(grid, tmp_path)
     names = sorted(p.name for p in out["paths"])
     assert names == ["accuracy-smoke-modules-digits.png", "accuracy-smoke-size.png",
@@ -117,18 +121,18 @@ def test_results_of_another_grid_are_not_mixed_in(tmp_path):
 
 
 def test_resume_keeps_only_runs_of_the_same_settings(tmp_path):
-    grid = acc.smoke_grid()
+    grid = acc.smoke_grid(("digits",))
     grid.datasets = {"digits": {100: 2, 200: 4}}
     runs = [{"dataset": d, "train_size": n, "arm": a, "seed": s, "epochs": grid.datasets[d][n]}
             for d, n, a, s in acc.grid_points(grid)]
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"grid": grid.to_dict(), "runs": runs}))
-    narrower = acc.smoke_grid()
+    narrower = acc.smoke_grid(("digits",))
     narrower.datasets = {"digits": {100: 2, 200: 2}}  # size 200 now trains 2 epochs, not 4
     kept = acc._load_previous(path, narrower)
     assert len(kept) == len(grid.arms) * len(grid.seeds)
     assert {r["train_size"] for r in kept.values()} == {100}
-    changed = acc.smoke_grid()
+    changed = acc.smoke_grid(("digits",))
     changed.base = {**changed.base, "lr": 0.5}
     with pytest.raises(UserError, match="different grid"):
         acc._load_previous(path, changed)
@@ -160,6 +164,7 @@ def test_presets_are_valid_configurations():
 @pytest.mark.parametrize("args,msg", [
     (["--preset", "smoke", "--seeds", "1"], "--seeds must be >= 2"),
     (["--preset", "smoke", "--data", "cifar10"], "no data set cifar10"),
+    (["--preset", "smoke", "--data", "digits", "--threads", "-1"], "--threads must be >= 0"),
     (["--preset", "nope"], "Invalid value"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path, args, msg):

@@ -7,6 +7,7 @@ show as a disagreement here.
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,8 +138,13 @@ def test_e2e_run_exports_its_single_module(tmp_path):
         want = Prefix(run.stages).eval()(x)
     assert (_ort(_session(rep["path"]), x) - want).abs().max() <= 1e-4
     assert rep["onnx_test_acc"] == pytest.approx(metrics["modules"][0]["test_acc"], abs=1e-9)
-    r = CliRunner().invoke(cli, ["export", str(run_dir), "--depth", "2"])
-    assert r.exit_code == 2 and "between 1 and the run's 1 modules" in r.output
+    # the installed script, in a real process: one line on stderr, exit 2
+    exe = Path(sys.executable).parent / "edgetrain"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edgetrain.cli"]
+    p = subprocess.run([*cmd, "export", str(run_dir), "--depth", "2"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip() == "error: --depth must be between 1 and the run's 1 modules (got 2)"
 
 
 def _without(run_dir: Path, dst: Path, rel: str) -> Path:

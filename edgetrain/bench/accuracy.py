@@ -76,8 +76,9 @@ def arm_fields(arm: str) -> dict:
 
 
 # --------------------------------------------------------------------------- presets
-def smoke_grid(datasets: tuple[str, ...] = ("digits",)) -> AccuracyGrid:
-    """Tiny grid for tests: a 2-block kmresnet of width 4, 2 seeds, one small size."""
+def smoke_grid(datasets: tuple[str, ...] = ("digits", "fashion-mnist")) -> AccuracyGrid:
+    """Tiny grid for tests: a 2-block kmresnet of width 4, 2 seeds, one small size
+    (`--data digits` keeps to the data set that is always available)."""
     sizes = {"digits": {100: 2}, "fashion-mnist": {100: 2}}
     return AccuracyGrid(
         name="smoke", datasets={d: sizes[d] for d in datasets}, seeds=[0, 1],
@@ -525,14 +526,17 @@ def _plot_sizes(plt, cells: dict, grid: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(ds), squeeze=False, figsize=(5.0 * len(ds), 3.8))
     for ax, d in zip(axes[0], ds):
         sizes = sorted(int(n) for n in grid["datasets"][d])
-        for a in grid["arms"]:
+        for i, a in enumerate(grid["arms"]):
             pts = [(n, cells[(d, n, a)]["best_test_acc"]) for n in sizes if (d, n, a) in cells]
             if not pts:
                 continue
-            ax.errorbar([p[0] for p in pts], [100 * p[1]["mean"] for p in pts],
+            dodge = 1.0 + 0.025 * (i - (len(grid["arms"]) - 1) / 2)  # keep error bars apart
+            ax.errorbar([p[0] * dodge for p in pts], [100 * p[1]["mean"] for p in pts],
                         yerr=[100 * (p[1]["ci95"] or 0.0) for p in pts], capsize=3,
                         marker="o", ms=3, ls=_ls(a), color=_color(a), label=a)
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("train size")
         ax.set_ylabel("best-depth test acc (%)")
         ax.set_title(d)
@@ -564,6 +568,8 @@ def run_benchmark(grid: AccuracyGrid, out_dir: Path, *, device: str = "auto",
     Raises:
         UserError: see `run_grid`; an unwritable `out_dir`.
     """
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 0 (0: torch's default; got {threads})")
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
