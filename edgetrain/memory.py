@@ -377,6 +377,9 @@ def _stage_cost(stage, x: torch.Tensor, cfg, transport: bool) -> tuple[_StageCos
     for t in held:  # residues and features stay referenced through the backward
         seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
     act, z = sum(seen.values()), held[1]
+    if transport:  # the backward runs every block's transport branch first (it sits next to
+        # the loss): one residue-sized gradient per block waits until the main chain gets there
+        act += sum(tensor_bytes(r) for r in held[2:])
     cost = _StageCost(param_bytes(stage), param_bytes(stage, trainable_only=True),
                       _optimizer_bytes(stage, cfg), act, tensor_bytes(x), tensor_bytes(z), peak[0])
     return cost, z.detach()
