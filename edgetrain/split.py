@@ -34,6 +34,26 @@ class Stage(nn.Module):
                 residues.append(r)
         return x, residues
 
+    def forward_statistic(self, x: torch.Tensor, scaling: str = "mean"
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features plus the transport cost as a detached statistic (VanGL and e2e).
+
+        Each residue is reduced to its scalar contribution under no_grad and dropped at
+        once, so no residue outlives its block: keeping them would hold one extra feature
+        map per block until the backward pass.
+        """
+        from edgetrain.transport import transport_cost
+        if self.stem is not None:
+            x = self.stem(x)
+        cost = torch.zeros((), device=x.device)
+        for blk in self.blocks:
+            x, r = blk(x)
+            if r is not None:
+                with torch.no_grad():
+                    cost += transport_cost([r], scaling)
+            del r
+        return x, cost
+
     def forward(self, x: torch.Tensor):
         """Returns (logits, features, residues)."""
         z, residues = self.forward_features(x)

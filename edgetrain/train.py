@@ -132,10 +132,13 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
     for tr in trainers:
         tr.stage.train()
         tr.set_lr()
-        logits, z, residues = tr.stage(x)
+        if tr.weighting.transport:
+            logits, z, residues = tr.stage(x)
+            w = transport_cost(residues, scaling)
+        else:  # VanGL/e2e: transport is a statistic only and no residue is kept alive
+            z, w = tr.stage.forward_statistic(x, scaling)
+            logits, residues = tr.stage.head(z), None
         ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        with torch.set_grad_enabled(tr.weighting.transport):  # VanGL/e2e: a statistic only,
-            w = transport_cost(residues, scaling)  # so its graph must not keep the residues alive
         total = tr.weighting.combine(ce, w)
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"non-finite loss ({float(total)}) at step {tr.step + 1}")

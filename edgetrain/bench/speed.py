@@ -178,8 +178,8 @@ def rss_vs_samples(tmp: Path, n_small: int = 256, factor: int = 4) -> dict:
 def cache_accuracy(tmp: Path) -> list[dict]:
     """Per-depth test accuracy on digits: cache dtype and views, and the in-memory path."""
     from edgetrain.schedule import train
-    base = dict(data="digits", model="kmresnet", width=8, depth=4, modules=2,
-                mode="sequential", epochs=4, batch_size=64, lr=0.05, seed=0, device="cpu")
+    base = dict(data="digits", model="kmresnet", width=16, depth=4, modules=4,
+                mode="sequential", epochs=6, seed=0, device="cpu")
     variants = [("in-memory, live augmentation", {"extra": {"in_memory": True}}),
                 ("cache float32, A=1", {"cache_dtype": "float32", "cache_views": 1}),
                 ("cache float16, A=1", {"cache_dtype": "float16", "cache_views": 1}),
@@ -214,7 +214,7 @@ def _table(res: dict) -> str:
                          f"{v['training_mib']:.1f} |")
         lines.append(f"| ratio 4N/N | {r['peak_ratio']:.3f} | | {r['training_ratio']:.3f} |")
     if res.get("accuracy"):
-        lines += ["", "| digits, sequential K=2 | test acc per depth | best depth | test acc |",
+        lines += ["", "| digits, sequential K=4 | test acc per depth | best depth | test acc |",
                   "|---|---|---|---|"]
         for a in res["accuracy"]:
             accs = " ".join(f"{v:.3f}" for v in a["test_acc"])
