@@ -141,7 +141,7 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
         ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         total = tr.weighting.combine(ce, w)
         if not torch.isfinite(total):
-            raise NonFiniteLoss(f"non-finite loss ({float(total)}) at step {tr.step + 1}")
+            raise NonFiniteLoss(f"non-finite loss ({float(total.detach())}) at step {tr.step + 1}")
         tr.opt.zero_grad(set_to_none=True)
         total.backward()
         tr.opt.step()
