@@ -24,6 +24,8 @@ This file does not parse argv and does not know e2e or parallel training.
 """
 from __future__ import annotations
 
+import contextlib
+
 import base64
 import hashlib
 import json
@@ -205,7 +207,8 @@ class OutOfCore:
             self.ensure_cache(k - 1, missing)
         stage = self.store.load(k - 1)
         for s in missing:
-            self._write(k, s, stage)
+            with self._phase("cache_write"), self._phase(f"module_{k - 1:02d}_cache_write"):
+                self._write(k, s, stage)
             if k > 1:
                 remove_cache(self.cache_dir(k - 1, s))
 
@@ -318,7 +321,8 @@ class OutOfCore:
         stage = self.store.load(k)
         ev = {}
         for split in ("val", "test"):
-            (r,) = evaluate_chain([stage], self.source(k, split, train=False).epoch())
+            with self._phase("eval"), self._phase(f"module_{k:02d}_eval"):
+                (r,) = evaluate_chain([stage], self.source(k, split, train=False).epoch())
             ev[f"{split}_acc"], ev[f"{split}_loss"] = r["acc"], r["loss"]
         return {**ev, "history": tr.history, "tau": tr.weighting.effective_tau,
                 "step": tr.step, "blocks": len(stage.blocks)}
@@ -329,7 +333,8 @@ class OutOfCore:
         for lap in range(cur["lap"], self.R):
             first = cur["module"] if lap == cur["lap"] else 0
             for k in range(first, self.K):
-                tr = self.train_module(lap, k)
+                with self._phase(f"module_{k:02d}_train"):
+                    tr = self.train_module(lap, k)
                 self.finish_module(lap, k, tr)
         for k in range(self.K):
             self.store.strip(k)
@@ -339,6 +344,11 @@ class OutOfCore:
         self.write_state(self.R, 0, 0)
         if self.cache_root.exists():  # RUN_DIR/cache or this run's folder under --cache-dir
             shutil.rmtree(self.cache_root)
+
+    def _phase(self, name: str):
+        """A per-phase memory record (`metrics.json` "memory"), or nothing without a recorder."""
+        rec = getattr(self.run, "memory", None)
+        return rec.phase(name) if rec is not None else contextlib.nullcontext()
 
     def summaries(self) -> list[dict]:
         """Per-module records (history, tau, step, blocks, val/test accuracy and loss)."""

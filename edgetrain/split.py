@@ -12,7 +12,7 @@ from torch import nn
 
 from edgetrain.errors import UserError
 from edgetrain.heads import make_head
-from edgetrain.models.base import Network
+from edgetrain.models.base import Network, run_blocks
 
 
 class Stage(nn.Module):
@@ -27,12 +27,7 @@ class Stage(nn.Module):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.stem is not None:
             x = self.stem(x)
-        residues = []
-        for blk in self.blocks:
-            x, r = blk(x)
-            if r is not None:
-                residues.append(r)
-        return x, residues
+        return run_blocks(self.blocks, x)
 
     def forward_statistic(self, x: torch.Tensor, scaling: str = "mean"
                           ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,21 +22,11 @@ import torch
 from torch import nn
 
 from edgetrain.errors import UserError
-from edgetrain.models.base import Network
+from edgetrain.models.base import AsResidual, Network
 
 
-class WrappedBlock(nn.Module):
-    """Any layer T as a block: (T(x), T(x) - x) for equal shapes, (T(x), None) otherwise."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.layer(x)
-        if isinstance(out, tuple):  # already (out, residue)
-            return out
-        return out, (out - x if out.shape == x.shape else None)
+# Any layer T as a block: (T(x), T(x) - x) for equal shapes, (T(x), None) otherwise.
+WrappedBlock = AsResidual
 
 
 def _resolve(model: nn.Module, spec) -> nn.Module:

@@ -18,13 +18,17 @@ class Network(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = self.stem(x)
-        residues = []
-        for blk in self.blocks:
-            x, r = blk(x)
-            if r is not None:
-                residues.append(r)
-        return x, residues
+        return run_blocks(self.blocks, self.stem(x))
+
+
+def run_blocks(blocks, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Apply blocks in order; return the output and the residues that are not None."""
+    residues = []
+    for blk in blocks:
+        x, r = blk(x)
+        if r is not None:
+            residues.append(r)
+    return x, residues
 
 
 class AsResidual(nn.Module):
@@ -36,4 +40,6 @@ class AsResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.layer(x)
+        if isinstance(out, tuple):  # already follows the (out, residue) convention
+            return out
         return out, (out - x if out.shape == x.shape else None)
