@@ -55,7 +55,8 @@ def test_scaled_resnet_at_width_64_is_torchvision_resnet50():
     tv = torchvision.models.resnet50(weights=None)
     ours = ScaledResNet("bottleneck", [3, 4, 6, 3], 64)
     sd = {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
-    ours.load_state_dict(sd, strict=True)  # same names, same shapes, nothing missing
+    res = ours.load_state_dict(sd, strict=True)  # same names, same shapes, nothing missing
+    assert not res.missing_keys and not res.unexpected_keys
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
