@@ -59,6 +59,7 @@ class Run:
     device: torch.device
     step_check: Callable[[], None] | None = None  # called after every optimiser step (budget watchdog)
     memory: PhaseRecorder | None = None  # per-phase peaks (`with run.memory.phase("cache_write")`)
+    checkpoint: object | None = None  # e2e/parallel epoch checkpoints (`edgetrain.checkpoint`)
 
     @property
     def n_modules(self) -> int:
@@ -119,7 +120,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _fit(run: Run, trainers: list[Trainer], source, epochs: int, first_epoch: int, salt: int,
-         desc: str, progress: bool) -> None:
+         desc: str, progress: bool, on_epoch_end=None) -> None:
     with _progress(epochs * source.steps_per_epoch(), desc, progress) as bar:
         def on_step(stats):
             if bar is not None:
@@ -129,7 +130,8 @@ def _fit(run: Run, trainers: list[Trainer], source, epochs: int, first_epoch: in
         try:
             fit_module(trainers, source, epochs, first_epoch=first_epoch, salt=salt,
                        label_smoothing=run.cfg.label_smoothing,
-                       scaling=run.cfg.transport_scaling, on_step=on_step)
+                       scaling=run.cfg.transport_scaling, on_step=on_step,
+                       on_epoch_end=on_epoch_end)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{desc}: {e}; the last saved modules are kept") from None
 
@@ -139,7 +141,7 @@ def train_e2e(run: Run, progress: bool) -> list[Trainer]:
     run.stages = [whole]
     src = run.raw("train", train=True)
     tr = make_trainer(whole, run.cfg, 0, 1, run.cfg.epochs * src.steps_per_epoch(), transport=False)
-    _fit(run, [tr], src, run.cfg.epochs, 0, 0, "e2e", progress)
+    _fit_resident(run, [tr], src, "e2e", progress)
     return [tr]
 
 
@@ -147,8 +149,16 @@ def train_parallel(run: Run, progress: bool) -> list[Trainer]:
     src = run.raw("train", train=True)
     total = run.cfg.epochs * src.steps_per_epoch()
     trainers = [make_trainer(st, run.cfg, k, run.n_modules, total) for k, st in enumerate(run.stages)]
-    _fit(run, trainers, src, run.cfg.epochs, 0, 0, "parallel", progress)
+    _fit_resident(run, trainers, src, "parallel", progress)
     return trainers
+
+
+def _fit_resident(run: Run, trainers: list[Trainer], src, desc: str, progress: bool) -> None:
+    """All epochs of e2e / parallel, from the last checkpoint when `run.checkpoint` is set."""
+    ck = run.checkpoint
+    first = ck.begin(trainers) if ck is not None else 0
+    save = (lambda e, _summary: ck.save(trainers, e + 1)) if ck is not None else None
+    _fit(run, trainers, src, run.cfg.epochs - first, first, 0, desc, progress, on_epoch_end=save)
 
 
 def train_sequential(run: Run, progress: bool) -> list[Trainer]:
@@ -192,7 +202,7 @@ def resume(run_dir: Path, progress: bool = False) -> dict:
 
     Raises:
         UserError: no run there, another edgetrain version, a changed config.json, a run
-            that is not resumable (e2e / parallel), or any error of `train`.
+            that is not resumable (distributed, in-memory sequential), or any error of `train`.
     """
     from edgetrain.sequential import check_config, read_state
     run_dir = Path(run_dir)
@@ -205,9 +215,14 @@ def resume(run_dir: Path, progress: bool = False) -> dict:
     if (run_dir / "metrics.json").is_file() and (state is None or state.get("finished")):
         import json
         return json.loads((run_dir / "metrics.json").read_text())
+    if state is not None and state.get("finished"):
+        raise UserError(f"{run_dir} finished training but its metrics.json is missing; "
+                        f"`edgetrain eval {run_dir}` re-evaluates it")
+    if cfg.distributed or (cfg.mode == "sequential" or cfg.mode == "multilap") and not out_of_core(cfg):
+        raise UserError(f"{run_dir} is a distributed or in-memory run; it does not checkpoint "
+                        "and cannot be resumed")
     if not out_of_core(cfg):
-        raise UserError(f"{run_dir} is a {cfg.mode} run; only sequential and multilap runs "
-                        "checkpoint and can be resumed")
+        return train_resident(build_run(cfg), run_dir, progress, state)
     return train_stored(build_run(cfg), run_dir, progress, state)
 
 
@@ -282,11 +297,34 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None) ->
     run.memory = PhaseRecorder(run.device)
     if out_of_core(cfg):
         return train_stored(run, out, progress)
+    if cfg.mode in ("e2e", "parallel"):
+        return train_resident(run, out, progress)
     t0 = time.perf_counter()
     with budget_guard(run), run.memory.phase("train"):  # RSS watchdog when cfg.memory_budget is set
         trainers = REGIMES[cfg.mode](run, progress)
-    seconds = time.perf_counter() - t0
-    for k, st in enumerate(run.stages):
+    return _finish(run, out, trainers, time.perf_counter() - t0)
+
+
+def train_resident(run: Run, out: Path, progress: bool, state: dict | None = None) -> dict:
+    """e2e / parallel training with epoch checkpoints, fresh or resumed from `state`."""
+    from edgetrain.checkpoint import ResidentCheckpoint
+    run.memory = run.memory or PhaseRecorder(run.device)
+    run.checkpoint = ResidentCheckpoint(run, out, state)
+    with budget_guard(run), run.memory.phase("train"):  # RSS watchdog when cfg.memory_budget is set
+        trainers = REGIMES[run.cfg.mode](run, progress)
+    # the last checkpoint stays whole until state.json says finished, so a kill in between
+    # resumes to the same metrics; then the optimizer state leaves the module files
+    metrics = _finish(run, out, trainers, run.checkpoint.seconds(), save=False)
+    run.checkpoint.finish()
+    for k in range(len(trainers)):
+        run.checkpoint.store.strip(k)
+    return metrics
+
+
+def _finish(run: Run, out: Path, trainers: list[Trainer], seconds: float, save: bool = True
+            ) -> dict:
+    """Write the final module files (weights only) if `save`, evaluate, write metrics.json."""
+    for k, st in enumerate(run.stages if save else []):
         save_module(out, k, st, {"edgetrain_version": __version__, "index": k})
     with run.memory.phase("eval"):
         evals = evaluate(run)

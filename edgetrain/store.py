@@ -194,8 +194,9 @@ class ModuleStore:
         self.max_resident = max(self.max_resident, len(self.resident))
         return self.stages[k]
 
-    def save(self, k: int, trainer=None, meta: dict | None = None) -> None:
-        """Atomically write module k (resident) with, if given, its trainer's state."""
+    def save(self, k: int, trainer=None, meta: dict | None = None, path: Path | None = None) -> None:
+        """Atomically write module k (resident) with, if given, its trainer's state, to its
+        file or to `path`."""
         tensors = dict(self.stages[k].state_dict())
         meta = {"edgetrain_version": __version__, "index": str(k),
                 **(meta or {})}
@@ -205,7 +206,7 @@ class ModuleStore:
             meta["optimizer"] = json.dumps(opt_meta)
             meta["trainer"] = json.dumps({"step": trainer.step, "history": trainer.history,
                                           "weighting": trainer.weighting.state_dict()})
-        save_tensors(self.path(k), tensors, meta)
+        save_tensors(path or self.path(k), tensors, meta)
 
     def meta(self, k: int) -> dict[str, str]:
         return read_meta(self.path(k))

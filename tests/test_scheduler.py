@@ -87,8 +87,13 @@ def test_resume_refuses_tampered_config_other_version_and_e2e(tmp_path):
         resume(run_dir)
     train(tiny_cfg(mode="e2e", epochs=1), tmp_path / "e")
     (tmp_path / "e" / "metrics.json").unlink()
-    with pytest.raises(UserError, match="only sequential and multilap"):
+    with pytest.raises(UserError, match="metrics.json is missing"):
         resume(tmp_path / "e")
+    in_mem = tiny_cfg(mode="sequential", epochs=1, extra={"in_memory": True})
+    train(in_mem, tmp_path / "m")
+    (tmp_path / "m" / "metrics.json").unlink()
+    with pytest.raises(UserError, match="does not checkpoint"):
+        resume(tmp_path / "m")
 
 
 def test_cli_resume_errors_are_one_line(tmp_path):
