@@ -24,6 +24,7 @@ setup(
         "psutil>=5.9",
         "tqdm>=4.64",
         "scikit-learn>=1.2",
+        "scipy>=1.9,<2",  # scipy.stats.t: the confidence intervals of the accuracy benchmark
         "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={

@@ -34,7 +34,7 @@ import torch
 
 from edgetrain.data import batch_indices
 from edgetrain.errors import UserError
-from edgetrain.store import atomic_write_bytes, atomic_write_json
+from edgetrain.store import atomic_write_json, atomic_write_stream
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -114,14 +114,28 @@ class CacheWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        from safetensors.torch import save
+        """Write the buffered rows as one shard, streamed from the row buffers (no joined
+        copy, no serialised copy: the shard costs its rows once in memory)."""
         if not self._buffered:
             return
-        data = save({"x": torch.cat(self._buf)})
+        nbytes = self._buffered * self.row_bytes
+        header = {"x": {"dtype": _ST_DTYPES[self.dtype], "shape": [self._buffered, *self.shape],
+                        "data_offsets": [0, nbytes]}}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        parts = [len(text).to_bytes(8, "little"), text]
+        parts += [memoryview(c.reshape(-1).view(torch.uint8).numpy()) for c in self._buf if len(c)]
+        h = hashlib.sha256()
+
+        def write(f):
+            for part in parts:
+                f.write(part)
+                h.update(part)
+
         name = f"shard-{len(self.shards):05d}.safetensors"
-        atomic_write_bytes(self.dir / name, data)
-        self.shards.append({"file": name, "rows": self._buffered, "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest()})
+        atomic_write_stream(self.dir / name, write)
+        self.shards.append({"file": name, "rows": self._buffered, "bytes": 8 + len(text) + nbytes,
+                            "sha256": h.hexdigest()})
         self.rows += self._buffered
         self._buf, self._buffered = [], 0
 

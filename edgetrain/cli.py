@@ -56,6 +56,8 @@ def _fail(message: str, code: int) -> None:
 @click.version_option(__version__, prog_name="edgetrain")
 def cli() -> None:
     """Module-wise (TRGL) training for devices that cannot hold end-to-end backprop."""
+    from edgetrain.memory import compact_malloc
+    compact_malloc()  # freed feature maps go back to the OS (see its docstring)
 
 
 def train_options(fn):
@@ -141,7 +143,7 @@ def train(out, progress, device_profile, memory_budget, resume_dir, **opts):
     """Train a network module by module (or end-to-end) and write a run directory."""
     if resume_dir is not None:
         return resume_cmd(Path(resume_dir), progress)
-    from edgetrain.devices import apply_budget_options
+    from edgetrain.budget import apply_budget_options
     from edgetrain.schedule import default_out_dir, train as run_train
     cfg = config_from_options(apply_budget_options(opts, device_profile, memory_budget))
     out_dir = Path(out) if out else default_out_dir(cfg)
@@ -243,7 +245,8 @@ def devices_cmd():
 @click.option("--prefetch-mib", type=float, default=RunConfig.prefetch_mib, show_default=True)
 def plan_cmd(device_name, memory_budget, **opts):
     """Choose regime, K, split, batch size and cache dtype that fit a device; print the command."""
-    from edgetrain.devices import fmt_bytes, format_plan, load_profile, parse_size, plan_for_device
+    from edgetrain.devices import fmt_bytes, load_profile, parse_size
+    from edgetrain.planner import format_plan, plan_for_device
     if bool(device_name) == bool(memory_budget):
         raise UserError("give exactly one of --device NAME or --memory-budget SIZE")
     opts["data"] = opts["data"] or ("synthetic" if opts["input_shape"] else "digits")

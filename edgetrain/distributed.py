@@ -275,15 +275,17 @@ class Inbox:
 # ----------------------------------------------------------------------------- streams
 
 class OutputTap:
-    """Forward hook on a stage that keeps its last detached features (the tensor the
-    single-process parallel regime passes to the next module)."""
+    """Forward hook on a stage's last block that keeps its last detached output, the stage's
+    features (the tensor the single-process parallel regime passes to the next module).
+    On the block, not the stage: training calls `Stage.forward_transport` or
+    `forward_statistic`, which bypass the stage's own forward hooks."""
 
     def __init__(self, stage: Stage):
         self.z = None
-        self.handle = stage.register_forward_hook(self._hook)
+        self.handle = stage.blocks[-1].register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
-        self.z = output[1].detach()  # output = (logits, features, residues)
+        self.z = output[0].detach()  # output = (out, residue)
 
     def remove(self) -> None:
         self.handle.remove()

@@ -86,7 +86,9 @@ def _saved_storages(fn: Callable[..., Any], *args, exclude: Iterable[torch.Tenso
         key = _storage_key(t)
         if key not in skip:
             seen[key] = t.untyped_storage().nbytes()
-        return t
+        # detached: packing the tensor itself would tie an output to its own grad_fn, a
+        # reference cycle that keeps the whole graph resident until the next gc pass
+        return t.detach()
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)
@@ -132,6 +134,29 @@ def account_training_step(model: torch.nn.Module, opt: torch.optim.Optimizer,
 
 
 # --------------------------------------------------------------------------- process memory
+def compact_malloc(threshold_bytes: int = MIB) -> bool:
+    """Serve every allocation of `threshold_bytes` or more with its own mmap, so a freed
+    tensor goes back to the operating system at once. Returns False outside glibc.
+
+    glibc starts at 128 KiB but raises its mmap threshold each time a mapped block is freed
+    (up to 32 MiB on 64-bit): after the first freed feature map, feature maps come from the
+    heap, and freed ones stay resident. On a ResNet-110 3x96x96 parallel step that retention
+    was 1.3 GiB of a 3.5 GiB peak (benchmarks/results/plan_vs_measured.md). Setting the
+    threshold (M_MMAP_THRESHOLD) also turns the dynamic rule off. Process-wide: the CLI and
+    the benchmark children call it at start; a library user may call it too.
+    """
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, int(threshold_bytes)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
 def _status_kib(key: str) -> int | None:
     try:
         with open(_STATUS) as f:
@@ -250,6 +275,7 @@ class PhaseRecorder:
 _RUNTIME_PROBE = """
 import torch, edgetrain.schedule as s, edgetrain.memory as m
 from edgetrain.config import RunConfig
+m.compact_malloc()
 imp = m.peak_rss_bytes()
 cfg = RunConfig(data="synthetic", input_shape=(1, 8, 8), synthetic_size=40, model="kmresnet",
                 width=4, depth=2, modules=1, mode="e2e", epochs=1, batch_size=8, augment=False)
@@ -294,8 +320,9 @@ class PeakPrediction:
     `train_step_bytes` is the regime's peak of training tensors: for sequential and multilap
     it is the floor of module-wise training (heaviest module's parameters, gradients,
     optimizer state and saved activations, one input batch, the prefetch buffer).
-    `dataset_bytes` (the raw data held in memory; 0 when `n_train` is None) is included in
-    every phase. The process peak RSS is predicted as `runtime_baseline_bytes() + peak_bytes`.
+    `build_bytes` is the start of the run, when the whole network and every head exist
+    at once (twice for `--split memory`, which measures a copy). `dataset_bytes` (the raw
+    data held in memory; 0 when `n_train` is None) is included in every phase. The process peak RSS is predicted as `runtime_baseline_bytes() + peak_bytes`.
     """
 
     params_bytes: int
@@ -312,6 +339,7 @@ class PeakPrediction:
     cache_disk_bytes: int
     dataset_bytes: int = 0
     per_module: list = field(default_factory=list)
+    build_bytes: int = 0  # building the run: every stage and head, before offloading
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -319,18 +347,20 @@ class PeakPrediction:
 
 @dataclass
 class _StageCost:
+    """One stage's tensors at the run's batch size, from the meta simulation."""
+
     params_bytes: int
     grads_bytes: int
     optimizer_bytes: int
-    activations_bytes: int  # saved for backward at the run's batch size, input excluded
-    input_batch_bytes: int  # float32 input of the stage at the run's batch size
-    output_batch_bytes: int  # float32 output features at the run's batch size
-    eval_transient_bytes: int  # largest live pair of layer input and output, no_grad
+    input_batch_bytes: int  # float32 input of the stage
+    output_batch_bytes: int  # float32 output features
+    train_peak_bytes: int  # peak of two steps with the stage alone resident (input included)
+    eval_peak_bytes: int  # peak of one eval forward (parameters and input included)
+    features_peak_bytes: int  # peak of one cache-write forward and dtype conversion
 
     @property
     def train_bytes(self) -> int:
-        return (self.params_bytes + self.grads_bytes + self.optimizer_bytes
-                + self.activations_bytes + self.input_batch_bytes)
+        return self.train_peak_bytes
 
 
 def _optimizer_bytes(stage: torch.nn.Module, cfg) -> int:
@@ -342,56 +372,32 @@ def _optimizer_bytes(stage: torch.nn.Module, cfg) -> int:
     return n if cfg.momentum > 0 else 0
 
 
-def _loss(stage, x, y, cfg, transport: bool):
-    """The forward and loss of `train.train_step` (transport under grad only when it is on);
-    returns (loss, tensors the step holds until its backward: logits, features, residues)."""
-    import torch.nn.functional as F
-    from edgetrain.transport import transport_cost
-    logits, z, residues = stage(x)
-    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-    with torch.set_grad_enabled(transport):
-        w = transport_cost(residues, cfg.transport_scaling)
-    return (ce + w if transport else ce), [logits, z, *residues]
+def _trainers(stages, cfg, transport: bool) -> list:
+    from edgetrain.train import make_trainer
+    return [make_trainer(st, cfg, k, len(stages), 1, transport=transport)
+            for k, st in enumerate(stages)]
 
 
-def _leaf_io_hooks(stage: torch.nn.Module, peak: list) -> list:
-    """Hooks that keep the largest input + output bytes of any leaf layer in peak[0]."""
-    def hook(mod, inp, out):
-        ins = sum(tensor_bytes(t) for t in inp if isinstance(t, torch.Tensor))
-        outs = tensor_bytes(out) if isinstance(out, torch.Tensor) else 0
-        peak[0] = max(peak[0], ins + outs)
-    return [m.register_forward_hook(hook) for m in stage.modules() if not list(m.children())]
+def _stage_costs(stages, input_shape, cfg, transport: bool, alone: bool) -> list[_StageCost]:
+    """Simulate every stage at the run's batch size on the meta device (no compute).
 
-
-def _stage_cost(stage, x: torch.Tensor, cfg, transport: bool) -> tuple[_StageCost, torch.Tensor]:
-    """Account one stage on input `x` (meta device, full batch); returns its cost and output."""
-    y = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    stage.train()
-    peak = [0]
-    hooks = _leaf_io_hooks(stage, peak)
-    try:
-        seen, (_, held) = _saved_storages(lambda: _loss(stage, x, y, cfg, transport), exclude=[x])
-    finally:
-        for h in hooks:
-            h.remove()
-    for t in held:  # residues and features stay referenced through the backward
-        seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
-    act, z = sum(seen.values()), held[1]
-    if transport:  # the backward runs every block's transport branch first (it sits next to
-        # the loss): one residue-sized gradient per block waits until the main chain gets there
-        act += sum(tensor_bytes(r) for r in held[2:])
-    cost = _StageCost(param_bytes(stage), param_bytes(stage, trainable_only=True),
-                      _optimizer_bytes(stage, cfg), act, tensor_bytes(x), tensor_bytes(z), peak[0])
-    return cost, z.detach()
-
-
-def _stage_costs(stages, input_shape, cfg, transport: list[bool]) -> list[_StageCost]:
-    """Account every stage at the run's batch size on the meta device (no compute)."""
-    x = torch.empty(cfg.batch_size, *input_shape, device="meta")
-    costs = []
-    for st, on in zip(stages, transport):
-        cost, x = _stage_cost(st, x, cfg, on)
-        costs.append(cost)
+    `alone`: simulate each stage's steps by itself (sequential, multilap); otherwise the
+    train figures are left 0 here and the chain is simulated as a whole by the caller.
+    """
+    from edgetrain.simulate import eval_peak, features_peak, train_peak
+    from edgetrain.cache import DTYPES
+    B = cfg.batch_size
+    trainers = _trainers(stages, cfg, transport)
+    shape, costs = tuple(input_shape), []
+    for st, tr in zip(stages, trainers):
+        with torch.no_grad():
+            out = st.eval().features(torch.empty(1, *shape, device="meta")).shape[1:]
+        costs.append(_StageCost(
+            param_bytes(st), param_bytes(st, trainable_only=True), _optimizer_bytes(st, cfg),
+            B * math.prod(shape) * 4, B * math.prod(out) * 4,
+            train_peak([tr], shape, cfg) if alone else 0, eval_peak([st], shape, B),
+            features_peak(st, shape, B, DTYPES[cfg.cache_dtype])))
+        shape = tuple(out)
     return costs
 
 
@@ -432,25 +438,29 @@ def _sum(costs, attr: str) -> int:
     return sum(getattr(c, attr) for c in costs)
 
 
-def _regime_peaks(costs: list[_StageCost], cfg, prefetch: int, data: int) -> dict:
-    """train_step / cache_write / eval bytes of the regime from per-stage costs."""
-    heavy = max(range(len(costs)), key=lambda k: costs[k].train_bytes)
-    P = _sum(costs, "params_bytes")
+def _shard_bytes(cfg) -> int:
+    """`CacheWriter`'s shard size as `sequential` sets it (see `_write`)."""
+    return max(MIB, int(cfg.prefetch_mib * MIB) // 4)
+
+
+def _regime_peaks(costs: list[_StageCost], cfg, prefetch: int, data: int,
+                  chain_train: int = 0) -> dict:
+    """train_step / cache_write / eval bytes of the regime from per-stage simulations."""
     if cfg.mode in ("e2e", "parallel"):
-        # every stage resident; gradients and optimizer state of all stages stay allocated;
-        # one stage's graph (and its input) alive at a time
-        act = max(c.activations_bytes + c.input_batch_bytes for c in costs)
-        train = P + _sum(costs, "grads_bytes") + _sum(costs, "optimizer_bytes") + act
-        ev = P + max(c.eval_transient_bytes for c in costs) + costs[0].input_batch_bytes
-        return {"heavy": heavy, "train": train + data, "cache": 0, "eval": ev + data}
-    c = costs[heavy]
-    train = c.train_bytes + (prefetch if heavy > 0 else 0)
-    shard = 3 * SHARD_BYTES  # CacheWriter: buffered rows, their torch.cat, the serialised shard
-    cache = max(s.params_bytes + s.input_batch_bytes + s.output_batch_bytes + shard
-                + s.output_batch_bytes * _DTYPE_BYTES[cfg.cache_dtype] // 4 + s.eval_transient_bytes
-                + (prefetch if k > 0 else 0) for k, s in enumerate(costs[:-1])) if len(costs) > 1 else 0
-    ev = max(s.params_bytes + s.eval_transient_bytes + s.input_batch_bytes
-             + (prefetch if k > 0 else 0) for k, s in enumerate(costs))
+        # every stage resident: the chain's steps were simulated together (`chain_train`);
+        # eval holds every stage's parameters while one stage runs
+        P = _sum(costs, "params_bytes")
+        ev = max(P - c.params_bytes + c.eval_peak_bytes for c in costs)
+        heavy = max(range(len(costs)), key=lambda k: costs[k].eval_peak_bytes)
+        return {"heavy": heavy, "train": chain_train + data, "cache": 0, "eval": ev + data}
+    heavy = max(range(len(costs)), key=lambda k: costs[k].train_peak_bytes)
+    pre = lambda k: prefetch if k > 0 else 0  # noqa: E731  (module 0 reads the raw data)
+    train = costs[heavy].train_peak_bytes + pre(heavy)
+    # CacheWriter: up to one shard of buffered rows plus the batch being split into them
+    cache = max((s.features_peak_bytes + _shard_bytes(cfg) + pre(k)
+                 + s.output_batch_bytes * _DTYPE_BYTES[cfg.cache_dtype] // 4
+                 for k, s in enumerate(costs[:-1])), default=0)
+    ev = max(s.eval_peak_bytes + pre(k) for k, s in enumerate(costs))
     return {"heavy": heavy, "train": train + data, "cache": cache + data if cache else 0,
             "eval": ev + data}
 
@@ -477,12 +487,15 @@ def _dataset_bytes(cfg, input_shape, n_train: int | None) -> int:
 
 def predict_peak(cfg, input_shape: tuple[int, int, int], num_classes: int,
                  n_train: int | None = None) -> PeakPrediction:
-    """Predict a run's peak memory per phase from tensor accounting (tensors only).
+    """Predict a run's peak memory per phase (tensors only).
 
-    Builds the run's network and split on the meta device (shapes only, no compute),
-    accounts the tensors every module saves for backward at cfg.batch_size, and combines
-    parameters, gradients, optimizer state, activations, the input batch and the prefetch
-    buffer by regime (see `_regime_peaks`). Cheap: one or two seconds for a ResNet-110 at 96x96.
+    Builds the run's network and split on the meta device and simulates the regime's
+    phases there (`edgetrain.simulate`: the product's own step, twice, under a dispatch
+    mode that tracks every live storage): e2e/parallel train the chain of resident stages;
+    sequential/multilap train each module alone, write its cache and evaluate it. To the
+    simulated tensor peaks it adds what lives outside the step: the cache reader's queue,
+    the cache writer's shard buffers and the data set held in memory. Shapes only, no
+    compute: about a second for a ResNet-110 at 96x96.
 
     Args:
         cfg: the run configuration (model, width, depth, modules, split, head, mode,
@@ -494,20 +507,31 @@ def predict_peak(cfg, input_shape: tuple[int, int, int], num_classes: int,
     Returns:
         PeakPrediction with bytes per class of tensor and per phase.
     """
+    from edgetrain.simulate import train_peak
     with torch.random.fork_rng(devices=[]):
         stages = _build_stages(cfg, input_shape, num_classes)
-    transport = [cfg.transport and cfg.mode != "e2e"] * len(stages)
-    costs = _stage_costs(stages, input_shape, cfg, transport)
+    transport = bool(cfg.transport and cfg.mode != "e2e")
+    chained = cfg.mode in ("e2e", "parallel")
+    costs = _stage_costs(stages, input_shape, cfg, transport, alone=not chained)
+    chain_train = (train_peak(_trainers(stages, cfg, transport), tuple(input_shape), cfg)
+                   if chained else 0)
     prefetch = _prefetch_bytes(costs, cfg, n_train)
     data = _dataset_bytes(cfg, input_shape, n_train)
-    r = _regime_peaks(costs, cfg, prefetch, data)
-    resident = costs if cfg.mode in ("e2e", "parallel") else [costs[r["heavy"]]]
+    r = _regime_peaks(costs, cfg, prefetch, data, chain_train)
+    resident = costs if chained else [costs[r["heavy"]]]
     c = costs[r["heavy"]]
+    fixed = (_sum(resident, "params_bytes") + _sum(resident, "grads_bytes")
+             + _sum(resident, "optimizer_bytes"))
+    step = chain_train if chained else c.train_peak_bytes
+    build = (_sum(costs, "params_bytes") + sum(buffer_bytes(st) for st in stages)) * (
+        2 if cfg.split == "memory" and not cfg.mode == "e2e" else 1) + data
     return PeakPrediction(
         params_bytes=_sum(resident, "params_bytes"), grads_bytes=_sum(resident, "grads_bytes"),
-        optimizer_bytes=_sum(resident, "optimizer_bytes"), activations_bytes=c.activations_bytes,
+        optimizer_bytes=_sum(resident, "optimizer_bytes"),
+        activations_bytes=max(0, step - fixed - c.input_batch_bytes),
         input_batch_bytes=c.input_batch_bytes, prefetch_bytes=prefetch if r["heavy"] > 0 else 0,
         heaviest_module=r["heavy"], train_step_bytes=r["train"], cache_write_bytes=r["cache"],
-        eval_bytes=r["eval"], peak_bytes=max(r["train"], r["cache"], r["eval"]),
+        eval_bytes=r["eval"], peak_bytes=max(r["train"], r["cache"], r["eval"], build),
+        build_bytes=build,
         cache_disk_bytes=_cache_disk_bytes(costs, cfg, n_train), dataset_bytes=data,
-        per_module=[asdict(s) | {"train_bytes": s.train_bytes} for s in costs])
+        per_module=[asdict(s) for s in costs])

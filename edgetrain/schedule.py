@@ -22,7 +22,7 @@ import torch
 from edgetrain import __version__
 from edgetrain.config import RunConfig
 from edgetrain.data import DataSplits, load_splits
-from edgetrain.devices import budget_guard, check_fits
+from edgetrain.budget import budget_guard, check_fits
 from edgetrain.errors import UserError
 from edgetrain.memory import PhaseRecorder
 from edgetrain.models import create_model

@@ -237,7 +237,7 @@ class OutOfCore:
         stage.eval()
         writer = None
         for x in batches:
-            z, _ = stage.forward_features(x.to(self.run.device))  # (B, *shape)
+            z = stage.features(x.to(self.run.device))  # (B, *shape)
             if writer is None:
                 need = planned_bytes(n * views, tuple(z.shape[1:]), self.cfg.cache_dtype)
                 check_free_space(self.cache_root, need, f"the activation cache of module {k + 1} "

@@ -16,7 +16,15 @@ from edgetrain.models.base import Network, run_blocks
 
 
 class Stage(nn.Module):
-    """Module k of the network: optional stem, a run of blocks, and head F_k."""
+    """Module k of the network: optional stem, a run of blocks, and head F_k.
+
+    Forward paths (none keeps a list of residues alive):
+      `features(x) -> z`: eval, cache writes, prefixes, export;
+      `forward_transport(x, scaling) -> (z, w)`: TRGL training, w differentiable;
+      `forward_statistic(x, scaling) -> (z, w)`: VanGL / e2e training, w detached;
+      `forward(x) -> (logits, z)`.
+    `forward_features(x) -> (z, residues)` keeps every residue: for tests and inspection only.
+    """
 
     def __init__(self, blocks: list[nn.Module], head: nn.Module, stem: nn.Module | None = None):
         super().__init__()
@@ -24,10 +32,39 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.head = head
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.stem is None else self.stem(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's output z; each residue is dropped as soon as its block returns."""
+        x = self._stem(x)
+        for blk in self.blocks:
+            x, _ = blk(x)
+        return x
+
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self.stem is not None:
-            x = self.stem(x)
-        return run_blocks(self.blocks, x)
+        """(z, residues), every residue kept: not for training or eval paths (see `features`)."""
+        return run_blocks(self.blocks, self._stem(x))
+
+    def forward_transport(self, x: torch.Tensor, scaling: str = "mean"
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features plus the differentiable transport cost W of the stage (TRGL).
+
+        A block whose residue is its displacement (`residue_is_delta`) pays through
+        `DeltaEnergy`, which saves nothing its neighbours do not already save; any other
+        block's residue goes through `transport_cost` and is saved for backward.
+        """
+        from edgetrain.transport import block_energy
+        x = self._stem(x)
+        cost = torch.zeros((), device=x.device)
+        for blk in self.blocks:
+            out, r = blk(x)
+            if r is not None:
+                delta = bool(getattr(blk, "residue_is_delta", False))
+                cost = cost + block_energy(x, out, r, delta, scaling)
+            del r
+            x = out
+        return x, cost
 
     def forward_statistic(self, x: torch.Tensor, scaling: str = "mean"
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,8 +75,7 @@ class Stage(nn.Module):
         map per block until the backward pass.
         """
         from edgetrain.transport import transport_cost
-        if self.stem is not None:
-            x = self.stem(x)
+        x = self._stem(x)
         cost = torch.zeros((), device=x.device)
         for blk in self.blocks:
             x, r = blk(x)
@@ -49,10 +85,10 @@ class Stage(nn.Module):
             del r
         return x, cost
 
-    def forward(self, x: torch.Tensor):
-        """Returns (logits, features, residues)."""
-        z, residues = self.forward_features(x)
-        return self.head(z), z, residues
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits, features)."""
+        z = self.features(x)
+        return self.head(z), z
 
 
 class Prefix(nn.Module):
@@ -65,7 +101,7 @@ class Prefix(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for st in self.stages:
-            x, _ = st.forward_features(x)
+            x = st.features(x)
         return x if self.features_only else self.stages[-1].head(x)
 
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from safetensors import SafetensorError
 
 from edgetrain import __version__
@@ -48,6 +48,11 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def atomic_write_stream(path: Path, write) -> None:
+    """Atomically write a file produced by `write(f)` (temp file, fsync, rename)."""
+    _atomic_write(path, write)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
@@ -60,21 +65,107 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """The safetensors format (8-byte header size, JSON header, raw little-endian data)
+    written one tensor at a time from its own memory. `safetensors.torch.save` and
+    `save_file` first copy every tensor into Python bytes: a second (for `save`, a third)
+    copy of a module and its optimizer state at every checkpoint. Read back with
+    `safetensors.torch.load_file` (tests/test_store.py)."""
+    header: dict = {"__metadata__": meta} if meta else {}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.numel():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     """Atomically save tensors (made contiguous, on CPU) to a safetensors file."""
-    from safetensors.torch import save
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(flat, metadata={k: str(v) for k, v in (meta or {}).items()}))
+    _atomic_write(path, lambda f: _write_safetensors(
+        f, flat, {k: str(v) for k, v in (meta or {}).items()}))
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _open(path: Path):
+    """(open file, header, data start) of a safetensors file, its header checked against the
+    file's size; UserError when it is missing or not one."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"missing module file {path}")
+    f = open(path, "rb")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < n <= size - 8:
+            raise ValueError("bad header length")
+        header = json.loads(f.read(n))
+        for name, e in header.items():
+            if name != "__metadata__" and (e["dtype"] not in _FROM_ST
+                                           or not 0 <= e["data_offsets"][0] <= e["data_offsets"][1]
+                                           or e["data_offsets"][1] > size - 8 - n):
+                raise ValueError(f"bad entry {name!r}")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        f.close()
         raise UserError(f"{path} is not a valid safetensors file ({e})") from None
+    return f, header, 8 + n
+
+
+def _read_into(f, start: int, entry: dict, t: torch.Tensor) -> None:
+    """Read one tensor's bytes straight into `t` (CPU, contiguous): no copy, no mapping."""
+    a, b = entry["data_offsets"]
+    if b - a != t.numel() * t.element_size() or list(entry["shape"]) != list(t.shape):
+        raise ValueError(f"entry shaped {entry['shape']}, expected {list(t.shape)}")
+    if b > a:
+        if os.preadv(f.fileno(), [memoryview(t.reshape(-1).view(torch.uint8).numpy())],
+                     start + a) != b - a:
+            raise ValueError("truncated")
+
+
+def read_tensors(path: Path, keep=lambda name: True) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose names `keep` accepts, each read from the file
+    into its own new tensor (safetensors' `load_file` maps the whole file, and its pages
+    count in the resident set while it is mapped)."""
+    f, header, start = _open(path)
+    out = {}
+    with f:
+        for name, e in header.items():
+            if name == "__metadata__" or not keep(name):
+                continue
+            t = torch.empty(e["shape"], dtype=_FROM_ST[e["dtype"]])
+            try:
+                _read_into(f, start, e, t)
+            except ValueError as err:
+                raise UserError(f"{path} is not a valid safetensors file ({err})") from None
+            out[name] = t
+    return out
+
+
+def load_optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Only the `optim.*` tensors of a module file (the weights are not read)."""
+    return read_tensors(path, lambda n: n.startswith("optim."))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return read_tensors(path)
 
 
 def module_path(run_dir: Path, k: int) -> Path:
@@ -86,13 +177,37 @@ def save_module(run_dir: Path, k: int, stage: torch.nn.Module, meta: dict | None
 
 
 def load_module(run_dir: Path, k: int, stage: torch.nn.Module) -> None:
-    sd = load_tensors(module_path(run_dir, k))
-    sd = {k_: v for k_, v in sd.items() if not k_.startswith("optim.")}
-    try:
-        stage.load_state_dict(sd)
-    except RuntimeError as e:
-        raise UserError(f"module {k} in {run_dir} does not match the configuration: "
-                        f"{str(e).splitlines()[0]}") from None
+    """Load module k's weights into `stage`. On CPU each tensor is read from the file
+    straight into the parameter or buffer it belongs to (no second copy of the module)."""
+    targets = stage.state_dict()
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in targets.values()):
+        sd = read_tensors(module_path(run_dir, k), lambda n: not n.startswith("optim."))
+        try:
+            stage.load_state_dict(sd)
+        except RuntimeError as e:
+            raise UserError(f"module {k} in {run_dir} does not match the configuration: "
+                            f"{str(e).splitlines()[0]}") from None
+        return
+    path = module_path(run_dir, k)
+    f, header, start = _open(path)
+    with f:
+        names = {n for n in header if n != "__metadata__" and not n.startswith("optim.")}
+        missing, unexpected = sorted(set(targets) - names), sorted(names - set(targets))
+        problem = (f"missing {missing[:3]}" if missing else
+                   f"unexpected {unexpected[:3]}" if unexpected else None)
+        for name, t in targets.items():
+            if problem:
+                break
+            if _FROM_ST[header[name]["dtype"]] != t.dtype:
+                problem = f"{name} is {header[name]['dtype']}, expected {t.dtype}"
+                break
+            try:
+                _read_into(f, start, header[name], t)
+            except ValueError as e:
+                problem = f"{name}: {e}"
+        if problem:
+            raise UserError(f"module {k} in {run_dir} does not match the configuration or is "
+                            f"corrupt: {problem}")
 
 
 def read_meta(path: Path) -> dict[str, str]:
@@ -219,8 +334,7 @@ class ModuleStore:
         t = json.loads(meta["trainer"])
         trainer.step, trainer.history = int(t["step"]), list(t["history"])
         trainer.weighting.load_state_dict(t["weighting"])
-        opt = {n: v for n, v in load_tensors(self.path(k)).items() if n.startswith("optim.")}
-        opt = {n: v.to(self.device) for n, v in opt.items()}
+        opt = {n: v.to(self.device) for n, v in load_optimizer_tensors(self.path(k)).items()}
         trainer.opt.load_state_dict(optimizer_from_tensors(opt, json.loads(meta["optimizer"])))
 
     def weights_digest(self, k: int) -> str:
@@ -239,6 +353,6 @@ class ModuleStore:
         save_tensors(self.path(k), tensors, keep)
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_tensors",
-           "load_tensors", "module_path", "save_module", "load_module", "save_file", "ModuleStore",
+__all__ = ["atomic_write_stream", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "save_tensors", "load_tensors", "module_path", "save_module", "load_module", "save_file", "ModuleStore",
            "read_meta", "tensors_digest", "optimizer_to_tensors", "optimizer_from_tensors"]

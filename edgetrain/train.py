@@ -23,7 +23,7 @@ from edgetrain.config import RunConfig
 from edgetrain.data import DataSplits, Split, augment, batch_indices
 from edgetrain.errors import UserError
 from edgetrain.split import Stage
-from edgetrain.transport import LossWeighting, tau_for_module, transport_cost
+from edgetrain.transport import LossWeighting, tau_for_module
 
 
 class BatchSource(Protocol):
@@ -78,7 +78,7 @@ class PrefixSource:
         for x, y in self.inner.epoch(epoch, salt):
             with torch.no_grad():
                 for st in self.prefix:
-                    x, _ = st.forward_features(x)
+                    x = st.features(x)
             yield x, y
 
 
@@ -125,6 +125,23 @@ class NonFiniteLoss(UserError):
     """A NaN or infinite loss: training stops, the last good checkpoint stays."""
 
 
+def stage_loss(tr: Trainer, x, y, label_smoothing: float, scaling: str):
+    """Forward of one stage and its loss; returns (total, ce, w, logits, z).
+
+    TRGL differentiates the transport cost w (`Stage.forward_transport`, no residue saved
+    beyond what the blocks save); VanGL and e2e compute it as a detached statistic
+    (`Stage.forward_statistic`). total = `tr.weighting.combine(ce, w)`. Also run on meta
+    tensors by the memory predictor (`edgetrain.simulate`), so nothing here reads values.
+    """
+    if tr.weighting.transport:
+        z, w = tr.stage.forward_transport(x, scaling)
+    else:
+        z, w = tr.stage.forward_statistic(x, scaling)
+    logits = tr.stage.head(z)
+    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    return tr.weighting.combine(ce, w), ce, w, logits, z
+
+
 def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
                label_smoothing: float, scaling: str) -> list[dict]:
     """One optimiser step of every trainer on a chain; returns per-stage statistics."""
@@ -132,14 +149,7 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
     for tr in trainers:
         tr.stage.train()
         tr.set_lr()
-        if tr.weighting.transport:
-            logits, z, residues = tr.stage(x)
-            w = transport_cost(residues, scaling)
-        else:  # VanGL/e2e: transport is a statistic only and no residue is kept alive
-            z, w = tr.stage.forward_statistic(x, scaling)
-            logits, residues = tr.stage.head(z), None
-        ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        total = tr.weighting.combine(ce, w)
+        total, ce, w, logits, z = stage_loss(tr, x, y, label_smoothing, scaling)
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"non-finite loss ({float(total.detach())}) at step {tr.step + 1}")
         tr.opt.zero_grad(set_to_none=True)
@@ -150,7 +160,7 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
         stats.append({"loss": float(ce.detach()), "transport": float(w.detach()),
                       "correct": int((logits.argmax(1) == y).sum()), "n": len(y)})
         x = z.detach()  # the boundary: nothing flows back into the stage before
-        del logits, z, residues, ce, w, total  # free them before the next stage's forward
+        del logits, z, ce, w, total  # free them before the next stage's forward
     return stats
 
 
@@ -195,7 +205,7 @@ def evaluate_chain(stages: list[Stage], batches: Iterable[tuple[torch.Tensor, to
     acc = [{"correct": 0, "loss": 0.0, "n": 0} for _ in stages]
     for x, y in batches:
         for a, st in zip(acc, stages):
-            logits, x, _ = st(x)
+            logits, x = st(x)
             a["correct"] += int((logits.argmax(1) == y).sum())
             a["loss"] += float(F.cross_entropy(logits, y, reduction="sum"))
             a["n"] += len(y)

@@ -27,6 +27,60 @@ def transport_cost(residues: list[torch.Tensor], scaling: str = "mean") -> torch
     raise ValueError(f"unknown transport scaling {scaling!r}")
 
 
+def _energy_scale(r: torch.Tensor, scaling: str) -> float:
+    """c in dW/dr = c * r: 2 / numel for `mean`, 2 / batch for `sample`."""
+    if scaling == "mean":
+        return 2.0 / r.numel()
+    if scaling == "sample":
+        return 2.0 / r.shape[0]
+    raise ValueError(f"unknown transport scaling {scaling!r}")
+
+
+class DeltaEnergy(torch.autograd.Function):
+    """Transport cost of one block whose residue is exactly its displacement, r = out - x.
+
+    `transport_cost([r])` saves r for backward (r.pow(2)), one extra feature map per block
+    that nothing else keeps. This function saves only `x` and `out`, storages the block's
+    neighbours already save (the block's first layer saves its input, the next block's
+    first layer saves this block's output), and rebuilds r = out - x in backward:
+        W = c/2 * sum(r**2),  dW/dout = c * r,  dW/dx = -c * r,
+    so through out = x + r(x) the gradient reaching x is c * r * dr/dx = dW/dx, and every
+    parameter of the block receives c * r * dr/dtheta: the same gradients as `transport_cost`
+    (up to the rounding of out - x). `r` may be a reshaped view of out - x (same elements in
+    the same order, e.g. a (B, H, W, C) map against (B, H*W, C) tokens).
+
+    Use: `DeltaEnergy.apply(x, out, r, scaling)` -> the block's energy (a scalar), the value
+    of `transport_cost([r], scaling)`; no gradient flows into `r`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, r: torch.Tensor,
+                scaling: str) -> torch.Tensor:
+        if x.shape != out.shape or r.numel() != out.numel():
+            raise ValueError(f"DeltaEnergy needs out - x == r: shapes {tuple(x.shape)}, "
+                             f"{tuple(out.shape)}, residue {tuple(r.shape)}")
+        ctx.c = _energy_scale(r, scaling)
+        ctx.save_for_backward(x, out)
+        return transport_cost([r], scaling)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, out = ctx.saved_tensors
+        d = out - x  # the residue, rebuilt; with its negation, the only temporaries
+        d.mul_(g * ctx.c)  # dW/dout = c * r * g, in place
+        grad_x = torch.neg(d) if ctx.needs_input_grad[0] else None
+        return grad_x, d if ctx.needs_input_grad[1] else None, None, None
+
+
+def block_energy(x: torch.Tensor, out: torch.Tensor, r: torch.Tensor, is_delta: bool,
+                 scaling: str) -> torch.Tensor:
+    """Differentiable transport cost of one block: `DeltaEnergy` when the block declares
+    r == out - x (`residue_is_delta`), else `transport_cost([r])`, which saves r."""
+    if is_delta:
+        return DeltaEnergy.apply(x, out, r, scaling)
+    return transport_cost([r], scaling)
+
+
 def tau_for_module(k: int, n_modules: int, tau: float, schedule: str) -> float:
     """tau_k for module k (0-based): `constant` tau; `midpoint` doubles it for the second
     half, modules k >= ceil(K/2) (for K = 4: tau, tau, 2tau, 2tau as in the paper's Table 1)."""

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgetrain.bench import accuracy as acc
+from edgetrain.bench.accuracy_report import mean_ci95
 from edgetrain.cli import cli
 from edgetrain.data import fashion_available
 from edgetrain.errors import UserError
@@ -19,7 +20,7 @@ SAMPLE_MEAN, SAMPLE_CI = 0.812, 0.0321398
 
 
 def test_ci95_of_a_known_sample_matches_the_hand_value():
-    s = acc.mean_ci95(SAMPLE)
+    s = mean_ci95(SAMPLE)
     assert s["n"] == 5
     assert s["mean"] == pytest.approx(SAMPLE_MEAN, abs=1e-12)
     assert s["ci95"] == pytest.approx(SAMPLE_CI, rel=1e-5)
@@ -27,23 +28,25 @@ def test_ci95_of_a_known_sample_matches_the_hand_value():
 
 @pytest.mark.parametrize("df,table", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622),
                                       (30, 2.0423), (120, 1.9799)])
-def test_t_quantile_matches_printed_tables(df, table):
-    assert acc.t_quantile(0.975, df) == pytest.approx(table, abs=1e-4)
+def test_ci95_uses_the_printed_t_quantile(df, table):
+    """ci95 = t_{0.975, n-1} * s / sqrt(n), with t as printed in the tables."""
+    s = mean_ci95([0.0] * df + [1.0])  # n = df + 1 values
+    assert s["ci95"] * math.sqrt(s["n"]) / s["std"] == pytest.approx(table, abs=1e-4)
 
 
 def test_ci95_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats
     for sample in (SAMPLE, [0.1, 0.9], [0.5, 0.52, 0.49, 0.55, 0.47, 0.51, 0.5, 0.53, 0.46, 0.5]):
         lo, hi = stats.t.interval(0.95, len(sample) - 1, loc=sum(sample) / len(sample),
                                   scale=stats.sem(sample))
-        assert acc.mean_ci95(sample)["ci95"] == pytest.approx((hi - lo) / 2, rel=1e-7)
+        assert mean_ci95(sample)["ci95"] == pytest.approx((hi - lo) / 2, rel=1e-7)
 
 
 def test_ci95_degenerate_samples():
-    assert acc.mean_ci95([])["mean"] is None
-    one = acc.mean_ci95([0.7])
+    assert mean_ci95([])["mean"] is None
+    one = mean_ci95([0.7])
     assert one["mean"] == 0.7 and one["ci95"] is None
-    assert acc.mean_ci95([0.5, 0.5, 0.5])["ci95"] == 0.0
+    assert mean_ci95([0.5, 0.5, 0.5])["ci95"] == 0.0
 
 
 def _check_results(res: dict, grid: acc.AccuracyGrid) -> None:

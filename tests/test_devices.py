@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgetrain import devices
+from edgetrain import budget, devices
+from edgetrain.budget import MemoryBudgetExceeded, RssWatchdog
 from edgetrain.cli import cli
 from edgetrain.config import CACHE_DTYPES
-from edgetrain.devices import (DEVICES_DIR, MIB, PROFILE_FIELDS, MemoryBudgetExceeded,
-                               RssWatchdog, load_profile, parse_size, read_profile)
+from edgetrain.devices import DEVICES_DIR, MIB, PROFILE_FIELDS, load_profile, parse_size, read_profile
 from edgetrain.errors import UserError
 
 PROFILE_FILES = sorted(DEVICES_DIR.glob("*.toml"))
@@ -118,12 +118,12 @@ def test_watchdog_trips_only_above_budget():
 
 
 def test_apply_budget_options():
-    opts = devices.apply_budget_options({}, "cpu-2gb", None)
+    opts = budget.apply_budget_options({}, "cpu-2gb", None)
     assert opts["memory_budget"] == load_profile("cpu-2gb").budget_bytes
     assert opts["extra"]["device_profile"] == "cpu-2gb"
-    assert devices.apply_budget_options({}, None, "1GiB")["memory_budget"] == 2**30
+    assert budget.apply_budget_options({}, None, "1GiB")["memory_budget"] == 2**30
     with pytest.raises(UserError, match="not both"):
-        devices.apply_budget_options({}, "cpu-2gb", "1GiB")
+        budget.apply_budget_options({}, "cpu-2gb", "1GiB")
 
 
 def test_devices_command_lists_every_profile():
@@ -203,11 +203,11 @@ def test_budget_stop_leaves_run_resumable(tmp_path, tiny, monkeypatch):
     import edgetrain.schedule as schedule
     monkeypatch.setattr(schedule, "check_fits", lambda *a, **k: None)
     cfg = lambda: tiny(mode="multilap", memory_budget=64 * 2**30)  # noqa: E731
-    monkeypatch.setattr(devices, "watchdog_for", lambda c, device="cpu": _TripAfter(9))
+    monkeypatch.setattr(budget, "watchdog_for", lambda c, device="cpu": _TripAfter(9))
     with pytest.raises(MemoryBudgetExceeded):
         schedule.train(cfg(), tmp_path / "stopped")
     assert not (tmp_path / "stopped" / "metrics.json").exists()
-    monkeypatch.setattr(devices, "watchdog_for", lambda c, device="cpu": None)
+    monkeypatch.setattr(budget, "watchdog_for", lambda c, device="cpu": None)
     resumed = schedule.resume(tmp_path / "stopped")
     fresh = schedule.train(cfg(), tmp_path / "fresh")
     assert ([m["test_acc"] for m in resumed["modules"]]

@@ -112,7 +112,7 @@ def test_features_only_through_cli_gives_the_module_output(trained, tmp_path):
     assert r.exit_code == 0, r.output
     x = run.data.normalize(run.data.test.x[:7])
     with torch.no_grad():
-        z, _ = run.stages[0].eval().forward_features(x)
+        z = run.stages[0].eval().features(x)
     got = _ort(_session(out), x)
     assert got.shape == z.shape
     assert (got - z).abs().max() <= 1e-4

@@ -91,9 +91,10 @@ def test_parallel_accounted_peak_below_e2e_on_tiny_resnet():
     assert seq.peak_bytes == max(seq.train_step_bytes, seq.cache_write_bytes, seq.eval_bytes)
 
 
-def test_prediction_matches_real_accounting_of_e2e():
-    """The meta-device prediction of activations matches a real CPU forward's accounting
-    (within 1%: CPU kernels save a few extra bytes, e.g. loss buffers)."""
+def test_prediction_covers_real_accounting_of_e2e():
+    """The simulated step's activations (its peak beyond parameters, gradients, optimizer
+    state and input) hold what a real CPU forward saves for backward, plus the backward's
+    first gradients: at least the saved bytes, at most 15% more on this tiny net."""
     from edgetrain.schedule import build_run
     from edgetrain.split import Stage
     cfg = tiny_cfg(mode="e2e", augment=False)
@@ -104,15 +105,17 @@ def test_prediction_matches_real_accounting_of_e2e():
     held = []
 
     def loss():
-        logits, z, res = whole(x)
-        held.extend([logits, z, *res])  # alive until backward in train_step
+        z, _ = whole.forward_statistic(x)  # e2e: the transport is a detached statistic
+        logits = whole.head(z)
+        held.extend([logits, z])  # alive until backward in train_step
         return torch.nn.functional.cross_entropy(logits, y)
 
     seen, _ = memory._saved_storages(loss, exclude=[x])
     for t in held:
         seen.setdefault(memory._storage_key(t), t.untyped_storage().nbytes())
     pred = predict_peak(cfg, run.data.input_shape, run.data.num_classes)
-    assert pred.activations_bytes == pytest.approx(sum(seen.values()), rel=0.01)
+    saved = sum(seen.values())
+    assert 0.99 * saved <= pred.activations_bytes <= 1.15 * saved
     assert pred.params_bytes == memory.param_bytes(whole)
 
 

@@ -14,11 +14,12 @@ import pytest
 from click.testing import CliRunner
 
 import edgetrain.memory as memory
-from edgetrain import devices
+from edgetrain import planner
 from edgetrain.cli import cli
 from edgetrain.config import RunConfig
-from edgetrain.devices import MIB, load_profile, needed_bytes, plan
+from edgetrain.devices import MIB, load_profile
 from edgetrain.errors import UserError
+from edgetrain.planner import needed_bytes, plan
 
 BASELINE = 100 * MIB
 
@@ -39,9 +40,9 @@ def fake_predict(cfg: RunConfig, input_shape, num_classes, n_train=None):
 def fake(monkeypatch):
     monkeypatch.setattr(memory, "predict_peak", fake_predict)
     monkeypatch.setattr(memory, "runtime_baseline_bytes", lambda: BASELINE)
-    monkeypatch.setattr(devices, "_count_blocks", lambda cfg, shape, nc: 18)
-    monkeypatch.setattr(devices, "SAFETY", 1.15)  # the examples below are worked out with it
-    monkeypatch.setattr(devices, "HEADROOM_BYTES", 0)
+    monkeypatch.setattr(planner, "_count_blocks", lambda cfg, shape, nc: 18)
+    monkeypatch.setattr(planner, "SAFETY", 1.15)  # the examples below are worked out with it
+    monkeypatch.setattr(planner, "HEADROOM_BYTES", 0)
 
 
 def reference_order(base: RunConfig, n_blocks: int, dtype: str) -> list[RunConfig]:
@@ -117,7 +118,7 @@ def test_train_command_round_trips():
     cfg = RunConfig(data="synthetic", input_shape=(3, 96, 96), model="resnet110", mode="multilap",
                     modules=8, split="memory", batch_size=32, cache_dtype="bfloat16", epochs=4,
                     laps=2, transport=False, width=8)
-    cmd = devices.train_command(cfg, load_profile("cpu-2gb"))
+    cmd = planner.train_command(cfg, load_profile("cpu-2gb"))
     args = shlex.split(cmd)
     assert args[:2] == ["edgetrain", "train"] and args[-2:] == ["--device-profile", "cpu-2gb"]
     from edgetrain.cli import config_from_options, train

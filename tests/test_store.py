@@ -19,7 +19,7 @@ def _trained_store(tmp_path, optimizer):
     st.adopt(write=True)
     st.load(0)
     with torch.no_grad():
-        x, _ = run.stages[0].forward_features(run.data.normalize(run.data.train.x[:16]))
+        x = run.stages[0].features(run.data.normalize(run.data.train.x[:16]))
     stage = st.load(1)
     tr = make_trainer(stage, run.cfg, 1, 3, 100)
     for _ in range(3):

@@ -5,9 +5,12 @@ size), the arms to compare (`e2e`, and `parallel` / `sequential` / `multilap` ea
 transport off, VanGL, or on, TRGL), the seeds, and the `RunConfig` fields shared by every
 run. `run_grid` trains every (data set, size, arm, seed) through the product path,
 `edgetrain.schedule.train`, in a throw-away run directory, and rewrites the results JSON
-after every run so that an interrupted grid resumes where it stopped. `summarize` turns
-runs into cells (mean and Student-t 95% confidence interval over seeds), `markdown_table`
-and `write_plots` render them.
+after every run so that an interrupted grid resumes where it stopped.
+
+What this file holds: grids and presets, running, resuming and saving a grid, the entry
+point `run_benchmark` and the validation-only `tune`. The statistics (mean and Student-t
+95% confidence interval over seeds), summaries, Markdown tables and plots are in
+`edgetrain.bench.accuracy_report`.
 
 Two accuracies are reported per cell, as in the paper:
   * `best_test_acc`: test accuracy of the depth whose *validation* accuracy is highest
@@ -19,11 +22,8 @@ This file does not parse argv, read the environment or tune anything on the test
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import platform
-import statistics
 import tempfile
 import time
 from contextlib import contextmanager
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edgetrain.bench.accuracy_report import markdown_report, mean_ci95, summarize, write_plots
 from edgetrain.errors import UserError
 
 ARMS = ("e2e", "parallel-vangl", "parallel-trgl", "sequential-vangl", "sequential-trgl",
@@ -168,52 +169,6 @@ def narrow_grid(name: str, datasets: list[str] | None = None,
             raise UserError(f"--seeds must be >= 2 for a confidence interval (got {n_seeds})")
         grid.seeds = list(range(n_seeds))
     return grid
-
-
-# --------------------------------------------------------------------------- statistics
-@functools.lru_cache(maxsize=None)
-def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t with `df` degrees of freedom (p in (0.5, 1)).
-
-    Newton's method on the CDF, itself integrated from the density with Simpson's rule:
-    agrees with scipy to ~1e-10 without needing scipy.
-    """
-    x = 2.0
-    for _ in range(100):
-        step = (_t_cdf(x, df) - p) / _t_pdf(x, df)
-        x = max(x - step, 0.5 * x)  # never jump below 0 on the heavy-tailed df = 1
-        if abs(step) < 1e-12:
-            break
-    return x
-
-
-def _t_pdf(t: float, df: int) -> float:
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    return c * (1.0 + t * t / df) ** (-(df + 1) / 2)
-
-
-def _t_cdf(x: float, df: int, steps: int = 2000) -> float:
-    """P(T <= x) for x >= 0, by Simpson's rule on the density over [0, x]."""
-    h = x / steps
-    inner = sum((4 if i % 2 else 2) * _t_pdf(i * h, df) for i in range(1, steps))
-    return 0.5 + (_t_pdf(0.0, df) + _t_pdf(x, df) + inner) * h / 3.0
-
-
-def mean_ci95(values: list[float]) -> dict:
-    """Mean and half-width of the two-sided 95% Student-t confidence interval.
-
-    Returns:
-        {"mean", "ci95", "n", "std"}; ci95 is None for fewer than 2 values.
-    """
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "ci95": None, "n": 0, "std": None}
-    mean = statistics.fmean(values)
-    if n < 2:
-        return {"mean": mean, "ci95": None, "n": 1, "std": None}
-    std = statistics.stdev(values)
-    return {"mean": mean, "ci95": t_quantile(0.975, n - 1) * std / math.sqrt(n), "n": n,
-            "std": std}
 
 
 # --------------------------------------------------------------------------- running
@@ -367,196 +322,6 @@ def _save(path: Path, res: dict) -> None:
     atomic_write_json(path, res)
 
 
-# --------------------------------------------------------------------------- summaries
-def summarize(runs: list[dict]) -> list[dict]:
-    """One cell per (dataset, size, arm): mean and 95% CI over seeds of the best-depth and
-    last-module test accuracies, per-module test accuracy, and the chosen depths."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["dataset"], r["train_size"], r["arm"]), []).append(r)
-    cells = []
-    for (d, n, a), rs in groups.items():
-        depth = max(len(r["modules"]) for r in rs)
-        per_module = [mean_ci95([r["modules"][k]["test_acc"] for r in rs
-                                 if len(r["modules"]) > k]) for k in range(depth)]
-        cells.append({"dataset": d, "train_size": n, "arm": a, "n_seeds": len(rs),
-                      "seeds": sorted(r["seed"] for r in rs),
-                      "best_test_acc": mean_ci95([r["best_test_acc"] for r in rs]),
-                      "last_test_acc": mean_ci95([r["last_test_acc"] for r in rs]),
-                      "best_val_acc": mean_ci95([r["best_val_acc"] for r in rs]),
-                      "best_depths": [r["best_depth"] for r in rs],
-                      "per_module_test_acc": per_module,
-                      "run_s": mean_ci95([r["run_s"] for r in rs])})
-    return cells
-
-
-def _fmt(stat: dict) -> str:
-    if stat["mean"] is None:
-        return "—"
-    ci = "" if stat["ci95"] is None else f" ± {100 * stat['ci95']:.2f}"
-    return f"{100 * stat['mean']:.2f}{ci}"
-
-
-def markdown_table(res: dict, metric: str = "best_test_acc") -> str:
-    """Markdown table, one row per (dataset, size) and one column per arm: test accuracy
-    in percent, mean ± half-width of the 95% Student-t interval over seeds."""
-    grid = res["grid"]
-    cells = {(c["dataset"], c["train_size"], c["arm"]): c for c in res["cells"]}
-    arms = grid["arms"]
-    lines = ["| data set | train size | " + " | ".join(arms) + " |",
-             "|---|---:|" + "---:|" * len(arms)]
-    for d, sizes in grid["datasets"].items():
-        for n in sorted(int(k) for k in sizes):
-            row = [_fmt(cells[(d, n, a)][metric]) if (d, n, a) in cells else "—" for a in arms]
-            lines.append(f"| {d} | {n} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def markdown_report(res: dict) -> str:
-    """The Markdown page: configuration, both tables (best depth and last module), timing."""
-    g = res["grid"]
-    n_runs, n_all = len(res["runs"]), _n_points(g)
-    head = [f"# Accuracy benchmark `{g['name']}`", "",
-            f"{g['notes']}. Base configuration: `{json.dumps(g['base'], sort_keys=True)}`; "
-            f"per-arm overrides: `{json.dumps(g['arm_overrides'], sort_keys=True)}`; "
-            f"epochs per train size: `{json.dumps(g['datasets'], sort_keys=True)}`; "
-            f"seeds {g['seeds']}.", "",
-            f"Runs: {n_runs}/{n_all} ({'complete' if res['complete'] else 'PARTIAL'}), "
-            f"wall time {res['wall_s'] / 60:.1f} min (sum of the runs' times){_load_note(res)}, "
-            f"torch {res['torch_version']}, "
-            f"threads {res['threads']}, device {res['device']}; sequential/multilap through "
-            f"the out-of-core activation cache: {_cache_note(res['runs'])}.", "",
-            "Cells: test accuracy in %, mean ± half-width of the two-sided 95% Student-t "
-            "confidence interval over seeds (t quantile with n-1 degrees of freedom).", ""]
-    best = ["## Best depth (depth chosen on validation; Tables 10/11 style)", "",
-            markdown_table(res, "best_test_acc"), ""]
-    last = ["## Last module (Tables 12/13 style)", "", markdown_table(res, "last_test_acc"), ""]
-    return "\n".join(head + best + last + claims_markdown(claim_checks(res["runs"])))
-
-
-def _load_note(res: dict) -> str:
-    if not res.get("loadavg_start"):
-        return ""
-    return (f", load average {res['loadavg_start'][0]} at the start and "
-            f"{(res.get('loadavg_end') or ['?'])[0]} at the end (other jobs shared the cores)")
-
-
-def _cache_note(runs: list[dict]) -> str:
-    seq = [r for r in runs if r["arm"].split("-")[0] in ("sequential", "multilap")]
-    ooc = {(r.get("out_of_core"), r.get("cache_dtype"), r.get("cache_views")) for r in seq}
-    return "; ".join(f"out_of_core={o}, cache dtype {d}, views {v}" for o, d, v in sorted(
-        ooc, key=str)) or "no sequential runs"
-
-
-def _n_points(g: dict) -> int:
-    return sum(len(s) for s in g["datasets"].values()) * len(g["arms"]) * len(g["seeds"])
-
-
-# --------------------------------------------------------------------------- plots
-ARM_STYLE = {"vangl": ("tab:blue", "VanGL"), "trgl": ("tab:red", "TRGL")}
-
-
-def write_plots(res: dict, prefix: Path) -> list[Path]:
-    """PNG plots: per data set, test accuracy after each module (Figures 2-3 style, one
-    panel per regime and size), and best-depth test accuracy against train size.
-
-    Raises:
-        UserError: matplotlib missing (install the `plots` extra).
-    """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plots need matplotlib: pip install 'edgetrain[plots]'") from None
-    prefix = Path(prefix)
-    cells = {(c["dataset"], c["train_size"], c["arm"]): c for c in res["cells"]}
-    paths = []
-    for d, sizes in res["grid"]["datasets"].items():
-        paths.append(_plot_modules(plt, cells, d, sorted(int(n) for n in sizes),
-                                   res["grid"]["arms"], Path(f"{prefix}-modules-{d}.png")))
-    paths.append(_plot_sizes(plt, cells, res["grid"], Path(f"{prefix}-size.png")))
-    return paths
-
-
-def _regimes(arms: list[str]) -> list[str]:
-    return [m for m in ("parallel", "sequential", "multilap")
-            if any(a.startswith(m) for a in arms)]
-
-
-def _plot_modules(plt, cells: dict, d: str, sizes: list[int], arms: list[str], path: Path) -> Path:
-    regimes = _regimes(arms)
-    fig, axes = plt.subplots(len(regimes), len(sizes), squeeze=False,
-                             figsize=(3.2 * len(sizes), 2.6 * len(regimes)))
-    for i, mode in enumerate(regimes):
-        for j, n in enumerate(sizes):
-            ax = axes[i][j]
-            for kind, (color, label) in ARM_STYLE.items():
-                c = cells.get((d, n, f"{mode}-{kind}"))
-                if c:
-                    _curve(ax, c["per_module_test_acc"], color, label)
-            e2e = cells.get((d, n, "e2e"))
-            if e2e and e2e["last_test_acc"]["mean"] is not None:
-                ax.axhline(100 * e2e["last_test_acc"]["mean"], color="gray", ls="--", label="E2E")
-            ax.set_title(f"{mode}, n={n}", fontsize=9)
-            ax.set_xlabel("module", fontsize=8)
-            ax.set_ylabel("test acc (%)", fontsize=8)
-            ax.tick_params(labelsize=7)
-    if axes[0][0].get_legend_handles_labels()[0]:
-        axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{d}: test accuracy after each module (mean, 95% CI)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _curve(ax, stats: list[dict], color: str, label: str) -> None:
-    xs = list(range(1, len(stats) + 1))
-    mean = [100 * s["mean"] for s in stats]
-    ci = [100 * (s["ci95"] or 0.0) for s in stats]
-    ax.plot(xs, mean, "-o", color=color, ms=3, label=label)
-    ax.fill_between(xs, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
-                    color=color, alpha=0.2)
-    ax.set_xticks(xs)
-
-
-def _plot_sizes(plt, cells: dict, grid: dict, path: Path) -> Path:
-    ds = list(grid["datasets"])
-    fig, axes = plt.subplots(1, len(ds), squeeze=False, figsize=(5.0 * len(ds), 3.8))
-    for ax, d in zip(axes[0], ds):
-        sizes = sorted(int(n) for n in grid["datasets"][d])
-        for i, a in enumerate(grid["arms"]):
-            pts = [(n, cells[(d, n, a)]["best_test_acc"]) for n in sizes if (d, n, a) in cells]
-            if not pts:
-                continue
-            dodge = 1.0 + 0.025 * (i - (len(grid["arms"]) - 1) / 2)  # keep error bars apart
-            ax.errorbar([p[0] * dodge for p in pts], [100 * p[1]["mean"] for p in pts],
-                        yerr=[100 * (p[1]["ci95"] or 0.0) for p in pts], capsize=3,
-                        marker="o", ms=3, ls=_ls(a), color=_color(a), label=a)
-        ax.set_xscale("log")
-        ax.set_xticks(sizes, [str(n) for n in sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("train size")
-        ax.set_ylabel("best-depth test acc (%)")
-        ax.set_title(d)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _color(arm: str) -> str:
-    return {"e2e": "black", "parallel": "tab:green", "sequential": "tab:orange",
-            "multilap": "tab:purple"}[arm.split("-")[0]]
-
-
-def _ls(arm: str) -> str:
-    return "--" if arm.endswith("vangl") else "-"
-
-
 # --------------------------------------------------------------------------- entry point
 def run_benchmark(grid: AccuracyGrid, out_dir: Path, *, device: str = "auto",
                   threads: int | None = 1, resume: bool = True, plots: bool = True,
@@ -618,74 +383,3 @@ def tune(grid: AccuracyGrid, dataset: str, size: int, sweeps: dict[str, dict[str
                         log(f"tune {dataset} n={size} {arm} {name}={v}: val {stat['mean']:.4f}")
                 best.setdefault(arm, {})[name] = max(scores, key=lambda t: t[0])[1]
     return {"dataset": dataset, "size": size, "seeds": seeds, "results": out, "best": best}
-
-
-# --------------------------------------------------------------------------- paper claims
-def _paired(runs: list[dict], d: str, n: int, arm_a: str, arm_b: str, metric: str) -> dict:
-    """mean_ci95 of metric(arm_a) - metric(arm_b) over the seeds both arms ran (same seed:
-    same data subset, validation split and initial weights)."""
-    by = {(r["arm"], r["seed"]): r[metric] for r in runs
-          if r["dataset"] == d and r["train_size"] == n}
-    seeds = sorted({s for a, s in by if a == arm_a} & {s for a, s in by if a == arm_b})
-    return mean_ci95([by[(arm_a, s)] - by[(arm_b, s)] for s in seeds])
-
-
-def claim_checks(runs: list[dict]) -> list[dict]:
-    """Per (dataset, size, regime): paired TRGL - VanGL and multilap - sequential differences
-    (best depth and last module), and each module-wise arm's drop from its best module to
-    its last module (mean test accuracy over seeds; a collapse with depth shows as a drop)."""
-    out = []
-    for d, n in sorted({(r["dataset"], r["train_size"]) for r in runs}):
-        row = {"dataset": d, "train_size": n}
-        for mode in ("parallel", "sequential", "multilap"):
-            for metric in ("best_test_acc", "last_test_acc"):
-                row[f"{mode}_trgl_minus_vangl_{metric}"] = _paired(
-                    runs, d, n, f"{mode}-trgl", f"{mode}-vangl", metric)
-        for kind in ("vangl", "trgl"):
-            row[f"multilap_minus_sequential_{kind}_best_test_acc"] = _paired(
-                runs, d, n, f"multilap-{kind}", f"sequential-{kind}", "best_test_acc")
-            for mode in ("parallel", "sequential", "multilap"):
-                row[f"{mode}_{kind}_drop_best_to_last_module"] = _module_drop(
-                    runs, d, n, f"{mode}-{kind}")
-        out.append(row)
-    return out
-
-
-def _module_drop(runs: list[dict], d: str, n: int, arm: str) -> float | None:
-    rs = [r for r in runs if (r["dataset"], r["train_size"], r["arm"]) == (d, n, arm)]
-    if not rs:
-        return None
-    k = len(rs[0]["modules"])
-    means = [statistics.fmean(r["modules"][i]["test_acc"] for r in rs) for i in range(k)]
-    return max(means) - means[-1]
-
-
-def claims_markdown(checks: list[dict]) -> list[str]:
-    """Section of the report: the paired differences behind the paper's claims."""
-    lines = ["## Paper claims: paired differences over seeds (percentage points, 95% CI)", "",
-             "TRGL - VanGL uses the best-depth test accuracy; ML - Seq compares multilap with "
-             "sequential; drop = best module's mean test accuracy minus the last module's "
-             "(a collapse with depth shows as a large drop).", "",
-             "| data set | size | Par TRGL-VanGL | Seq TRGL-VanGL | ML TRGL-VanGL "
-             "| ML-Seq VanGL | ML-Seq TRGL | drop Par V/T | drop Seq V/T | drop ML V/T |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in checks:
-        cols = [_pp(c[f"{m}_trgl_minus_vangl_best_test_acc"]) for m in
-                ("parallel", "sequential", "multilap")]
-        cols += [_pp(c[f"multilap_minus_sequential_{k}_best_test_acc"]) for k in ("vangl", "trgl")]
-        cols += [f"{_drop(c[f'{m}_vangl_drop_best_to_last_module'])} / "
-                 f"{_drop(c[f'{m}_trgl_drop_best_to_last_module'])}"
-                 for m in ("parallel", "sequential", "multilap")]
-        lines.append(f"| {c['dataset']} | {c['train_size']} | " + " | ".join(cols) + " |")
-    return lines + [""]
-
-
-def _pp(stat: dict) -> str:
-    if stat["mean"] is None:
-        return "—"
-    ci = "" if stat["ci95"] is None else f" ± {100 * stat['ci95']:.2f}"
-    return f"{100 * stat['mean']:+.2f}{ci}"
-
-
-def _drop(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.1f}"

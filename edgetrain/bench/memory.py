@@ -56,6 +56,9 @@ def child_main(spec: dict) -> dict:
     if cap:
         resource.setrlimit(resource.RLIMIT_AS, (int(cap), int(cap)))
     try:
+        from edgetrain.memory import compact_malloc  # after the cap: it imports torch
+        if spec.get("compact_malloc", True):  # as the CLI does
+            compact_malloc()
         return _child_measure(spec)
     except BaseException as e:  # noqa: BLE001 - out-of-memory surfaces as many types
         return {"ok": False, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}

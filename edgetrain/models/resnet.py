@@ -27,6 +27,8 @@ class PreActBlock(nn.Module):
         )
         self.shortcut = (nn.Identity() if stride == 1 and c_in == c_out
                          else nn.Conv2d(c_in, c_out, 1, stride, bias=False))
+        # out - x == r exactly (up to rounding) iff the shortcut is the identity
+        self.residue_is_delta = isinstance(self.shortcut, nn.Identity)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.branch(x)

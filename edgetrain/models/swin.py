@@ -48,6 +48,10 @@ class SwinBlock(nn.Module):
     def __init__(self, block: nn.Module, hw: tuple[int, int], merge: nn.Module | None = None):
         super().__init__()
         self.block, self.merge, self.hw = block, merge, hw
+        # Without a merge, r = out - x on the (B, h, w, C) map is the block's returned tokens
+        # minus its input tokens (B, h*w, C): the same elements in the same order. A merge
+        # changes the layout (r = out - merge(x)), so r is not the block's displacement.
+        self.residue_is_delta = merge is None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.unflatten(1, self.hw)  # (B, h, w, C)

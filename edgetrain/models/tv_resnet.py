@@ -53,6 +53,7 @@ class TorchvisionBlock(nn.Module):
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
+        self.residue_is_delta = block.downsample is None  # r = out - x, not out - ds(x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ds = self.block.downsample

@@ -76,6 +76,7 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
                                  nn.Linear(mlp_ratio * dim, dim))
+        self.residue_is_delta = True  # x, out and r are all (B, N, D), r = out - x
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = x + self.attn(self.ln1(x))

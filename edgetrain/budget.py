@@ -1,0 +1,161 @@
+"""Enforcing a memory budget during training.
+
+What this file holds: `apply_budget_options`, which turns `--device-profile` /
+`--memory-budget` into a budget; `check_fits`, the pre-flight check of `edgetrain train`;
+`check_runtime_fits`; and `RssWatchdog` with `watchdog_for` / `budget_guard`, which stop a
+run cleanly at a step boundary before the process outgrows its budget
+(`MemoryBudgetExceeded`).
+
+Device profiles and size parsing are in `edgetrain.devices`, the planner in
+`edgetrain.planner`; predicted bytes come from `edgetrain.memory`.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgetrain.config import RunConfig
+from edgetrain.devices import fmt_bytes, load_profile, parse_size
+from edgetrain.errors import UserError
+
+
+# --------------------------------------------------------------------------- enforcement
+class MemoryBudgetExceeded(UserError):
+    """The process outgrew its memory budget; training stopped at a step boundary."""
+
+
+def check_runtime_fits(budget_bytes: int, baseline_bytes: int) -> None:
+    """Raises `UserError` when the budget cannot even hold the runtime itself."""
+    if budget_bytes <= baseline_bytes:
+        raise UserError(f"memory budget {fmt_bytes(budget_bytes)} is below the runtime itself "
+                        f"({fmt_bytes(baseline_bytes)} resident after importing PyTorch)")
+
+
+def check_fits(cfg: RunConfig, input_shape, num_classes: int, n_train: int | None) -> None:
+    """Pre-flight check of `train`: refuse a configuration predicted to exceed its budget
+    (runtime baseline plus predicted tensor peak, without the planner's safety factor).
+
+    Does nothing when `cfg.memory_budget` is None.
+
+    Raises:
+        UserError: budget below the runtime, or the configuration is predicted not to fit.
+    """
+    if cfg.memory_budget is None:
+        return
+    from edgetrain.memory import predict_peak, runtime_baseline_bytes
+    baseline = runtime_baseline_bytes()
+    check_runtime_fits(cfg.memory_budget, baseline)
+    # no SAFETY factor here: `plan` keeps that margin, and the baseline measured in this
+    # process differs by a few MiB from the planner's; refuse only a predicted overrun
+    need = baseline + predict_peak(cfg, tuple(input_shape), num_classes, n_train).peak_bytes
+    if need > cfg.memory_budget:
+        raise UserError(f"this configuration is predicted to need {fmt_bytes(need)}, more than "
+                        f"the memory budget {fmt_bytes(cfg.memory_budget)}; run `edgetrain plan` "
+                        "for one that fits")
+
+
+class RssWatchdog:
+    """Polls the process's resident memory in a background thread.
+
+    The thread only records; `check()`, called by the training loop between optimiser
+    steps, raises `MemoryBudgetExceeded`, so the run stops at a step boundary where the
+    last checkpoint is intact. With `count_cuda`, CUDA memory reserved by PyTorch is added
+    (Jetson: GPU memory is system memory but is not in RSS).
+    """
+
+    def __init__(self, budget_bytes: int, interval_s: float = 0.05, count_cuda: bool = False):
+        import psutil
+        self.budget_bytes, self.interval_s, self.count_cuda = budget_bytes, interval_s, count_cuda
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="edgetrain-rss", daemon=True)
+        self.peak_bytes = 0
+        self.over_bytes: int | None = None  # the first reading above the budget
+
+    def usage_bytes(self) -> int:
+        used = self._proc.memory_info().rss
+        if self.count_cuda:
+            import torch
+            if torch.cuda.is_initialized():
+                used += torch.cuda.memory_reserved()
+        return used
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._record(self.usage_bytes())
+            self._stop.wait(self.interval_s)
+
+    def _record(self, used: int) -> None:
+        self.peak_bytes = max(self.peak_bytes, used)
+        if used > self.budget_bytes and self.over_bytes is None:
+            self.over_bytes = used
+
+    def check(self) -> None:
+        """Raise `MemoryBudgetExceeded` if any reading so far exceeded the budget."""
+        self._record(self.usage_bytes())
+        if self.over_bytes is not None:
+            raise MemoryBudgetExceeded(
+                f"stopped: resident memory reached {fmt_bytes(self.over_bytes)}, over the "
+                f"memory budget of {fmt_bytes(self.budget_bytes)}; the run directory keeps its "
+                "last checkpoint (`edgetrain train --resume RUN_DIR` continues it once memory "
+                "is freed; `edgetrain plan` finds a configuration that fits)")
+
+    def __enter__(self) -> "RssWatchdog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def watchdog_for(cfg: RunConfig, device: str = "cpu") -> RssWatchdog | None:
+    """The watchdog for a run with a budget (None without one).
+
+    CUDA memory counts against the budget only on a profile whose CPU and GPU share one
+    DRAM (`cfg.extra["shared_cpu_gpu_memory"]`, set by `--device-profile`).
+    """
+    if cfg.memory_budget is None:
+        return None
+    shared = bool(cfg.extra.get("shared_cpu_gpu_memory", False))
+    return RssWatchdog(cfg.memory_budget, count_cuda=shared and str(device).startswith("cuda"))
+
+
+def apply_budget_options(opts: dict, profile_name: str | None, budget_text: str | None,
+                         root: Path | None = None) -> dict:
+    """Fold `--device-profile` / `--memory-budget` into RunConfig keyword arguments.
+
+    Raises:
+        UserError: both given, an unknown or malformed profile, a malformed size.
+    """
+    if profile_name and budget_text:
+        raise UserError("give --device-profile or --memory-budget, not both")
+    opts = dict(opts)
+    if budget_text:
+        opts["memory_budget"] = parse_size(budget_text)
+    elif profile_name:
+        prof = load_profile(profile_name, root)
+        opts["memory_budget"] = prof.budget_bytes
+        opts["extra"] = {**opts.get("extra", {}), "device_profile": prof.name,
+                         "shared_cpu_gpu_memory": prof.shared_cpu_gpu_memory}
+    return opts
+
+
+@contextmanager
+def budget_guard(run):
+    """Watch RSS while `run` trains when its config has a budget; `run.step_check` raises.
+
+    `run` is an `edgetrain.schedule.Run`; its `step_check` is called between optimiser
+    steps, so a stop leaves every checkpoint written so far valid.
+    """
+    wd = watchdog_for(run.cfg, str(run.device))
+    if wd is None:
+        yield None
+        return
+    run.step_check = wd.check
+    try:
+        with wd:
+            yield wd
+    finally:
+        run.step_check = None

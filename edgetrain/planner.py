@@ -1,0 +1,266 @@
+"""The planner: search regime, K, split, batch size and cache dtype for the configuration
+that fits a memory budget, and print it.
+
+What this file holds: `plan` (the rule is in its docstring and the README) and
+`plan_for_device`; the fitting margin (`SAFETY`, `HEADROOM_BYTES`, `needed_bytes`); the
+`Plan` it returns, `format_plan` and `train_command`, the `edgetrain train` command that
+runs a plan.
+
+What it is not: a memory model. Every predicted byte comes from `edgetrain.memory`
+(`predict_peak`, `runtime_baseline_bytes`); this file only searches over it. Device
+profiles are in `edgetrain.devices`, enforcement during training in `edgetrain.budget`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+from dataclasses import dataclass
+
+from edgetrain.budget import check_runtime_fits
+from edgetrain.config import RunConfig
+from edgetrain.devices import MIB, DeviceProfile, fmt_bytes
+from edgetrain.errors import UserError
+
+# A plan fits when runtime + SAFETY x predicted tensor peak + HEADROOM_BYTES <= budget. The
+# margin covers what the predictor does not see yet (allocator fragmentation, conv
+# workspaces, the cache's mapped pages, thread buffers): the measured tensor peaks on this
+# machine were 1.6-5.4x the predicted ones; the largest overrun, 3.4x or 1.9 GiB, was a
+# ResNet-110 at 96x96 (benchmarks/results/plan_vs_measured.md). Lower both as the
+# predictor of edgetrain.memory improves.
+SAFETY = 3.5
+HEADROOM_BYTES = 320 * 1024 * 1024
+GOOD_BATCH = 32  # batches below this are tried only when nothing fits at GOOD_BATCH or above
+MIN_BATCH = 8
+
+
+# --------------------------------------------------------------------------- planner
+@dataclass
+class Plan:
+    """A configuration that fits (or, when `fits` is False, the least demanding one)."""
+
+    cfg: RunConfig
+    prediction: object  # edgetrain.memory.PeakPrediction
+    baseline_bytes: int
+    needed_bytes: int  # baseline + SAFETY * predicted tensor peak + HEADROOM_BYTES
+    budget_bytes: int
+    fits: bool
+    profile: DeviceProfile | None
+    tried: int  # configurations evaluated
+
+    def command(self) -> str:
+        """The exact `edgetrain train` command that runs this plan under its budget."""
+        return train_command(self.cfg, self.profile)
+
+
+def needed_bytes(pred, baseline_bytes: int) -> int:
+    """Resident bytes a configuration is planned to need: runtime plus padded tensor peak."""
+    return baseline_bytes + math.ceil(pred.peak_bytes * SAFETY) + HEADROOM_BYTES
+
+
+def _batches(max_batch: int) -> tuple[list[int], list[int]]:
+    sizes, b = [], max_batch
+    while b >= MIN_BATCH:
+        sizes.append(b)
+        b //= 2
+    sizes = sizes or [max_batch]
+    good = [b for b in sizes if b >= GOOD_BATCH] or sizes[:1]
+    return good, [b for b in sizes if b not in good]
+
+
+def _module_counts(n_blocks: int) -> list[int]:
+    ks, k = [], 2
+    while k < n_blocks:
+        ks.append(k)
+        k *= 2
+    return ks + [n_blocks] if n_blocks >= 2 else []
+
+
+def _dtypes(preferred: str) -> list[str]:
+    # the preferred storage dtype first, then a smaller one when there is one
+    return [preferred] + (["float16"] if preferred == "float32" else [])
+
+
+def _groups(base: RunConfig, n_blocks: int, cache_dtype: str):
+    """(mode, K) groups in order of preference, each with its variants (split, cache dtype)."""
+    yield "e2e", 1, [("depth", base.cache_dtype)]
+    ks = _module_counts(n_blocks)
+    for mode in ("parallel", "multilap"):
+        dts = _dtypes(cache_dtype) if mode == "multilap" else [base.cache_dtype]
+        for k in ks:
+            splits = ("depth", "memory") if k < n_blocks else ("depth",)  # K = blocks: one split
+            yield mode, k, [(split, dt) for split in splits for dt in dts]
+
+
+def _config(base: RunConfig, mode: str, k: int, batch: int, variant) -> RunConfig:
+    split, dtype = variant
+    return dataclasses.replace(base, mode=mode, modules=k, batch_size=batch, split=split,
+                               cache_dtype=dtype)
+
+
+def _count_blocks(cfg: RunConfig, input_shape, num_classes: int) -> int:
+    from edgetrain.models import create_model
+    net = create_model(cfg.model, tuple(input_shape), num_classes, cfg.width, cfg.depth)
+    return len(net.blocks)
+
+
+class _Evaluator:
+    """Predicts and remembers every configuration tried; keeps the least demanding one."""
+
+    def __init__(self, input_shape, num_classes, n_train, budget_bytes, profile, baseline):
+        from edgetrain.memory import predict_peak
+        self._predict = lambda cfg: predict_peak(cfg, tuple(input_shape), num_classes, n_train)
+        self.budget_bytes, self.profile, self.baseline = budget_bytes, profile, baseline
+        self.tried, self.least = 0, None
+
+    def __call__(self, cfg: RunConfig) -> Plan:
+        pred = self._predict(cfg)
+        self.tried += 1
+        need = needed_bytes(pred, self.baseline)
+        p = Plan(cfg, pred, self.baseline, need, self.budget_bytes, need <= self.budget_bytes,
+                 self.profile, 0)
+        if self.least is None or need < self.least.needed_bytes:
+            self.least = p
+        return p
+
+
+def _search(base: RunConfig, n_blocks: int, cache_dtype: str, evaluate: _Evaluator):
+    good, small = _batches(base.batch_size)
+    for tier in (good, small):
+        for mode, k, variants in _groups(base, n_blocks, cache_dtype):
+            # memory grows with the batch: a variant that misses at the tier's smallest
+            # batch misses at every larger one, so only the survivors are tried further
+            at_min = [evaluate(_config(base, mode, k, tier[-1], v)) for v in variants]
+            alive = [v for v, p in zip(variants, at_min) if p.fits]
+            for b in tier[:-1]:
+                for v in alive:
+                    p = evaluate(_config(base, mode, k, b, v))
+                    if p.fits:
+                        return p
+            if alive:
+                return at_min[variants.index(alive[0])]
+    return None
+
+
+def plan(base: RunConfig, input_shape, num_classes: int, n_train: int | None,
+         budget_bytes: int, profile: DeviceProfile | None = None) -> Plan:
+    """Choose the configuration with the best expected accuracy/speed that fits the budget.
+
+    The rule, first match wins: batches of at least GOOD_BATCH (from `base.batch_size`
+    halving down) are tried before smaller ones (down to MIN_BATCH); within that, end-to-end
+    is preferred (the most accurate), then parallel, then multi-lap sequential (one module
+    resident); within a regime the smallest K (closer to end-to-end), then the largest
+    batch, then the depth split before the memory-balanced one, then the profile's cache
+    dtype before a smaller one. A configuration fits when `needed_bytes` (runtime baseline,
+    SAFETY times the predicted tensor peak, HEADROOM_BYTES) is within the budget. Predicted
+    memory is taken to grow with the batch size, which prunes the search.
+
+    Returns:
+        The first fitting plan; if none fits, the plan that needs the least memory, with
+        `fits=False` (its `needed_bytes` is the smallest budget that would do).
+
+    Raises:
+        UserError: a budget below the runtime itself, or a bad model/configuration.
+    """
+    from edgetrain.memory import runtime_baseline_bytes
+    baseline = runtime_baseline_bytes()
+    check_runtime_fits(budget_bytes, baseline)
+    dtype = profile.cache_dtype if profile else base.cache_dtype
+    evaluate = _Evaluator(input_shape, num_classes, n_train, budget_bytes, profile, baseline)
+    n_blocks = _count_blocks(base, input_shape, num_classes)
+    chosen = _search(base, n_blocks, dtype, evaluate) or evaluate.least
+    chosen.tried = evaluate.tried
+    return chosen
+
+
+def plan_for_device(base: RunConfig, profile: DeviceProfile | None,
+                    budget_bytes: int | None = None) -> Plan:
+    """Read the data set's shape (synthetic: `base.input_shape`) and plan for `profile`
+    (its budget and device) or, without one, for `budget_bytes`.
+
+    Raises:
+        UserError: neither a profile nor a budget, or whatever `plan` raises.
+    """
+    from edgetrain.schedule import load_data
+    if profile is None and budget_bytes is None:
+        raise UserError("planning needs a device profile or a memory budget")
+    if profile is not None:
+        base = dataclasses.replace(base, device=profile.train_device)
+    shape, classes, n_train = data_shape(base, load_data)
+    return plan(base, shape, classes, n_train, budget_bytes or profile.budget_bytes, profile)
+
+
+def data_shape(cfg: RunConfig, load_data) -> tuple[tuple[int, int, int], int, int]:
+    """(input shape, number of classes, training samples) of the run's data."""
+    if cfg.data == "synthetic" and cfg.input_shape is not None:
+        return tuple(cfg.input_shape), 10, cfg.train_size or cfg.synthetic_size
+    data = load_data(cfg)
+    return data.input_shape, data.num_classes, len(data.train)
+
+
+# --------------------------------------------------------------------------- output
+_OPTION_NAMES = {"input_shape": "--input", "modules": "-K"}
+_ALWAYS = ("data", "model", "mode", "modules", "split", "batch_size", "epochs")
+
+
+def train_command(cfg: RunConfig, profile: DeviceProfile | None = None) -> str:
+    """`edgetrain train ...` reproducing `cfg`: the planned fields plus every non-default one."""
+    default, args = RunConfig(), ["edgetrain", "train"]
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in ("extra", "memory_budget", "transport") or (
+                f.name not in _ALWAYS and v == getattr(default, f.name)):
+            continue
+        if cfg.mode != "multilap" and f.name in ("laps", "cache_dtype", "cache_views"):
+            continue
+        args += _option(f.name, v)
+    if not cfg.transport:
+        args.append("--no-transport")
+    if profile is not None:
+        args += ["--device-profile", profile.name]
+    elif cfg.memory_budget is not None:
+        args += ["--memory-budget", str(cfg.memory_budget)]
+    return shlex.join(args)
+
+
+def _option(name: str, value) -> list[str]:
+    flag = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+    if isinstance(value, bool):
+        return [flag if value else f"--no-{name.replace('_', '-')}"]
+    if name == "input_shape":
+        return [flag, "x".join(str(v) for v in value)]
+    return [flag, str(value)]
+
+
+def format_plan(p: Plan) -> str:
+    """A human-readable plan: device, choice, predicted peak per phase, cache disk, command."""
+    c, pr = p.cfg, p.prediction
+    lines = []
+    if p.profile is not None:
+        lines.append(f"device      {p.profile.name}: {p.profile.description}")
+    lines.append(f"budget      {fmt_bytes(p.budget_bytes)} for the training process")
+    split = f", split {c.split}" if c.mode != "e2e" else ""
+    cache = f", cache {c.cache_dtype}" if c.mode == "multilap" else ""
+    lines.append(f"plan        {c.mode}, K={c.modules}{split}, batch {c.batch_size}{cache}"
+                 f"  ({p.tried} configurations evaluated)")
+    rows = [("runtime baseline", p.baseline_bytes), ("parameters", pr.params_bytes),
+            ("gradients", pr.grads_bytes), ("optimizer state", pr.optimizer_bytes),
+            ("saved activations", pr.activations_bytes), ("input batch", pr.input_batch_bytes),
+            ("prefetch buffer", pr.prefetch_bytes), ("phase: train step", pr.train_step_bytes),
+            ("phase: cache write", pr.cache_write_bytes), ("phase: eval", pr.eval_bytes),
+            ("peak (tensors)", pr.peak_bytes),
+            (f"needed (runtime + {SAFETY:g} x peak + {HEADROOM_BYTES // MIB} MiB)",
+             p.needed_bytes)]
+    lines.append(f"predicted   heaviest module: {pr.heaviest_module}")
+    lines += [f"            {k:<44} {fmt_bytes(v):>11}" for k, v in rows]
+    lines.append(f"cache disk  {fmt_bytes(pr.cache_disk_bytes)}" + _disk_time(p))
+    return "\n".join(lines)
+
+
+def _disk_time(p: Plan) -> str:
+    if p.profile is None or not p.prediction.cache_disk_bytes:
+        return ""
+    mib = p.prediction.cache_disk_bytes / MIB
+    return (f" (one pass: write ~{mib / p.profile.storage_write_mib_s:.0f} s, "
+            f"read ~{mib / p.profile.storage_read_mib_s:.0f} s on {p.profile.storage})")
+

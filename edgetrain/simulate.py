@@ -1,0 +1,139 @@
+"""Tensor-level simulation of a run's phases on the meta device: the predictor's engine.
+
+The predictor (`edgetrain.memory.predict_peak`) does not guess which tensors a training step
+holds at its peak: it runs the product's own step (`train.stage_loss`, `zero_grad`,
+`backward`, `opt.step`, twice, so the optimizer state exists), evaluation and cache-write
+forwards on meta tensors (shapes only, nothing computed, nothing allocated) under
+`LiveBytes`, a dispatch mode that adds up the bytes of every storage alive after each
+operator and keeps the maximum. Parameters, buffers, gradients, optimizer state, saved
+activations, backward temporaries and the input batch are all storages, so their sum at
+the worst moment is what the allocator must provide; what lives outside tensors (the
+runtime, the data set, the cache reader's queue, the cache writer's shard buffer) is
+added by the predictor.
+
+`tests/test_simulate.py` checks that the simulated peak of a step equals the peak tracked
+by the same mode around the real `train.train_step` on CPU tensors.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages alive, and their peak, while the mode is active.
+
+    A storage counts from the operator that returned it (or from `register`) until the
+    last tensor or view using it is freed; views and in-place results add nothing.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.now = 0
+        self.peak = 0
+        self._refs: dict[int, weakref.ref] = {}
+
+    def _free(self, key: int, n: int) -> None:
+        if self._refs.pop(key, None) is not None:
+            self.now -= n
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self._refs:
+            return
+        n = st.nbytes()
+        self._refs[key] = weakref.ref(st, lambda _, k=key, n=n: self._free(k, n))
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+    def register(self, items: Iterable) -> None:
+        """Count tensors created outside the mode (modules: their parameters and buffers)."""
+        for item in items:
+            if isinstance(item, torch.nn.Module):
+                for t in [*item.parameters(), *item.buffers()]:
+                    self.track(t)
+            elif isinstance(item, torch.Tensor):
+                self.track(item)
+
+    def reset_peak(self) -> None:
+        self.peak = self.now
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def _batch(shape: tuple, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(batch, *shape, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device))
+
+
+def train_peak(trainers: list, in_shape: tuple, cfg, steps: int = 2, device="meta") -> int:
+    """Peak live bytes of `steps` optimizer steps of a chain of trainers (the resident stages
+    of the regime: all of them for e2e/parallel, one for sequential/multilap), counting the
+    resident stages' parameters and buffers, the input batch and everything the steps make.
+
+    Mirrors `train.train_step` (which also computes statistics that need real values).
+    """
+    from edgetrain.train import stage_loss
+    mode = LiveBytes()
+    with mode:
+        mode.register(tr.stage for tr in trainers)
+        mode.register(v for tr in trainers for s in tr.opt.state.values() for v in s.values()
+                      if isinstance(v, torch.Tensor))
+        for _ in range(steps):
+            x, y = _batch(in_shape, cfg.batch_size, device)
+            for tr in trainers:
+                tr.stage.train()
+                total, ce, w, logits, z = stage_loss(tr, x, y, cfg.label_smoothing,
+                                                     cfg.transport_scaling)
+                tr.opt.zero_grad(set_to_none=True)
+                total.backward()
+                tr.opt.step()
+                x = z.detach()
+                del total, ce, w, logits, z
+            del x, y
+    return mode.peak
+
+
+@torch.no_grad()
+def eval_peak(stages: list, in_shape: tuple, batch: int, device="meta") -> int:
+    """Peak live bytes of evaluating a chain of stages on one batch (`evaluate_chain`): the
+    stages' parameters and buffers, the batch, logits and loss of every prefix."""
+    mode = LiveBytes()
+    with mode:
+        mode.register(stages)
+        x, y = _batch(in_shape, batch, device)
+        for st in stages:
+            st.eval()
+            x = st.features(x)
+            logits = st.head(x)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            del logits, loss
+        del x, y
+    return mode.peak
+
+
+@torch.no_grad()
+def features_peak(stage, in_shape: tuple, batch: int, out_dtype: torch.dtype,
+                  device="meta") -> int:
+    """Peak live bytes of one cache-write forward (`Stage.features` in eval mode) and the
+    conversion of its output to the cache's storage dtype."""
+    mode = LiveBytes()
+    with mode:
+        mode.register([stage])
+        x, _ = _batch(in_shape, batch, device)
+        stage.eval()
+        z = stage.features(x)
+        stored = z.to(out_dtype)
+        del x, z, stored
+    return mode.peak
