@@ -43,7 +43,8 @@ def check_fits(cfg: RunConfig, input_shape, num_classes: int, n_train: int | Non
     """
     if cfg.memory_budget is None:
         return
-    from edgetrain.memory import predict_peak, runtime_baseline_bytes
+    from edgetrain.memory import runtime_baseline_bytes
+    from edgetrain.predict import predict_peak
     baseline = runtime_baseline_bytes()
     check_runtime_fits(cfg.memory_budget, baseline)
     # no SAFETY factor here: `plan` keeps that margin, and the baseline measured in this

@@ -4,6 +4,7 @@ Every mistake a user can make ends in one line on stderr and exit code 2 (`main`
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,21 +12,8 @@ import click
 
 from edgetrain import __version__
 from edgetrain.config import (CACHE_DTYPES, DEVICES, HEADS, MODES, OPTIMIZERS, SPLITS,
-                              TAU_SCHEDULES, TRANSPORT_SCALINGS, RunConfig)
+                              TAU_SCHEDULES, TRANSPORT_SCALINGS, RunConfig, parse_shape)
 from edgetrain.errors import UserError
-
-
-def parse_shape(text: str | None) -> tuple[int, int, int] | None:
-    """'3x32x32' -> (3, 32, 32)."""
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--input must look like CxHxW, e.g. 3x32x32 (got {text!r})") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise UserError(f"--input must look like CxHxW with positive sizes (got {text!r})")
-    return shape
 
 
 class EdgeGroup(click.Group):
@@ -57,7 +45,8 @@ def _fail(message: str, code: int) -> None:
 def cli() -> None:
     """Module-wise (TRGL) training for devices that cannot hold end-to-end backprop."""
     from edgetrain.memory import compact_malloc
-    compact_malloc()  # freed feature maps go back to the OS (see its docstring)
+    if os.environ.get("EDGETRAIN_MALLOC", "compact") != "system":  # README: the allocator
+        compact_malloc()  # freed feature maps go back to the OS at once
 
 
 def train_options(fn):

@@ -169,3 +169,16 @@ class RunConfig:
             raise UserError(f"{path} is not valid JSON: {e}") from None
         _check(isinstance(d, dict), f"{path} must hold a JSON object")
         return cls.from_dict(d)
+
+
+def parse_shape(text: str | None) -> tuple[int, int, int] | None:
+    """'3x32x32' -> (3, 32, 32)."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--input must look like CxHxW, e.g. 3x32x32 (got {text!r})") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserError(f"--input must look like CxHxW with positive sizes (got {text!r})")
+    return shape

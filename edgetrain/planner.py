@@ -23,13 +23,13 @@ from edgetrain.devices import MIB, DeviceProfile, fmt_bytes
 from edgetrain.errors import UserError
 
 # A plan fits when runtime + SAFETY x predicted tensor peak + HEADROOM_BYTES <= budget. The
-# margin covers what the predictor does not see yet (allocator fragmentation, conv
-# workspaces, the cache's mapped pages, thread buffers): the measured tensor peaks on this
-# machine were 1.6-5.4x the predicted ones; the largest overrun, 3.4x or 1.9 GiB, was a
-# ResNet-110 at 96x96 (benchmarks/results/plan_vs_measured.md). Lower both as the
-# predictor of edgetrain.memory improves.
-SAFETY = 3.5
-HEADROOM_BYTES = 320 * 1024 * 1024
+# predictor simulates the product's own steps on the meta device, so the margin only covers
+# what it does not see: allocator and kernel scratch, the oneDNN primitive cache, thread
+# buffers, Python objects. In fresh processes on this machine the measured process peaks were
+# 1.01-1.07x runtime + predicted tensors, and at most 55 MiB above it in absolute terms
+# (benchmarks/results/plan_vs_measured.md).
+SAFETY = 1.15
+HEADROOM_BYTES = 64 * 1024 * 1024
 GOOD_BATCH = 32  # batches below this are tried only when nothing fits at GOOD_BATCH or above
 MIN_BATCH = 8
 
@@ -40,7 +40,7 @@ class Plan:
     """A configuration that fits (or, when `fits` is False, the least demanding one)."""
 
     cfg: RunConfig
-    prediction: object  # edgetrain.memory.PeakPrediction
+    prediction: object  # edgetrain.predict.PeakPrediction
     baseline_bytes: int
     needed_bytes: int  # baseline + SAFETY * predicted tensor peak + HEADROOM_BYTES
     budget_bytes: int
@@ -108,7 +108,7 @@ class _Evaluator:
     """Predicts and remembers every configuration tried; keeps the least demanding one."""
 
     def __init__(self, input_shape, num_classes, n_train, budget_bytes, profile, baseline):
-        from edgetrain.memory import predict_peak
+        from edgetrain.predict import predict_peak
         self._predict = lambda cfg: predict_peak(cfg, tuple(input_shape), num_classes, n_train)
         self.budget_bytes, self.profile, self.baseline = budget_bytes, profile, baseline
         self.tried, self.least = 0, None

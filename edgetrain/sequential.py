@@ -336,6 +336,7 @@ class OutOfCore:
                 with self._phase(f"module_{k:02d}_train"):
                     tr = self.train_module(lap, k)
                 self.finish_module(lap, k, tr)
+                del tr  # its optimizer state must not outlive the module (one resident)
         for k in range(self.K):
             self.store.strip(k)
         for k in range(self.K):

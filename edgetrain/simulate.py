@@ -1,6 +1,6 @@
 """Tensor-level simulation of a run's phases on the meta device: the predictor's engine.
 
-The predictor (`edgetrain.memory.predict_peak`) does not guess which tensors a training step
+The predictor (`edgetrain.predict.predict_peak`) does not guess which tensors a training step
 holds at its peak: it runs the product's own step (`train.stage_loss`, `zero_grad`,
 `backward`, `opt.step`, twice, so the optimizer state exists), evaluation and cache-write
 forwards on meta tensors (shapes only, nothing computed, nothing allocated) under

@@ -294,6 +294,8 @@ class ModuleStore:
     def release(self, k: int) -> None:
         """Unload module k: its parameters and buffers lose their storage."""
         if k in self.resident:
+            for p in self.stages[k].parameters():
+                p.grad = None
             self.stages[k].to("meta")
             self.resident.discard(k)
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from edgetrain import memory
-from edgetrain.memory import (MIB, PhaseRecorder, account_training_step, predict_peak,
-                              saved_activation_bytes)
+from edgetrain.memory import MIB, PhaseRecorder, account_training_step, saved_activation_bytes
+from edgetrain.predict import predict_peak
 from tests.conftest import tiny_cfg
 
 

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import edgetrain.memory as memory
+import edgetrain.predict as predict
 from edgetrain import planner
 from edgetrain.cli import cli
 from edgetrain.config import RunConfig
@@ -33,12 +34,12 @@ def fake_predict(cfg: RunConfig, input_shape, num_classes, n_train=None):
         peak = 2 * MIB * b + 6 * MIB * b // cfg.modules // (2 if cfg.split == "memory" else 1)
     else:
         peak = 24 * MIB * b // cfg.modules + (6 if cfg.cache_dtype == "float32" else 3) * MIB
-    return memory.PeakPrediction(1, 1, 1, 1, 1, 1, 0, peak, 0, 0, peak, 0)
+    return predict.PeakPrediction(1, 1, 1, 1, 1, 1, 0, peak, 0, 0, peak, 0)
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(memory, "predict_peak", fake_predict)
+    monkeypatch.setattr(predict, "predict_peak", fake_predict)
     monkeypatch.setattr(memory, "runtime_baseline_bytes", lambda: BASELINE)
     monkeypatch.setattr(planner, "_count_blocks", lambda cfg, shape, nc: 18)
     monkeypatch.setattr(planner, "SAFETY", 1.15)  # the examples below are worked out with it
@@ -137,7 +138,7 @@ TINY = ["--model", "kmresnet", "--width", "8", "--depth", "4", "--data", "digits
 def _tiny_need(mode: str, **kw) -> int:
     cfg = RunConfig(data="digits", train_size=300, model="kmresnet", width=8, depth=4, epochs=2,
                     laps=2, mode=mode, modules=1 if mode == "e2e" else 2, **kw)
-    pred = memory.predict_peak(cfg, (1, 8, 8), 10, 300)
+    pred = predict.predict_peak(cfg, (1, 8, 8), 10, 300)
     return needed_bytes(pred, memory.runtime_baseline_bytes())
 
 
@@ -204,7 +205,7 @@ def test_planned_command_runs_under_its_budget(tmp_path):
     under it with the watchdog on (a fresh process for the plan and for the run)."""
     cfg = RunConfig(data="synthetic", input_shape=(3, 32, 32), synthetic_size=160,
                     model="kmresnet", width=16, depth=4, mode="e2e", modules=1, epochs=2)
-    budget = needed_bytes(memory.predict_peak(cfg, (3, 32, 32), 10, 144),
+    budget = needed_bytes(predict.predict_peak(cfg, (3, 32, 32), 10, 144),
                           memory.runtime_baseline_bytes()) - 1
     done = _plan_then_train(["--memory-budget", str(budget), *SMALL], tmp_path, budget)
     args = done["args"]
@@ -213,9 +214,6 @@ def test_planned_command_runs_under_its_budget(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap (issue 5 note): the predictor under-estimates "
-                   "parallel peaks at 96x96 on CPU, so the printed cpu-2gb plan reaches ~1.76 GiB "
-                   "and the watchdog stops it; remove this mark when the predictor is fixed")
 def test_cpu_2gb_resnet110_96(tmp_path):
     """The issue's example: a plan for cpu-2gb, and its command (on 64 synthetic samples,
     one epoch) completes under the profile's budget with the watchdog on."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from edgetrain.config import RunConfig
-from edgetrain.memory import predict_peak
+from edgetrain.predict import predict_peak
 from edgetrain.schedule import build_run
 from edgetrain.simulate import LiveBytes, eval_peak, train_peak
 from edgetrain.train import make_trainer, train_step

@@ -5,7 +5,7 @@ few optimizer steps in a fresh child process (`run_child`), which reports its re
 after importing torch and edgetrain, its per-phase peaks from `metrics.json` (VmHWM reset per
 phase; on CUDA `max_memory_allocated` / `max_memory_reserved`) and its peak address space.
 Measured memory is the child's peak minus its own figure after imports; the analytic
-prediction (`edgetrain.memory.predict_peak`) sits next to it in every row.
+prediction (`edgetrain.predict.predict_peak`) sits next to it in every row.
 
 This module is also the child's entry point (`python -m edgetrain.bench.memory`, spec as JSON
 on stdin); it imports nothing heavy at module level so that a memory cap set by the child
@@ -181,7 +181,8 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
         The result dict (also written as JSON), with `json_path` and `png_path`.
     """
     from edgetrain.errors import UserError
-    from edgetrain.memory import predict_peak, runtime_rss_bytes
+    from edgetrain.memory import runtime_rss_bytes
+    from edgetrain.predict import predict_peak
     rt = runtime_rss_bytes()
     warm_extra = rt["warm_rss_bytes"] - rt["import_rss_bytes"]
     if device == "cuda":
@@ -230,7 +231,7 @@ def _result(model, input_shape, batch, modules, modes, device, steps, threads, r
                                     "measured minus the runtime's warm-up RSS (runtime_baseline "
                                     "minus runtime_import, from a separate fresh process)"),
             "ratio_is": "measured_tensors / predicted",
-            "predicted_is": "edgetrain.memory.predict_peak(...).peak_bytes (tensors only)",
+            "predicted_is": "edgetrain.predict.predict_peak(...).peak_bytes (tensors only)",
             "paper_table5_parallel_trgl_saved_pct": {"4": 24, "8": 48, "16": 58},
             "rows": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

@@ -1,6 +1,6 @@
 """Benchmark: the planner's predicted peak against the peak measured in a fresh process.
 
-For each configuration, `edgetrain.memory.predict_peak` (what `edgetrain plan` relies on)
+For each configuration, `edgetrain.predict.predict_peak` (what `edgetrain plan` relies on)
 is compared with a real `schedule.train` run of the same configuration in a fresh Python
 process (`edgetrain.bench.memory.run_child`: synthetic data, two optimizer steps per module
 and lap, then evaluation). Two comparisons are reported:
@@ -56,7 +56,7 @@ def measure_one(spec: dict, tmp: str, i: int, baseline_bytes: int, warm_extra_by
                 threads: int) -> dict:
     """Predict, then train `spec` in a fresh process; returns one result row."""
     from edgetrain.bench.memory import run_child
-    from edgetrain.memory import predict_peak
+    from edgetrain.predict import predict_peak
     cfg = _config(spec, f"{tmp}/cache{i}")
     pred = predict_peak(cfg, tuple(cfg.input_shape), 10, n_train=cfg.train_size)
     res = run_child({"cfg": cfg.to_dict(), "out_dir": f"{tmp}/run{i}", "threads": threads})
