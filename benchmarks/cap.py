@@ -1,7 +1,7 @@
 """End-to-end vs edgetrain under one RLIMIT_AS cap, and the smallest cap edgetrain completes at.
 Thin wrapper over `edgetrain.bench.cap.bench_cap` (same as `edgetrain bench cap`).
 
-    python benchmarks/cap.py --model resnet56 --input 3x64x64 --batch 64 --modules 16
+    python benchmarks/cap.py --model resnet110 --input 3x96x96 --batch 64 --modules 16
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--modules", type=int, default=16)
     p.add_argument("--mode", choices=["sequential", "multilap"], default="sequential")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cap-mib", type=float, default=None)
-    p.add_argument("--tol-mib", type=float, default=16)
-    p.add_argument("--max-probes", type=int, default=8)
+    p.add_argument("--tol-mib", type=float, default=32)
+    p.add_argument("--max-probes", type=int, default=16)
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     from edgetrain.bench.cap import bench_cap, format_cap

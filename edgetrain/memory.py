@@ -140,8 +140,13 @@ def compact_malloc(threshold_bytes: int = MIB) -> bool:
     (up to 32 MiB on 64-bit): after the first freed feature map, feature maps come from the
     heap, and freed ones stay resident. On a ResNet-110 3x96x96 parallel step that retention
     was 1.3 GiB of a 3.5 GiB peak (benchmarks/results/plan_vs_measured.md). Setting the
-    threshold (M_MMAP_THRESHOLD) also turns the dynamic rule off. Process-wide: the CLI and
-    the benchmark children call it at start; a library user may call it too.
+    threshold (M_MMAP_THRESHOLD) also turns the dynamic rule off. It also keeps every thread
+    on the main heap (M_ARENA_MAX = 1): glibc gives each new thread that allocates (OpenMP
+    workers, the cache prefetch thread) an arena reserving 64 MiB of address space; with
+    feature maps mmapped, arenas hold only small objects. On a ResNet-110 3x64x64 sequential
+    run with 2 threads that was 192 MiB of its 672 MiB peak address space above imports
+    (/proc/self/maps at the peak). Process-wide: the CLI and the benchmark children call it
+    at start; a library user may call it too.
     """
     import ctypes
     import ctypes.util
@@ -150,6 +155,7 @@ def compact_malloc(threshold_bytes: int = MIB) -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
+        libc.mallopt(-8, 1)  # -8: M_ARENA_MAX
         return bool(libc.mallopt(-3, int(threshold_bytes)))  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False

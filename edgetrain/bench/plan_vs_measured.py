@@ -38,6 +38,9 @@ DEFAULT_CONFIGS = [
      "batch": 16, "split": "memory"},
     {"model": "resnet110", "input_shape": [3, 96, 96], "mode": "parallel", "modules": 4,
      "batch": 32, "split": "memory"},
+    {"model": "resnet110", "input_shape": [3, 96, 96], "mode": "sequential", "modules": 8,
+     "batch": 32, "split": "memory"},
+    {"model": "resnet56", "input_shape": [3, 64, 64], "mode": "e2e", "modules": 1, "batch": 64},
 ]
 
 
