@@ -368,8 +368,8 @@ def bench_memory_cmd(model, input_shape, batch, width, depth, steps, threads, ou
 @click.option("--mode", type=click.Choice(["sequential", "multilap"]), default="sequential",
               show_default=True)
 @click.option("--cap-mib", type=float, default=None, help="also run both jobs at this cap")
-@click.option("--tol-mib", type=float, default=16, show_default=True, help="bisection resolution")
-@click.option("--max-probes", type=int, default=8, show_default=True)
+@click.option("--tol-mib", type=float, default=32, show_default=True, help="bisection resolution")
+@click.option("--max-probes", type=int, default=16, show_default=True)
 def bench_cap_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules, mode,
                   cap_mib, tol_mib, max_probes):
     """e2e vs edgetrain under one RLIMIT_AS cap, and the smallest cap edgetrain completes at."""
