@@ -14,8 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from edgetrain.cli import cli
-from edgetrain.distributed import (END, HEADER_LEN, Inbox, Outbox, decode_header, encode_header,
-                                   rank_groups)
+from edgetrain.distributed import rank_groups
+from edgetrain.p2p import END, HEADER_LEN, Inbox, Outbox, decode_header, encode_header
 from edgetrain.errors import UserError
 from edgetrain.schedule import evaluate_run, train
 from edgetrain.store import load_tensors, module_path

@@ -204,7 +204,8 @@ def test_a_disagreeing_export_is_refused_and_nothing_written(trained, tmp_path, 
 
     monkeypatch.setattr(ex, "export_onnx", perturbed)
     out = tmp_path / "bad.onnx"
-    with pytest.raises(ex.ExportCheckFailed, match="differs from PyTorch"):
+    from edgetrain.onnx_check import ExportCheckFailed
+    with pytest.raises(ExportCheckFailed, match="differs from PyTorch"):
         ex.export_prefix(trained[0], depth="1", out=out)
     assert not out.exists()
 
