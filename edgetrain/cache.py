@@ -34,7 +34,7 @@ import torch
 
 from edgetrain.data import batch_indices
 from edgetrain.errors import UserError
-from edgetrain.store import atomic_write_json, atomic_write_stream
+from edgetrain.store import atomic_write_json, atomic_write_stream, safetensors_parts
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -118,13 +118,8 @@ class CacheWriter:
         copy, no serialised copy: the shard costs its rows once in memory)."""
         if not self._buffered:
             return
-        nbytes = self._buffered * self.row_bytes
-        header = {"x": {"dtype": _ST_DTYPES[self.dtype], "shape": [self._buffered, *self.shape],
-                        "data_offsets": [0, nbytes]}}
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        parts = [len(text).to_bytes(8, "little"), text]
-        parts += [memoryview(c.reshape(-1).view(torch.uint8).numpy()) for c in self._buf if len(c)]
+        parts = safetensors_parts([("x", _ST_DTYPES[self.dtype], [self._buffered, *self.shape],
+                                    self._buf)])
         h = hashlib.sha256()
 
         def write(f):
@@ -134,7 +129,7 @@ class CacheWriter:
 
         name = f"shard-{len(self.shards):05d}.safetensors"
         atomic_write_stream(self.dir / name, write)
-        self.shards.append({"file": name, "rows": self._buffered, "bytes": 8 + len(text) + nbytes,
+        self.shards.append({"file": name, "rows": self._buffered, "bytes": sum(map(len, parts)),
                             "sha256": h.hexdigest()})
         self.rows += self._buffered
         self._buf, self._buffered = [], 0

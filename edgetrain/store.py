@@ -70,28 +70,34 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
               torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """The safetensors format (8-byte header size, JSON header, raw little-endian data)
-    written one tensor at a time from its own memory. `safetensors.torch.save` and
-    `save_file` first copy every tensor into Python bytes: a second (for `save`, a third)
-    copy of a module and its optimizer state at every checkpoint. Read back with
-    `safetensors.torch.load_file` (tests/test_store.py)."""
+def safetensors_parts(entries: list[tuple[str, str, list[int], list[torch.Tensor]]],
+                      meta: dict[str, str] | None = None) -> list:
+    """The safetensors format (8-byte header size, JSON header, raw little-endian data) as
+    the byte strings and tensor memory views to write in order, nothing copied.
+
+    `entries`: (name, dtype code such as "F32", shape, chunks), the chunks CPU-contiguous
+    tensors whose bytes, concatenated, are the tensor's data (a cache shard is written from
+    its buffered batches). `safetensors.torch.save` and `save_file` first copy every tensor
+    into Python bytes: a second (for `save`, a third) copy of a module and its optimizer
+    state at every checkpoint. Read back with `safetensors.torch.load_file`
+    (tests/test_store_format.py)."""
     header: dict = {"__metadata__": meta} if meta else {}
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
+    data, offset = [], 0
+    for name, dtype, shape, chunks in entries:
+        n = sum(c.numel() * c.element_size() for c in chunks)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
+        data += [memoryview(c.reshape(-1).view(torch.uint8).numpy()) for c in chunks if c.numel()]
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    f.write(len(text).to_bytes(8, "little"))
-    f.write(text)
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.numel():
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return [len(text).to_bytes(8, "little"), text, *data]
+
+
+def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    for part in safetensors_parts([(name, _ST_DTYPES[tensors[name].dtype],
+                                    list(tensors[name].shape), [tensors[name]])
+                                   for name in sorted(tensors)], meta):
+        f.write(part)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
