@@ -7,8 +7,8 @@ It parses argv and calls `edgetrain.bench.accuracy.run_benchmark`; nothing else.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+import sys
 
 from edgetrain.bench.accuracy import PRESETS, narrow_grid, run_benchmark
 from edgetrain.errors import UserError

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Probe behind issue 8's report: is the accuracy drop at modules 3-4 on Fashion-MNIST caused
-by the DGL head on odd-sized maps? `edgetrain.heads.make_head("dgl", ...)` pools a 7x7 map
+by the DGL head on odd-sized maps? `edgetrain.method.heads.make_head("dgl", ...)` pools a 7x7 map
 to 1x1 (a 2x2 pool needs an even size), so the heads after the midpoint downsampling see
 C features where the heads before it see 4C. This script re-runs cells of the `cpu` grid
 with the same configuration and seeds, but with a DGL head that pools odd maps to 2x2 with
@@ -10,14 +10,14 @@ process only; the library is unchanged.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+import sys
 
 from torch import nn
 
-import edgetrain.split as split
-from edgetrain import heads
 from edgetrain.bench.accuracy import cpu_grid, run_grid
+from edgetrain.method import heads
+import edgetrain.method.split as split
 
 _orig = heads.make_head
 

@@ -6,8 +6,8 @@ Thin wrapper over `edgetrain.bench.cap.bench_cap` (same as `edgetrain bench cap`
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:

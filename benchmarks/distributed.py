@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+import sys
 
 from edgetrain.bench.distributed import DEFAULT_TRAIN_ARGS, ScalingSetup, run_benchmark
 from edgetrain.errors import UserError

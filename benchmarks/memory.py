@@ -8,8 +8,8 @@ configuration. Thin wrapper over `edgetrain.bench.memory.bench_memory` (same as
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,8 @@ from edgetrain.errors import UserError  # noqa: E402,F401
 # public name -> the module that defines it (imported on first access)
 _PUBLIC = {
     "RunConfig": "edgetrain.config",
-    "train": "edgetrain.schedule",
-    "wrap": "edgetrain.wrap",
+    "train": "edgetrain.regimes.schedule",
+    "wrap": "edgetrain.models.wrap",
     "register_model": "edgetrain.models",
     "adapt_resnet": "edgetrain.models.tv_resnet",
 }

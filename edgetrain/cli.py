@@ -5,15 +5,18 @@ Every mistake a user can make ends in one line on stderr and exit code 2 (`main`
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
+import sys
 
 import click
 
 from edgetrain import __version__
+from edgetrain.bench.cli import bench
+from edgetrain.budget.devices import list_profiles, load_profile
 from edgetrain.config import (CACHE_DTYPES, DEVICES, HEADS, MODES, OPTIMIZERS, SPLITS,
-                              TAU_SCHEDULES, TRANSPORT_SCALINGS, RunConfig, parse_shape)
+                              TAU_SCHEDULES, TRANSPORT_SCALINGS, RunConfig, config_from_options)
 from edgetrain.errors import UserError
+from edgetrain.units import fmt_bytes, parse_size
 
 
 class EdgeGroup(click.Group):
@@ -44,7 +47,7 @@ def _fail(message: str, code: int) -> None:
 @click.version_option(__version__, prog_name="edgetrain")
 def cli() -> None:
     """Module-wise (TRGL) training for devices that cannot hold end-to-end backprop."""
-    from edgetrain.memory import compact_malloc
+    from edgetrain.measure import compact_malloc  # imports torch: deferred
     if os.environ.get("EDGETRAIN_MALLOC", "compact") != "system":  # README: the allocator
         compact_malloc()  # freed feature maps go back to the OS at once
 
@@ -105,13 +108,6 @@ def train_options(fn):
     return fn
 
 
-def config_from_options(opts: dict) -> RunConfig:
-    opts = dict(opts)
-    opts["input_shape"] = parse_shape(opts.get("input_shape"))
-    opts["transport"] = not opts.pop("no_transport")
-    return RunConfig(**opts)
-
-
 def print_table(modules: list[dict], best: int) -> None:
     click.echo(f"{'depth':>5} {'val_acc':>8} {'test_acc':>8}")
     for m in modules:
@@ -132,14 +128,14 @@ def train(out, progress, device_profile, memory_budget, resume_dir, **opts):
     """Train a network module by module (or end-to-end) and write a run directory."""
     if resume_dir is not None:
         return resume_cmd(Path(resume_dir), progress)
-    from edgetrain.budget import apply_budget_options
-    from edgetrain.schedule import default_out_dir, train as run_train
+    from edgetrain.budget.guard import apply_budget_options  # imports torch: deferred
+    from edgetrain.regimes.schedule import train as run_train  # imports torch: deferred
+    from edgetrain.storage.rundir import default_out_dir  # imports torch: deferred
     cfg = config_from_options(apply_budget_options(opts, device_profile, memory_budget))
     out_dir = Path(out) if out else default_out_dir(cfg)
     launch = None
     if cfg.distributed:  # the library never reads the environment: torchrun's variables, here
-        import os
-        from edgetrain.distributed import launch_from_env
+        from edgetrain.regimes.distributed import launch_from_env  # imports torch: deferred
         launch = launch_from_env(os.environ)
     metrics = run_train(cfg, out_dir, progress=progress, launch=launch)
     if metrics is None:  # a distributed rank other than 0: rank 0 reports
@@ -153,7 +149,7 @@ def train(out, progress, device_profile, memory_budget, resume_dir, **opts):
 @click.argument("run_dir", type=click.Path())
 def eval_cmd(run_dir):
     """Re-evaluate every depth of a finished run on its validation and test splits."""
-    from edgetrain.schedule import evaluate_run
+    from edgetrain.regimes.schedule import evaluate_run  # imports torch: deferred
     res = evaluate_run(Path(run_dir))
     print_table(res["modules"], res["best_depth"])
 
@@ -170,43 +166,15 @@ def eval_cmd(run_dir):
               help="largest max |onnxruntime - PyTorch| output difference accepted")
 def export_cmd(run_dir, depth, features_only, opset, out, atol):
     """Export a trained prefix (stem, modules 1..k, head F_k) to ONNX, checked with onnxruntime."""
-    from edgetrain.export import export_prefix, format_report
+    from edgetrain.export.onnx_export import export_prefix, format_report  # imports torch: deferred
     report = export_prefix(Path(run_dir), depth=depth, features_only=features_only, opset=opset,
                            out=Path(out) if out else None, atol=atol)
     click.echo(format_report(report))
 
 
-@cli.group()
-def bench() -> None:
-    """Benchmarks that write JSON, tables and plots to benchmarks/results/."""
-
-
-@bench.command("accuracy")
-@click.option("--preset", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu",
-              show_default=True, help="grid: smoke (tests), cpu (< 1 h on 2 cores), paper (GPU)")
-@click.option("--data", "datasets", multiple=True, help="only these data sets (repeatable)")
-@click.option("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
-@click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results",
-              show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="torch threads (0: torch's default)")
-@click.option("--resume/--fresh", default=True, show_default=True,
-              help="reuse the runs an interrupted invocation left in the results JSON")
-@click.option("--plots/--no-plots", default=True, show_default=True)
-def bench_accuracy(preset, datasets, seeds, out_dir, device, threads, resume, plots):
-    """TRGL vs VanGL vs end-to-end accuracy over regimes, train sizes and seeds."""
-    from edgetrain.bench.accuracy import narrow_grid, run_benchmark
-    grid = narrow_grid(preset, list(datasets), seeds)
-    out = run_benchmark(grid, Path(out_dir), device=device, threads=threads or None,
-                        resume=resume, plots=plots, log=click.echo)
-    for p in out["paths"]:
-        click.echo(f"wrote {p}")
-
-
 @cli.command("devices")
 def devices_cmd():
     """List the device profiles in devices/ and the budget each leaves for training."""
-    from edgetrain.devices import fmt_bytes, list_profiles
     click.echo(f"{'name':<22} {'total':>10} {'reserved':>10} {'budget':>10} {'accel':>5}  cache")
     for p in list_profiles():
         click.echo(f"{p.name:<22} {fmt_bytes(p.total_memory_mib * 2**20):>10} "
@@ -234,8 +202,7 @@ def devices_cmd():
 @click.option("--prefetch-mib", type=float, default=RunConfig.prefetch_mib, show_default=True)
 def plan_cmd(device_name, memory_budget, **opts):
     """Choose regime, K, split, batch size and cache dtype that fit a device; print the command."""
-    from edgetrain.devices import fmt_bytes, load_profile, parse_size
-    from edgetrain.planner import format_plan, plan_for_device
+    from edgetrain.budget.planner import format_plan, plan_for_device  # imports torch: deferred
     if bool(device_name) == bool(memory_budget):
         raise UserError("give exactly one of --device NAME or --memory-budget SIZE")
     opts["data"] = opts["data"] or ("synthetic" if opts["input_shape"] else "digits")
@@ -251,25 +218,6 @@ def plan_cmd(device_name, memory_budget, **opts):
     click.echo(f"command     {p.command()}")
 
 
-@bench.command("distributed", context_settings={"ignore_unknown_options": True})
-@click.option("--repeats", type=int, default=3, show_default=True)
-@click.option("--nproc", type=int, multiple=True, help="process counts (default 2)")
-@click.option("--buffer-size", type=int, multiple=True, help="buffer sizes B (default 0 and 4)")
-@click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results",
-              show_default=True)
-@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
-def bench_distributed(repeats, nproc, buffer_size, out_dir, train_args):
-    """Images/s of 1 process vs torchrun P processes (one thread each; TRAIN_ARGS after --)."""
-    import os
-    from edgetrain.bench.distributed import DEFAULT_TRAIN_ARGS, ScalingSetup, run_benchmark
-    setup = ScalingSetup(list(train_args) or list(DEFAULT_TRAIN_ARGS), list(nproc) or [2],
-                         list(buffer_size) or [0, 4], repeats)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    res = run_benchmark(setup, Path(out_dir), env, log=click.echo)
-    for path in res["paths"]:
-        click.echo(f"wrote {path}")
-
-
 def resume_cmd(run_dir: Path, progress: bool) -> None:
     """`train --resume RUN_DIR`: the configuration comes from RUN_DIR, so no other option."""
     ctx = click.get_current_context()
@@ -278,106 +226,14 @@ def resume_cmd(run_dir: Path, progress: bool) -> None:
     if given:
         raise UserError(f"--resume takes the configuration from {run_dir}/config.json; "
                         f"do not combine it with {', '.join(given)}")
-    from edgetrain.schedule import resume
+    from edgetrain.regimes.schedule import resume  # imports torch: deferred
     metrics = resume(run_dir, progress=progress)
     print_table(metrics["modules"], metrics["best_depth"])
     click.echo(f"best depth {metrics['best_depth']}: test accuracy {metrics['best_test_acc']:.4f}"
                f"  (run directory {run_dir})")
 
 
-@bench.command("speed")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmarks/results",
-              show_default=True, help="where speed.json and speed.md go")
-@click.option("--ks", default="4,8", show_default=True, help="module counts, comma separated")
-@click.option("--epochs", type=int, default=3, show_default=True, help="epochs per module")
-@click.option("--synthetic-size", type=int, default=512, show_default=True)
-@click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default="float16", show_default=True)
-@click.option("--accuracy/--no-accuracy", default=True, show_default=True,
-              help="also measure the cache dtype and --cache-views accuracy effects on digits")
-@click.option("--rss/--no-rss", default=True, show_default=True,
-              help="also measure peak RSS at N and 4N samples in fresh processes")
-def bench_speed(out_dir, ks, epochs, synthetic_size, cache_dtype, accuracy, rss):
-    """Cache vs recomputed prefix (time), disk-streamed vs in-RAM (throughput), RSS vs N."""
-    from edgetrain.bench.speed import run_speed
-    try:
-        k_list = [int(v) for v in ks.split(",")]
-    except ValueError:
-        raise UserError(f"--ks must be comma-separated integers (got {ks!r})") from None
-    res = run_speed(Path(out_dir), ks=k_list, epochs=epochs, synthetic_size=synthetic_size,
-                    cache_dtype=cache_dtype, accuracy=accuracy, rss=rss)
-    click.echo(res["table_md"])
-
-
-class VariadicCommand(click.Command):
-    """A command whose `multiple` options also take several values after one flag:
-    `--modules 4 8 16` is read as `--modules 4 --modules 8 --modules 16`."""
-
-    def parse_args(self, ctx, args):
-        multi = {o for p in self.params if isinstance(p, click.Option) and p.multiple for o in p.opts}
-        out, cur, fresh = [], None, False
-        for a in args:
-            if a.startswith("-"):
-                cur, fresh = (a, True) if a in multi else (None, False)
-                out.append(a)
-            elif cur and not fresh:
-                out += [cur, a]
-            else:
-                out.append(a)
-                fresh = False
-        return super().parse_args(ctx, out)
-
-
-def bench_job_options(fn):
-    """The training job of `bench memory` / `bench cap` (synthetic data)."""
-    opts = [click.option("--model", default="resnet110", show_default=True),
-            click.option("--input", "input_shape", default="3x96x96", show_default=True, help="CxHxW"),
-            click.option("--batch", type=int, default=64, show_default=True),
-            click.option("--width", type=int, default=None),
-            click.option("--depth", type=int, default=None),
-            click.option("--steps", type=int, default=2, show_default=True,
-                         help="optimizer steps per module and lap"),
-            click.option("--threads", type=int, default=2, show_default=True),
-            click.option("--out", "out_dir", type=click.Path(file_okay=False),
-                         default="benchmarks/results", show_default=True)]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-@bench.command("memory", cls=VariadicCommand)
-@bench_job_options
-@click.option("--modules", type=int, multiple=True, help="K values (default 4 8 16)")
-@click.option("--modes", type=click.Choice(MODES), multiple=True, help="regimes (default: all)")
-@click.option("--vangl/--no-vangl", default=True, show_default=True,
-              help="also measure every regime without transport")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-def bench_memory_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules,
-                     modes, vangl, device):
-    """Peak memory of every regime vs end-to-end (Table 5), one fresh process per row."""
-    from edgetrain.bench.memory import bench_memory, format_table
-    res = bench_memory(model, parse_shape(input_shape), batch, list(modules) or [4, 8, 16],
-                       list(modes) or list(MODES), (True, False) if vangl else (True,), device,
-                       steps, width, depth, threads, Path(out_dir), log=click.echo)
-    click.echo(format_table(res))
-    click.echo(f"wrote {res['json_path']}" + (f" and {res['png_path']}" if res["png_path"] else ""))
-
-
-@bench.command("cap")
-@bench_job_options
-@click.option("--modules", type=int, default=16, show_default=True, help="edgetrain's K")
-@click.option("--mode", type=click.Choice(["sequential", "multilap"]), default="sequential",
-              show_default=True)
-@click.option("--cap-mib", type=float, default=None, help="also run both jobs at this cap")
-@click.option("--tol-mib", type=float, default=32, show_default=True, help="bisection resolution")
-@click.option("--max-probes", type=int, default=16, show_default=True)
-def bench_cap_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules, mode,
-                  cap_mib, tol_mib, max_probes):
-    """e2e vs edgetrain under one RLIMIT_AS cap, and the smallest cap edgetrain completes at."""
-    from edgetrain.bench.cap import bench_cap, format_cap
-    res = bench_cap(model, parse_shape(input_shape), batch, modules, mode, width, depth, steps,
-                    threads, cap_mib, tol_mib, max_probes, Path(out_dir), log=click.echo)
-    click.echo(format_cap(res))
-    click.echo(f"wrote {res['json_path']}")
+cli.add_command(bench)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,11 +6,12 @@ keys or bad values raise `UserError` (never a traceback at the CLI).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
 
 from edgetrain.errors import UserError
+from edgetrain.storage.atomic import atomic_write_text
 
 MODES = ("e2e", "parallel", "sequential", "multilap")
 SPLITS = ("depth", "memory")
@@ -139,6 +140,13 @@ class RunConfig:
         return self.epochs // self.laps if self.mode == "multilap" else self.epochs
 
     @property
+    def out_of_core(self) -> bool:
+        """Sequential / multilap runs go through the module store and the activation cache,
+        unless `extra["in_memory"]` asks for the in-memory `PrefixSource` path (the baseline
+        of `edgetrain bench speed` and of the cache-equivalence test)."""
+        return self.mode in ("sequential", "multilap") and not self.extra.get("in_memory", False)
+
+    @property
     def n_laps(self) -> int:
         return self.laps if self.mode == "multilap" else 1
 
@@ -156,7 +164,6 @@ class RunConfig:
             raise UserError(f"invalid configuration: {e}") from None
 
     def save(self, path: Path) -> None:
-        from edgetrain.store import atomic_write_text
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
@@ -182,3 +189,29 @@ def parse_shape(text: str | None) -> tuple[int, int, int] | None:
     if len(shape) != 3 or min(shape) < 1:
         raise UserError(f"--input must look like CxHxW with positive sizes (got {text!r})")
     return shape
+
+
+# ------------------------------------------------------------- the command line's spelling
+# How RunConfig fields are spelled as `edgetrain train` options: the one mapping, read both
+# ways (`config_from_options` for the CLI, `option_args` for the planner's printed command).
+FLAG_NAMES = {"input_shape": "--input", "modules": "-K"}
+
+
+def config_from_options(opts: dict) -> RunConfig:
+    """A RunConfig from `edgetrain train`'s parsed options (`--input CxHxW`, `--no-transport`)."""
+    opts = dict(opts)
+    opts["input_shape"] = parse_shape(opts.get("input_shape"))
+    opts["transport"] = not opts.pop("no_transport")
+    return RunConfig(**opts)
+
+
+def option_args(name: str, value) -> list[str]:
+    """The `edgetrain train` arguments that set field `name` to `value`."""
+    flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    if name == "transport":
+        return [] if value else ["--no-transport"]
+    if isinstance(value, bool):
+        return [flag if value else f"--no-{name.replace('_', '-')}"]
+    if name == "input_shape":
+        return [flag, "x".join(str(v) for v in value)]
+    return [flag, str(value)]

@@ -7,3 +7,10 @@ bug and keeps its traceback.
 
 class UserError(Exception):
     """An error caused by user input: reported as one line, exit code 2."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty):
+    how a library's multi-line error becomes part of a one-line message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 
-from edgetrain import store
-from edgetrain.schedule import resume, train
+from edgetrain.regimes.schedule import resume, train
+from edgetrain.storage import atomic as store
 from tests.conftest import tiny_cfg
 
 
@@ -21,7 +21,7 @@ def fault_cfg(mode: str):
 
 
 def install_kill(pattern: str, n: int, phase: str) -> None:
-    orig, seen = store._atomic_write, [0]
+    orig, seen = store.atomic_write, [0]
 
     def hooked(path, write):
         if pattern in str(path):
@@ -36,7 +36,7 @@ def install_kill(pattern: str, n: int, phase: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
         return orig(path, write)
 
-    store._atomic_write = hooked
+    store.atomic_write = hooked
 
 
 def main(run_dir: str, mode: str, pattern: str, n: str, phase: str) -> None:

@@ -3,14 +3,14 @@ and leave no half-written run directory behind."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+import shutil
 
-import pytest
 from click.testing import CliRunner
+import pytest
 
 from edgetrain.cli import cli
-from edgetrain.schedule import train
+from edgetrain.regimes.schedule import train
 from tests.conftest import tiny_cfg
 
 

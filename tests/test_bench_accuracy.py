@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 from click.testing import CliRunner
+import pytest
 
 from edgetrain.bench import accuracy as acc
 from edgetrain.bench.accuracy_report import mean_ci95
 from edgetrain.cli import cli
-from edgetrain.data import fashion_available
+from edgetrain.data.builtin import fashion_available
 from edgetrain.errors import UserError
 
 SAMPLE = [0.80, 0.82, 0.78, 0.85, 0.81]
@@ -142,7 +142,7 @@ def test_resume_keeps_only_runs_of_the_same_settings(tmp_path):
 
 
 def test_test_size_is_one_fixed_stratified_subset_for_every_seed():
-    from edgetrain.data import load_splits
+    from edgetrain.data.splits import load_splits
     a = load_splits("digits", test_size=100, seed=0)
     b = load_splits("digits", test_size=100, seed=3)
     assert len(a.test) == 100 and bool((a.test.y == b.test.y).all())

@@ -4,12 +4,11 @@ import threading
 import pytest
 import torch
 
-from edgetrain import cache as cache_mod
-from edgetrain.cache import (CacheInvalid, CacheReader, CacheSource, CacheWriter, prefetch,
-                             sequential_rows)
-from edgetrain.data import batch_indices
+from edgetrain.data.batches import batch_indices, epoch_generator
 from edgetrain.errors import UserError
-from edgetrain.train import epoch_generator
+from edgetrain.storage import cache as cache_mod
+from edgetrain.storage.cache import (CacheInvalid, CacheReader, CacheSource, CacheWriter, prefetch,
+                                     sequential_rows)
 
 
 def _write(tmp_path, x, dtype="float32", views=1, key="k1", shard_bytes=4096):

@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
+import torch
 
-from edgetrain import checkpoint as ck_mod
-from edgetrain.schedule import resume, train
+from edgetrain.regimes import checkpoint as ck_mod
+from edgetrain.regimes.schedule import resume, train
 from tests.conftest import tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

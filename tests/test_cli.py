@@ -3,8 +3,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 from click.testing import CliRunner
+import pytest
 
 from edgetrain.cli import cli
 

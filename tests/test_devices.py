@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 import shutil
-from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
+import pytest
 
-from edgetrain import budget, devices
-from edgetrain.budget import MemoryBudgetExceeded, RssWatchdog
+from edgetrain.budget import devices
+from edgetrain.budget import guard as budget
+from edgetrain.budget.devices import DEVICES_DIR, PROFILE_FIELDS, load_profile, read_profile
+from edgetrain.budget.guard import MemoryBudgetExceeded, RssWatchdog
 from edgetrain.cli import cli
 from edgetrain.config import CACHE_DTYPES
-from edgetrain.devices import DEVICES_DIR, MIB, PROFILE_FIELDS, load_profile, parse_size, read_profile
 from edgetrain.errors import UserError
+from edgetrain.units import MIB, parse_size
 
 PROFILE_FILES = sorted(DEVICES_DIR.glob("*.toml"))
 REQUIRED = {"jetson-nano-4gb", "jetson-orin-nano-8gb", "jetson-agx-orin-32gb",
@@ -136,8 +138,9 @@ def test_devices_command_lists_every_profile():
 @pytest.fixture
 def small_runtime(monkeypatch):
     """A runtime baseline of 100 MiB, so budget checks do not depend on this machine."""
-    import edgetrain.memory as memory
-    monkeypatch.setattr(memory, "runtime_baseline_bytes", lambda: 100 * MIB, raising=False)
+    from edgetrain.budget import planner
+    for mod in (budget, planner):  # the guard's and the planner's reference
+        monkeypatch.setattr(mod, "runtime_baseline_bytes", lambda: 100 * MIB)
 
 
 @pytest.mark.parametrize("args, match", [
@@ -169,7 +172,7 @@ def test_malformed_profile_via_cli(tmp_path, monkeypatch):
 def test_watchdog_stops_run_cleanly_and_keeps_run_dir(tmp_path, tiny, small_runtime, monkeypatch):
     """A budget the process exceeds stops training at a step boundary with a one-line error;
     config.json stays for `--resume` (the pre-flight check is bypassed to reach the watchdog)."""
-    import edgetrain.schedule as schedule
+    import edgetrain.regimes.schedule as schedule
     monkeypatch.setattr(schedule, "check_fits", lambda *a, **k: None)
     cfg = tiny(memory_budget=150 * MIB)  # this process is far above 150 MiB after torch
     with pytest.raises(MemoryBudgetExceeded, match="over the memory budget"):
@@ -200,7 +203,7 @@ class _TripAfter:
 def test_budget_stop_leaves_run_resumable(tmp_path, tiny, monkeypatch):
     """A budget stop in the middle of multilap training, then `resume`: the same accuracies
     as a run that was never stopped."""
-    import edgetrain.schedule as schedule
+    import edgetrain.regimes.schedule as schedule
     monkeypatch.setattr(schedule, "check_fits", lambda *a, **k: None)
     cfg = lambda: tiny(mode="multilap", memory_budget=64 * 2**30)  # noqa: E731
     monkeypatch.setattr(budget, "watchdog_for", lambda c, device="cpu": _TripAfter(9))

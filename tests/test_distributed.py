@@ -9,16 +9,17 @@ import sys
 import threading
 import time
 
+from click.testing import CliRunner
 import pytest
 import torch
-from click.testing import CliRunner
 
 from edgetrain.cli import cli
-from edgetrain.distributed import rank_groups
-from edgetrain.p2p import END, HEADER_LEN, Inbox, Outbox, decode_header, encode_header
 from edgetrain.errors import UserError
-from edgetrain.schedule import evaluate_run, train
-from edgetrain.store import load_tensors, module_path
+from edgetrain.regimes.distributed import rank_groups
+from edgetrain.regimes.p2p import END, HEADER_LEN, Inbox, Outbox, decode_header, encode_header
+from edgetrain.regimes.schedule import evaluate_run, train
+from edgetrain.storage.codec import read_tensors
+from edgetrain.storage.modules import module_path
 from tests.conftest import tiny_cfg
 
 TINY = ["--data", "digits", "--train-size", "400", "--model", "kmresnet", "--width", "8",
@@ -60,7 +61,7 @@ def test_two_ranks_train_the_same_weights_as_one_process(buffer_size, single_run
     assert p.stdout.count("best depth") == 1  # only rank 0 reports
     ref_dir, ref = single_run
     for k in range(2):  # each rank wrote its own module into the one run directory
-        a, b = load_tensors(module_path(ref_dir, k)), load_tensors(module_path(out, k))
+        a, b = read_tensors(module_path(ref_dir, k)), read_tensors(module_path(out, k))
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -1,31 +1,32 @@
-"""ONNX export of trained prefixes (edgetrain/export.py), checked independently of it.
+"""ONNX export of trained prefixes (edgetrain/export/onnx_export.py), checked independently of it.
 
-The PyTorch reference is rebuilt with `edgetrain.schedule.load_run`, the ONNX file is read
+The PyTorch reference is rebuilt with `edgetrain.regimes.run.load_run`, the ONNX file is read
 back with plain onnx / onnxruntime, so a bug in the exporter's own loader or checks would
 show as a disagreement here.
 """
 import json
+from pathlib import Path
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
+from click.testing import CliRunner
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from edgetrain import __version__  # noqa: E402
-from edgetrain import export as ex  # noqa: E402
 from edgetrain.cli import cli  # noqa: E402
 from edgetrain.errors import UserError  # noqa: E402
-from edgetrain.schedule import load_run, train  # noqa: E402
-from edgetrain.split import Prefix  # noqa: E402
+from edgetrain.export import onnx_export as ex  # noqa: E402
+from edgetrain.method.stage import Prefix
+from edgetrain.regimes.run import load_run
+from edgetrain.regimes.schedule import train
 from tests.conftest import tiny_cfg  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -204,7 +205,7 @@ def test_a_disagreeing_export_is_refused_and_nothing_written(trained, tmp_path, 
 
     monkeypatch.setattr(ex, "export_onnx", perturbed)
     out = tmp_path / "bad.onnx"
-    from edgetrain.onnx_check import ExportCheckFailed
+    from edgetrain.export.onnx_check import ExportCheckFailed
     with pytest.raises(ExportCheckFailed, match="differs from PyTorch"):
         ex.export_prefix(trained[0], depth="1", out=out)
     assert not out.exists()
@@ -239,8 +240,8 @@ def _calibrated_prefix(name: str, in_shape=(3, 16, 16)):
     Without calibration an untrained deep net's outputs grow to ~1e4 and no absolute
     tolerance means anything.
     """
+    from edgetrain.method.split import build_stages, split_depth
     from edgetrain.models import create_model
-    from edgetrain.split import build_stages, split_depth
     torch.manual_seed(0)
     net = create_model(name, in_shape, 10, width=8)
     sample = torch.randn(32, *in_shape)

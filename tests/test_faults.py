@@ -1,21 +1,21 @@
 """Crash safety: SIGKILL at random moments then resume gives bit-identical weights; disk
 full; NaN loss; corrupt caches (see also test_cache and test_scheduler)."""
 import errno
+from pathlib import Path
 import random
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from edgetrain import store as store_mod
 from edgetrain.errors import UserError
-from edgetrain.schedule import resume, train
-from edgetrain.split import Stage
-from edgetrain.store import load_tensors
-from edgetrain.train import NonFiniteLoss
+from edgetrain.method.loop import NonFiniteLoss
+from edgetrain.method.stage import Stage
+from edgetrain.regimes.schedule import resume, train
+from edgetrain.storage import atomic as store_mod
+from edgetrain.storage.codec import read_tensors
 from tests.fault_driver import fault_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ KILL_POINTS = [("shard-", "mid"), ("modules/", "mid"), ("state.json", "after"),
 
 
 def _weights(run_dir: Path) -> dict:
-    return {f.name: load_tensors(f) for f in sorted((run_dir / "modules").glob("*.safetensors"))}
+    return {f.name: read_tensors(f) for f in sorted((run_dir / "modules").glob("*.safetensors"))}
 
 
 def _assert_same(a: Path, b: Path) -> None:
@@ -102,7 +102,7 @@ def test_sigkill_loop_long(tmp_path, reference, mode):
 
 def test_disk_full_mid_run_then_resume_is_bit_identical(tmp_path, reference, monkeypatch):
     ref, run_dir = reference("sequential"), tmp_path / "r"
-    orig, seen = store_mod._atomic_write, [0]
+    orig, seen = store_mod.atomic_write, [0]
 
     def full_on_third_shard(path, write):
         if "shard-" in str(path):
@@ -111,10 +111,10 @@ def test_disk_full_mid_run_then_resume_is_bit_identical(tmp_path, reference, mon
                 return orig(path, lambda f: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
         return orig(path, write)
 
-    monkeypatch.setattr(store_mod, "_atomic_write", full_on_third_shard)
+    monkeypatch.setattr(store_mod, "atomic_write", full_on_third_shard)
     with pytest.raises(UserError, match="no space left"):
         train(fault_cfg("sequential"), run_dir)
-    monkeypatch.setattr(store_mod, "_atomic_write", orig)  # space freed
+    monkeypatch.setattr(store_mod, "atomic_write", orig)  # space freed
     assert not list(run_dir.rglob(".*.tmp"))
     resume(run_dir)
     _assert_same(ref, run_dir)

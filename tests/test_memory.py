@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from torch import nn
 
-from edgetrain import memory
-from edgetrain.memory import MIB, PhaseRecorder, account_training_step, saved_activation_bytes
-from edgetrain.predict import predict_peak
+from edgetrain import measure as memory
+from edgetrain.budget.estimate import estimate_peak
+from edgetrain.measure import PhaseRecorder, account_training_step, saved_activation_bytes
+from edgetrain.units import MIB
 from tests.conftest import tiny_cfg
 
 
@@ -80,7 +80,7 @@ def test_phase_recorder_separates_nested_phases():
 def _pred(mode, **kw):
     cfg = tiny_cfg(data="synthetic", input_shape=(3, 32, 32), model="resnet20", width=8, depth=None,
                    mode=mode, modules=3, batch_size=32, **kw)
-    return predict_peak(cfg, (3, 32, 32), 10, n_train=256)
+    return estimate_peak(cfg, (3, 32, 32), 10, n_train=256)
 
 
 def test_parallel_accounted_peak_below_e2e_on_tiny_resnet():
@@ -95,8 +95,8 @@ def test_prediction_covers_real_accounting_of_e2e():
     """The simulated step's activations (its peak beyond parameters, gradients, optimizer
     state and input) hold what a real CPU forward saves for backward, plus the backward's
     first gradients: at least the saved bytes, at most 15% more on this tiny net."""
-    from edgetrain.schedule import build_run
-    from edgetrain.split import Stage
+    from edgetrain.method.stage import Stage
+    from edgetrain.regimes.run import build_run
     cfg = tiny_cfg(mode="e2e", augment=False)
     run = build_run(cfg)
     whole = Stage(list(run.net.blocks), run.stages[-1].head, stem=run.net.stem).train()
@@ -113,7 +113,7 @@ def test_prediction_covers_real_accounting_of_e2e():
     seen, _ = memory._saved_storages(loss, exclude=[x])
     for t in held:
         seen.setdefault(memory._storage_key(t), t.untyped_storage().nbytes())
-    pred = predict_peak(cfg, run.data.input_shape, run.data.num_classes)
+    pred = estimate_peak(cfg, run.data.input_shape, run.data.num_classes)
     saved = sum(seen.values())
     assert 0.99 * saved <= pred.activations_bytes <= 1.15 * saved
     assert pred.params_bytes == memory.param_bytes(whole)
@@ -127,7 +127,7 @@ def test_runtime_baseline_is_cached_and_plausible():
 
 
 def test_train_records_phase_peaks(tmp_path):
-    from edgetrain.schedule import train
+    from edgetrain.regimes.schedule import train
     m = train(tiny_cfg(mode="parallel", epochs=1), tmp_path / "run")
     assert {"train", "eval"} <= set(m["memory"])
     assert m["peak_rss_mib"] >= max(p["peak_rss_mib"] for p in m["memory"].values()) > 0

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from edgetrain.models import create_model, list_models
-from edgetrain.split import Prefix, build_stages, split_depth
 from edgetrain.errors import UserError
+from edgetrain.method.split import build_stages, split_depth
+from edgetrain.method.stage import Prefix
+from edgetrain.models import create_model, list_models
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 

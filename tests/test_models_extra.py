@@ -5,12 +5,13 @@ import torch
 import torchvision
 
 from edgetrain.errors import UserError
+from edgetrain.method.split import block_activation_bytes, build_stages, split_depth, split_memory
+from edgetrain.method.stage import Prefix
 from edgetrain.models import create_model, list_models
 from edgetrain.models.swin import adapt_swin, swin_tiny
 from edgetrain.models.tv_resnet import ScaledResNet, adapt_resnet, torchvision_resnet
 from edgetrain.models.vit import num_heads, patch_size
-from edgetrain.schedule import train
-from edgetrain.split import Prefix, block_activation_bytes, build_stages, split_depth, split_memory
+from edgetrain.regimes.schedule import train
 from tests.conftest import tiny_cfg
 
 EXTRA = ["resnet18", "resnet50", "resnet101", "resnet152", "vit", "swin_t"]
@@ -185,8 +186,8 @@ def test_every_regime_runs_a_few_steps(name, mode, tmp_path):
                                                     "resnet152")])
 def test_prefix_exports_to_onnx(name):  # torch.export takes 5-30 s a model: one in the fast suite
     # the exporter of `edgetrain export` (torch.export, dynamic batch) and its ORT check
-    export = pytest.importorskip("edgetrain.export")
-    onnx_check = pytest.importorskip("edgetrain.onnx_check")
+    export = pytest.importorskip("edgetrain.export.onnx_export")
+    onnx_check = pytest.importorskip("edgetrain.export.onnx_check")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     torch.manual_seed(0)

@@ -10,17 +10,18 @@ import shlex
 import subprocess
 import sys
 
-import pytest
 from click.testing import CliRunner
+import pytest
 
-import edgetrain.memory as memory
-import edgetrain.predict as predict
-from edgetrain import planner
+from edgetrain.budget import planner
+from edgetrain.budget.devices import load_profile
+import edgetrain.budget.estimate as predict
+from edgetrain.budget.planner import needed_bytes, plan
 from edgetrain.cli import cli
 from edgetrain.config import RunConfig
-from edgetrain.devices import MIB, load_profile
 from edgetrain.errors import UserError
-from edgetrain.planner import needed_bytes, plan
+import edgetrain.measure as memory
+from edgetrain.units import MIB
 
 BASELINE = 100 * MIB
 
@@ -34,13 +35,13 @@ def fake_predict(cfg: RunConfig, input_shape, num_classes, n_train=None):
         peak = 2 * MIB * b + 6 * MIB * b // cfg.modules // (2 if cfg.split == "memory" else 1)
     else:
         peak = 24 * MIB * b // cfg.modules + (6 if cfg.cache_dtype == "float32" else 3) * MIB
-    return predict.PeakPrediction(1, 1, 1, 1, 1, 1, 0, peak, 0, 0, peak, 0)
+    return predict.PeakEstimate(1, 1, 1, 1, 1, 1, 0, peak, 0, 0, peak, 0)
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(predict, "predict_peak", fake_predict)
-    monkeypatch.setattr(memory, "runtime_baseline_bytes", lambda: BASELINE)
+    monkeypatch.setattr(planner, "estimate_peak", fake_predict)  # where the planner reads them
+    monkeypatch.setattr(planner, "runtime_baseline_bytes", lambda: BASELINE)
     monkeypatch.setattr(planner, "_count_blocks", lambda cfg, shape, nc: 18)
     monkeypatch.setattr(planner, "SAFETY", 1.15)  # the examples below are worked out with it
     monkeypatch.setattr(planner, "HEADROOM_BYTES", 0)
@@ -138,7 +139,7 @@ TINY = ["--model", "kmresnet", "--width", "8", "--depth", "4", "--data", "digits
 def _tiny_need(mode: str, **kw) -> int:
     cfg = RunConfig(data="digits", train_size=300, model="kmresnet", width=8, depth=4, epochs=2,
                     laps=2, mode=mode, modules=1 if mode == "e2e" else 2, **kw)
-    pred = predict.predict_peak(cfg, (1, 8, 8), 10, 300)
+    pred = predict.estimate_peak(cfg, (1, 8, 8), 10, 300)
     return needed_bytes(pred, memory.runtime_baseline_bytes())
 
 
@@ -203,7 +204,7 @@ SMALL = ["--model", "kmresnet", "--width", "16", "--depth", "4", "--input", "3x3
 def test_planned_command_runs_under_its_budget(tmp_path):
     """A budget just too small for end-to-end at batch 64: the printed command completes
     under it with the watchdog on (a fresh process for the plan and for the run)."""
-    need = {b: needed_bytes(predict.predict_peak(
+    need = {b: needed_bytes(predict.estimate_peak(
         RunConfig(data="synthetic", input_shape=(3, 32, 32), synthetic_size=160, model="kmresnet",
                   width=16, depth=4, mode="e2e", modules=1, epochs=2, batch_size=b),
         (3, 32, 32), 10, 144), memory.runtime_baseline_bytes()) for b in (64, 32)}

@@ -1,15 +1,16 @@
 """Out-of-core scheduler: one module resident, cache == in-memory path, keys, rebuilds."""
 import json
 
+from click.testing import CliRunner
 import pytest
 import torch
-from click.testing import CliRunner
 
 from edgetrain.cli import cli
 from edgetrain.errors import UserError
-from edgetrain.schedule import build_run, resume, train
-from edgetrain.sequential import OutOfCore
-from edgetrain.store import load_tensors, save_tensors
+from edgetrain.regimes.out_of_core import OutOfCore
+from edgetrain.regimes.run import build_run
+from edgetrain.regimes.schedule import resume, train
+from edgetrain.storage.codec import read_tensors, save_tensors
 from tests.conftest import tiny_cfg
 
 
@@ -27,7 +28,7 @@ def test_cached_sequential_matches_in_memory_path_with_one_module_resident(tmp_p
     assert [m["steps"] for m in ooc["modules"]] == [m["steps"] for m in mem["modules"]]
     assert not (tmp_path / "ooc" / "cache").exists()  # every cache removed once unneeded
     for f in (tmp_path / "ooc" / "modules").glob("*.safetensors"):
-        assert not any(n.startswith("optim.") for n in load_tensors(f))
+        assert not any(n.startswith("optim.") for n in read_tensors(f))
     state = json.loads((tmp_path / "ooc" / "state.json").read_text())
     assert state["finished"] and state["cursor"]["lap"] == 1
 
@@ -50,7 +51,7 @@ def test_a_cache_of_other_weights_is_never_read(tmp_path):
     o = _ooc(tmp_path)
     o.ensure_cache(1, ["train"])
     assert o._valid(1, "train")
-    t = load_tensors(o.store.path(0))
+    t = read_tensors(o.store.path(0))
     name = next(n for n in t if n.endswith("weight"))
     t[name] = t[name] + 1e-3  # module 0 changed (as in the next lap)
     save_tensors(o.store.path(0), t)

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
+from edgetrain.budget.estimate import estimate_peak
+from edgetrain.budget.simulate import LiveBytes, eval_peak, train_peak
 from edgetrain.config import RunConfig
-from edgetrain.predict import predict_peak
-from edgetrain.schedule import build_run
-from edgetrain.simulate import LiveBytes, eval_peak, train_peak
-from edgetrain.train import make_trainer, train_step
+from edgetrain.method.loop import make_trainer, train_step
+from edgetrain.regimes.run import build_run
 
 
 def test_live_bytes_counts_storages_once_and_frees():
@@ -58,7 +58,7 @@ def test_simulated_step_peak_equals_the_real_step_on_cpu(kw):
 
 
 def test_eval_peak_equals_real_evaluation_and_is_below_training():
-    from edgetrain.train import evaluate_chain
+    from edgetrain.method.loop import evaluate_chain
     cfg = _cfg()
     run = build_run(cfg)
     x = torch.randn(cfg.batch_size, *cfg.input_shape)
@@ -77,8 +77,8 @@ def test_eval_peak_equals_real_evaluation_and_is_below_training():
 
 def test_one_module_resident_predicts_less_than_the_chain():
     """Sequential holds one module: its predicted train peak is below parallel's."""
-    par = predict_peak(_cfg(model="resnet20", modules=3), (3, 16, 16), 10, n_train=64)
-    seq = predict_peak(_cfg(model="resnet20", modules=3, mode="sequential"), (3, 16, 16), 10,
+    par = estimate_peak(_cfg(model="resnet20", modules=3), (3, 16, 16), 10, n_train=64)
+    seq = estimate_peak(_cfg(model="resnet20", modules=3, mode="sequential"), (3, 16, 16), 10,
                        n_train=64)
     assert seq.train_step_bytes < par.train_step_bytes
     assert seq.params_bytes < par.params_bytes
@@ -89,5 +89,5 @@ def test_prediction_does_not_touch_the_global_rng():
     torch.manual_seed(3)
     a = torch.rand(3)
     torch.manual_seed(3)
-    predict_peak(_cfg(), (3, 16, 16), 10)
+    estimate_peak(_cfg(), (3, 16, 16), 10)
     assert torch.equal(torch.rand(3), a)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from edgetrain.errors import UserError
+from edgetrain.method.split import block_activation_bytes, split_balanced, split_depth, split_memory
 from edgetrain.models import create_model
-from edgetrain.split import block_activation_bytes, split_balanced, split_depth, split_memory
 
 
 def test_split_depth():

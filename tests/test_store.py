@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from edgetrain import store as store_mod
 from edgetrain.errors import UserError
-from edgetrain.schedule import build_run
-from edgetrain.store import ModuleStore, load_tensors, tensors_digest
-from edgetrain.train import make_trainer, train_step
+from edgetrain.method.loop import make_trainer, train_step
+from edgetrain.regimes.run import build_run
+from edgetrain.storage import atomic as store_mod
+from edgetrain.storage.codec import read_tensors, tensors_digest
+from edgetrain.storage.modules import ModuleStore
 from tests.conftest import tiny_cfg
 
 
@@ -67,9 +68,9 @@ def test_loading_one_module_unloads_every_other(tmp_path):
 def test_weights_digest_reads_the_file_and_ignores_optimizer_state(tmp_path):
     run, st, tr = _trained_store(tmp_path, "sgd")
     assert st.weights_digest(1) == tensors_digest(tr.stage.state_dict())
-    assert any(n.startswith("optim.") for n in load_tensors(st.path(1)))
+    assert any(n.startswith("optim.") for n in read_tensors(st.path(1)))
     st.strip(1)
-    assert not any(n.startswith("optim.") for n in load_tensors(st.path(1)))
+    assert not any(n.startswith("optim.") for n in read_tensors(st.path(1)))
     assert st.weights_digest(1) == tensors_digest(tr.stage.state_dict())
 
 
@@ -81,8 +82,8 @@ def test_disk_full_gives_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypa
         f.write(data[:3])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_mod, "_atomic_write",
-                        lambda p, w, orig=store_mod._atomic_write: orig(p, lambda f: full(f, b"{}xx")))
+    monkeypatch.setattr(store_mod, "atomic_write",
+                        lambda p, w, orig=store_mod.atomic_write: orig(p, lambda f: full(f, b"{}xx")))
     with pytest.raises(UserError, match="no space left.*--resume"):
         store_mod.atomic_write_json(target, {"v": 2})
     assert json.loads(target.read_text()) == {"v": 1}

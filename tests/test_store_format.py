@@ -2,11 +2,12 @@
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+import torch
 
-from edgetrain.store import load_optimizer_tensors, save_tensors
+from edgetrain.storage.codec import save_tensors
+from edgetrain.storage.modules import load_optimizer_tensors
 
 
 def _tensors():

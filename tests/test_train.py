@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from edgetrain.schedule import build_run, train
-from edgetrain.train import PrefixSource, make_trainer, train_step
+from edgetrain.method.loop import PrefixSource, make_trainer, train_step
+from edgetrain.regimes.run import build_run
+from edgetrain.regimes.schedule import train
 from tests.conftest import tiny_cfg
 
 

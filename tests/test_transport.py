@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from edgetrain.transport import LossWeighting, tau_for_module, transport_cost
+from edgetrain.method.transport import LossWeighting, tau_for_module, transport_cost
 
 
 def test_transport_mean_scaling_by_hand():

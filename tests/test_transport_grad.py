@@ -10,18 +10,18 @@ import weakref
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import edgetrain
 from edgetrain.config import RunConfig
-from edgetrain.memory import saved_activation_bytes
+from edgetrain.measure import saved_activation_bytes
+from edgetrain.method.loop import make_trainer, stage_loss
+from edgetrain.method.split import build_stages, split_depth
+from edgetrain.method.transport import DeltaEnergy, transport_cost
 from edgetrain.models import create_model, list_models
-from edgetrain.split import build_stages, split_depth
-from edgetrain.train import make_trainer, stage_loss
-from edgetrain.transport import DeltaEnergy, transport_cost
 
 TAU = 0.05  # small enough that the transport term moves the gradients visibly
 SHAPE = (3, 16, 16)

@@ -6,9 +6,10 @@ from torch import nn
 import edgetrain
 from edgetrain import models
 from edgetrain.errors import UserError
-from edgetrain.schedule import train
-from edgetrain.split import Prefix, build_stages, split_depth
-from edgetrain.transport import transport_cost
+from edgetrain.method.split import build_stages, split_depth
+from edgetrain.method.stage import Prefix
+from edgetrain.method.transport import transport_cost
+from edgetrain.regimes.schedule import train
 from tests.conftest import tiny_cfg
 
 
@@ -110,7 +111,7 @@ def test_edgetrain_wrap_is_callable_whatever_was_imported_first():
     import sys
     code = ("import {first}; import edgetrain; from torch import nn; "
             "print(len(edgetrain.wrap(nn.Sequential(nn.ReLU(), nn.ReLU())).blocks))")
-    for first in ("edgetrain", "edgetrain.wrap"):
+    for first in ("edgetrain", "edgetrain.models.wrap", "edgetrain.regimes.schedule"):
         out = subprocess.run([sys.executable, "-c", code.format(first=first)], capture_output=True,
                              text=True, check=True).stdout
         assert out.strip() == "2"

@@ -4,7 +4,7 @@ A grid (`AccuracyGrid`) names data sets with their train sizes (and the epochs u
 size), the arms to compare (`e2e`, and `parallel` / `sequential` / `multilap` each with
 transport off, VanGL, or on, TRGL), the seeds, and the `RunConfig` fields shared by every
 run. `run_grid` trains every (data set, size, arm, seed) through the product path,
-`edgetrain.schedule.train`, in a throw-away run directory, and rewrites the results JSON
+`edgetrain.train`, in a throw-away run directory, and rewrites the results JSON
 after every run so that an interrupted grid resumes where it stopped.
 
 What this file holds: grids and presets, running, resuming and saving a grid, the entry
@@ -21,18 +21,25 @@ This file does not parse argv, read the environment or tune anything on the test
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 import dataclasses
+from dataclasses import dataclass, field
 import json
+import os
+from pathlib import Path
 import platform
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
+import torch
+
+from edgetrain import __version__
 from edgetrain.bench.accuracy_report import markdown_report, mean_ci95, summarize, write_plots
+from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
+from edgetrain.regimes.schedule import train
+from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
 
 ARMS = ("e2e", "parallel-vangl", "parallel-trgl", "sequential-vangl", "sequential-trgl",
         "multilap-vangl", "multilap-trgl")
@@ -175,7 +182,6 @@ def narrow_grid(name: str, datasets: list[str] | None = None,
 @contextmanager
 def torch_threads(n: int | None):
     """Set torch's intra-op thread count inside the block and restore it afterwards."""
-    import torch
     old = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -188,7 +194,6 @@ def torch_threads(n: int | None):
 def run_config(grid: AccuracyGrid, dataset: str, size: int, arm: str, seed: int,
                device: str = "auto"):
     """The RunConfig of one grid point."""
-    from edgetrain.config import RunConfig
     fields = {**grid.base, **arm_fields(arm), **grid.arm_overrides.get(arm, {})}
     fields.update(grid.data_overrides.get(dataset, {}))
     fields.update(data=dataset, train_size=size, epochs=grid.datasets[dataset][size],
@@ -203,8 +208,7 @@ def grid_points(grid: AccuracyGrid) -> list[tuple[str, int, str, int]]:
 
 
 def run_one(cfg, keep_dir: Path | None = None) -> dict:
-    """Train one configuration through `edgetrain.schedule.train`; returns its record."""
-    from edgetrain.schedule import train
+    """Train one configuration through `edgetrain.train`; returns its record."""
     t0 = time.perf_counter()
     if keep_dir is not None:
         metrics = train(cfg, keep_dir)
@@ -221,8 +225,7 @@ def run_one(cfg, keep_dir: Path | None = None) -> dict:
 
 def cache_fields(cfg) -> dict:
     """Whether the product path streamed an activation cache for this run, and its dtype."""
-    from edgetrain import schedule
-    ooc = bool(getattr(schedule, "out_of_core", lambda c: False)(cfg))
+    ooc = cfg.out_of_core
     return {"out_of_core": ooc, "cache_dtype": cfg.cache_dtype if ooc else None,
             "cache_views": cfg.cache_views if ooc else None}
 
@@ -297,8 +300,7 @@ def run_grid(grid: AccuracyGrid, json_path: Path, *, device: str = "auto",
 
 
 def _header(grid: AccuracyGrid, device: str, threads: int | None) -> dict:
-    import torch
-    from edgetrain import __version__
+
     return {"benchmark": "accuracy", "results_version": RESULTS_VERSION,
             "edgetrain_version": __version__, "torch_version": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
@@ -309,7 +311,6 @@ def _header(grid: AccuracyGrid, device: str, threads: int | None) -> dict:
 
 def _loadavg() -> list[float] | None:
     """1/5/15-minute load averages (other processes share the cores: timings are noisy)."""
-    import os
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
@@ -317,7 +318,6 @@ def _loadavg() -> list[float] | None:
 
 
 def _save(path: Path, res: dict) -> None:
-    from edgetrain.store import atomic_write_json
     res["cells"] = summarize(res["runs"])
     atomic_write_json(path, res)
 
@@ -348,7 +348,6 @@ def run_benchmark(grid: AccuracyGrid, out_dir: Path, *, device: str = "auto",
 
 def write_reports(res: dict, prefix: Path, plots: bool = True) -> list[Path]:
     """Markdown page (and plots) for a results dict, next to its JSON."""
-    from edgetrain.store import atomic_write_text
     md = Path(f"{prefix}.md")
     atomic_write_text(md, markdown_report(res))
     return [md] + (write_plots(res, prefix) if plots else [])

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
+import statistics
 
 from edgetrain.errors import UserError
 

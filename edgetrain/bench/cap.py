@@ -4,7 +4,7 @@ The limit is `RLIMIT_AS` (virtual address space), set with `resource.setrlimit` 
 before it imports torch (`edgetrain.bench.memory.child_main`), so a cap is an absolute figure
 that includes the runtime's own address space (a CPU build of torch maps several hundred MiB,
 a CUDA build ~3.2 GiB; the cap sits above that). A child that hits the cap fails with an
-allocation error and is reported as failed. Each child runs `edgetrain.schedule.train` on
+allocation error and is reported as failed. Each child runs `edgetrain.train` on
 synthetic data in a fresh process.
 
 Steps: both jobs uncapped (their peak address space and peak RSS), a cap at which edgetrain
@@ -21,12 +21,16 @@ This file does not parse argv (`edgetrain bench cap` and `benchmarks/cap.py` do)
 """
 from __future__ import annotations
 
+from pathlib import Path
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
-from edgetrain.bench.memory import MIB, bench_config, run_child
+from edgetrain import __version__
+from edgetrain.bench.memory import bench_config, run_child
+from edgetrain.errors import UserError
+from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.units import MIB
 
 
 def _mib(v) -> float | None:
@@ -102,7 +106,6 @@ def bench_cap(model: str, input_shape, batch: int, modules: int, mode: str = "se
     Raises:
         UserError: a job that fails even without a cap.
     """
-    from edgetrain.errors import UserError
     log = log or (lambda s: None)
     e2e_cfg = bench_config(model, input_shape, batch, "e2e", 1, False, steps, "cpu", width, depth)
     edge_cfg = bench_config(model, input_shape, batch, mode, modules, True, steps, "cpu", width, depth)
@@ -142,7 +145,6 @@ def _frac(x, base, ref) -> float | None:
 
 
 def _result(v: dict) -> dict:
-    from edgetrain import __version__
     e2e, edge, base, min_cap = v["e2e"], v["edge"], v["base"], v["min_cap"]
     rss_base = edge["import_rss_bytes"]
     warm_as, warm_rss = v["warm"]["peak_address_space_bytes"], v["warm"]["peak_rss_bytes"]
@@ -189,7 +191,6 @@ def _result(v: dict) -> dict:
 
 
 def write_cap_result(result: dict, out_dir: Path) -> dict:
-    from edgetrain.store import atomic_write_json
     out_dir.mkdir(parents=True, exist_ok=True)
     shape = "x".join(str(s) for s in result["input_shape"])
     name = (f"cap_{result['model']}_{shape}_b{result['batch_size']}_"

@@ -16,8 +16,10 @@ This file does not parse argv or read the environment: the caller passes `env`.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 import json
 import os
+from pathlib import Path
 import platform
 import socket
 import statistics
@@ -25,11 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
+import torch
+
 from edgetrain.errors import UserError
+from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
 
 DEFAULT_TRAIN_ARGS = ["--data", "synthetic", "--input", "3x32x32", "--synthetic-size", "1024",
                       "--model", "kmresnet", "--width", "32", "--depth", "4", "--modules", "4",
@@ -140,7 +143,6 @@ def markdown_table(summary: list[dict], meta: dict) -> str:
 
 def _write_partial(out_dir: Path, meta: dict, setup: ScalingSetup, rows: list[dict]) -> None:
     """The runs so far, so that an interrupted benchmark keeps what it measured."""
-    from edgetrain.store import atomic_write_json
     atomic_write_json(out_dir / "distributed-scaling.partial.json",
                       {"meta": meta, "setup": asdict(setup), "runs": rows})
 
@@ -159,7 +161,6 @@ def run_benchmark(setup: ScalingSetup, out_dir: Path, env: dict,
     Returns:
         The results written to JSON, with `paths` of the written files.
     """
-    import torch
     arms, rows = setup.arms(), []
     meta = {"train_args": setup.train_args, "repeats": setup.repeats, "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(),
@@ -176,7 +177,6 @@ def run_benchmark(setup: ScalingSetup, out_dir: Path, env: dict,
                 _write_partial(out_dir, meta, setup, rows)
     meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     result = {"meta": meta, "setup": asdict(setup), "runs": rows, "summary": summarize(rows, arms)}
-    from edgetrain.store import atomic_write_json, atomic_write_text
     atomic_write_json(out_dir / "distributed-scaling.json", result)
     atomic_write_text(out_dir / "distributed-scaling.md", markdown_table(result["summary"], meta))
     (out_dir / "distributed-scaling.partial.json").unlink(missing_ok=True)

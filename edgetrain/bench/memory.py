@@ -1,11 +1,11 @@
 """`edgetrain bench memory`: peak memory of every regime against end-to-end (the paper's Table 5).
 
-Each configuration runs the product path, `edgetrain.schedule.train`, on synthetic data for a
+Each configuration runs the product path, `edgetrain.train`, on synthetic data for a
 few optimizer steps in a fresh child process (`run_child`), which reports its resident set
 after importing torch and edgetrain, its per-phase peaks from `metrics.json` (VmHWM reset per
 phase; on CUDA `max_memory_allocated` / `max_memory_reserved`) and its peak address space.
 Measured memory is the child's peak minus its own figure after imports; the analytic
-prediction (`edgetrain.predict.predict_peak`) sits next to it in every row.
+prediction (`edgetrain.budget.estimate.estimate_peak`) sits next to it in every row.
 
 This module is also the child's entry point (`python -m edgetrain.bench.memory`, spec as JSON
 on stdin); it imports nothing heavy at module level so that a memory cap set by the child
@@ -16,25 +16,31 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
-MIB = 1024 * 1024
+from edgetrain import __version__
+from edgetrain.config import RunConfig
+from edgetrain.errors import UserError
+from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.units import MIB
+
 MARK = "EDGETRAIN-CHILD-RESULT "
 METHODS = {True: "TRGL", False: "VanGL"}
 
 
 # --------------------------------------------------------------------------- the child
 def _child_measure(spec: dict) -> dict:
-    import torch
+    import torch  # after the child's cap (child_main): the torch import counts under it
+
+    from edgetrain import measure as memory  # imports torch: after the cap
+    from edgetrain.regimes import schedule  # imports torch: after the cap
     torch.set_num_threads(int(spec.get("threads", 2)))
-    from edgetrain import memory, schedule
-    from edgetrain.config import RunConfig
     res = {"import_rss_bytes": memory.current_rss_bytes(),
            "import_peak_rss_bytes": memory.peak_rss_bytes(),
            "import_address_space_bytes": memory.peak_address_space_bytes()}
@@ -56,7 +62,7 @@ def child_main(spec: dict) -> dict:
     if cap:
         resource.setrlimit(resource.RLIMIT_AS, (int(cap), int(cap)))
     try:
-        from edgetrain.memory import compact_malloc  # after the cap: it imports torch
+        from edgetrain.measure import compact_malloc  # imports torch: after the cap
         if spec.get("compact_malloc", True):  # as the CLI does
             compact_malloc()
         return _child_measure(spec)
@@ -88,7 +94,6 @@ def bench_config(model: str, input_shape, batch: int, mode: str, modules: int, t
                  depth: int | None = None, cache_dir: str | None = None, **kw):
     """The RunConfig of one configuration: synthetic data, `steps` optimizer steps per module
     and lap (multilap: 2 laps), no augmentation cost beyond the product's default."""
-    from edgetrain.config import RunConfig
     n_train = steps * batch
     size = math.ceil(n_train / 0.9) + 1
     laps = 2 if mode == "multilap" else 1
@@ -180,13 +185,12 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
     Returns:
         The result dict (also written as JSON), with `json_path` and `png_path`.
     """
-    from edgetrain.errors import UserError
-    from edgetrain.memory import runtime_rss_bytes
-    from edgetrain.predict import predict_peak
+    from edgetrain.budget.estimate import estimate_peak  # imports torch: in the parent only
+    from edgetrain.measure import runtime_rss_bytes  # imports torch: in the parent only
     rt = runtime_rss_bytes()
     warm_extra = rt["warm_rss_bytes"] - rt["import_rss_bytes"]
     if device == "cuda":
-        import torch
+        import torch  # in the parent only: the child imports it under its cap
         if not torch.cuda.is_available():
             raise UserError("--device cuda requested but CUDA is not available")
     if steps < 1 or threads < 1:
@@ -194,14 +198,14 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
     plan = [(m, k, t, bench_config(model, input_shape, batch, m, k, t, steps, device, width, depth))
             for m, k, t in _configs(modes, modules, transports)]
     deepest = max(plan, key=lambda p: p[1])[3]
-    predict_peak(deepest, tuple(input_shape), 10)  # a bad model or K fails here, before any run
+    estimate_peak(deepest, tuple(input_shape), 10)  # a bad model or K fails here, before any run
     rows = []
     log = log or (lambda line: None)
     log(TABLE_HEADER)
     with tempfile.TemporaryDirectory(prefix="edgetrain-bench-memory-") as tmp:
         for i, (mode, k, t, cfg) in enumerate(plan):
             cfg.cache_dir = f"{tmp}/cache{i}"
-            pred = predict_peak(cfg, tuple(input_shape), 10, n_train=cfg.train_size)
+            pred = estimate_peak(cfg, tuple(input_shape), 10, n_train=cfg.train_size)
             res = run_child({"cfg": cfg.to_dict(), "out_dir": f"{tmp}/run{i}", "threads": threads},
                             timeout_s)
             rows.append(_row(mode, k, t, cfg, res, pred, device, warm_extra))
@@ -214,8 +218,8 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
 
 def _result(model, input_shape, batch, modules, modes, device, steps, threads, rows, last, rt,
             complete: bool) -> dict:
-    from edgetrain import __version__
-    import torch
+    import torch  # in the parent only: the child imports it under its cap
+
     _add_savings(rows)
     name = (last.get("cuda_name") or "cuda") if device == "cuda" else "cpu"
     return {"benchmark": "memory", "complete": complete, "edgetrain_version": __version__,
@@ -231,7 +235,7 @@ def _result(model, input_shape, batch, modules, modes, device, steps, threads, r
                                     "measured minus the runtime's warm-up RSS (runtime_baseline "
                                     "minus runtime_import, from a separate fresh process)"),
             "ratio_is": "measured_tensors / predicted",
-            "predicted_is": "edgetrain.predict.predict_peak(...).peak_bytes (tensors only)",
+            "predicted_is": "edgetrain.budget.estimate.estimate_peak(...).peak_bytes (tensors only)",
             "paper_table5_parallel_trgl_saved_pct": {"4": 24, "8": 48, "16": 58},
             "rows": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -244,7 +248,6 @@ def result_stem(result: dict) -> str:
 
 def write_result(result: dict, out_dir: Path) -> dict:
     """Write the JSON and the PNG bar chart; returns `result` with their paths."""
-    from edgetrain.store import atomic_write_json
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(result)
     result["json_path"] = str(out_dir / f"{stem}.json")

@@ -1,6 +1,6 @@
 """Benchmark: the planner's predicted peak against the peak measured in a fresh process.
 
-For each configuration, `edgetrain.predict.predict_peak` (what `edgetrain plan` relies on)
+For each configuration, `edgetrain.budget.estimate.estimate_peak` (what `edgetrain plan` relies on)
 is compared with a real `schedule.train` run of the same configuration in a fresh Python
 process (`edgetrain.bench.memory.run_child`: synthetic data, two optimizer steps per module
 and lap, then evaluation). Two comparisons are reported:
@@ -16,13 +16,21 @@ This file does not predict anything itself and does not parse argv (see
 """
 from __future__ import annotations
 
+from pathlib import Path
 import platform
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
-MIB = 1024 * 1024
+import torch
+
+from edgetrain import __version__
+from edgetrain.bench.memory import bench_config, run_child
+from edgetrain.budget.estimate import estimate_peak
+from edgetrain.measure import runtime_baseline_bytes, runtime_rss_bytes
+from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
+from edgetrain.units import MIB
+
 TOLERANCE = 0.15
 
 # (model, C x H x W, mode, K, batch, split): different models, regimes, K and batch sizes
@@ -45,7 +53,6 @@ DEFAULT_CONFIGS = [
 
 
 def _config(spec: dict, cache_dir: str):
-    from edgetrain.bench.memory import bench_config
     return bench_config(spec["model"], tuple(spec["input_shape"]), spec["batch"], spec["mode"],
                         spec["modules"], True, steps=2, split=spec.get("split", "depth"),
                         cache_dir=cache_dir)
@@ -58,10 +65,8 @@ def _ratio(measured: int | None, predicted: int) -> float | None:
 def measure_one(spec: dict, tmp: str, i: int, baseline_bytes: int, warm_extra_bytes: int,
                 threads: int) -> dict:
     """Predict, then train `spec` in a fresh process; returns one result row."""
-    from edgetrain.bench.memory import run_child
-    from edgetrain.predict import predict_peak
     cfg = _config(spec, f"{tmp}/cache{i}")
-    pred = predict_peak(cfg, tuple(cfg.input_shape), 10, n_train=cfg.train_size)
+    pred = estimate_peak(cfg, tuple(cfg.input_shape), 10, n_train=cfg.train_size)
     res = run_child({"cfg": cfg.to_dict(), "out_dir": f"{tmp}/run{i}", "threads": threads})
     ok = bool(res.get("ok"))
     tensors = res["peak_rss_bytes"] - res["import_rss_bytes"] - warm_extra_bytes if ok else None
@@ -106,9 +111,7 @@ def bench_plan_vs_measured(configs: list[dict] | None = None, threads: int = 2,
     Returns:
         The result dict, with `json_path` and `md_path`.
     """
-    import torch
-    from edgetrain import __version__
-    from edgetrain.memory import runtime_baseline_bytes, runtime_rss_bytes
+
     baseline = runtime_baseline_bytes()
     rt = runtime_rss_bytes()
     warm_extra = rt["warm_rss_bytes"] - rt["import_rss_bytes"]
@@ -134,7 +137,6 @@ def bench_plan_vs_measured(configs: list[dict] | None = None, threads: int = 2,
 
 def write_result(result: dict, out_dir: Path) -> dict:
     """Write `plan_vs_measured.json` and `plan_vs_measured.md` into `out_dir`."""
-    from edgetrain.store import atomic_write_json, atomic_write_text
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {**result, "json_path": str(out_dir / "plan_vs_measured.json"),
               "md_path": str(out_dir / "plan_vs_measured.md")}

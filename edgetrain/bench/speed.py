@@ -20,29 +20,34 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from edgetrain.config import RunConfig
-from edgetrain.store import atomic_write_json, atomic_write_text
+from edgetrain.data.batches import batch_indices, epoch_generator
+from edgetrain.method.loop import fit_module, make_trainer
+from edgetrain.regimes.out_of_core import OutOfCore
+from edgetrain.regimes.run import build_run
+from edgetrain.regimes.schedule import train
+from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
+from edgetrain.storage.cache import DTYPES
 
 _RSS_CHILD = r"""
-import json, sys, resource
+import json, sys
 from pathlib import Path
+import torch
 from edgetrain.config import RunConfig
-from edgetrain.schedule import train
-import edgetrain.sequential, edgetrain.cache, torch
+from edgetrain.measure import peak_rss_bytes
+from edgetrain.regimes.schedule import train
+from edgetrain.units import MIB
 torch.set_num_threads(2)
 def hwm():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_rss_bytes() / MIB
 after_imports = hwm()
 cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
 train(cfg, Path(sys.argv[2]))
@@ -60,7 +65,6 @@ def speed_cfg(k: int, epochs: int, synthetic_size: int, cache_dtype: str, **kw) 
 
 
 def _timed_train(cfg: RunConfig, out: Path) -> float:
-    from edgetrain.schedule import train
     t0 = time.perf_counter()
     train(cfg, out)
     return time.perf_counter() - t0
@@ -84,7 +88,6 @@ class RamSource:
     """The same batches as a `CacheSource`, from the cache's rows held in RAM."""
 
     def __init__(self, disk):
-        from edgetrain.cache import DTYPES
         self.disk = disk
         r = disk.reader
         self.rows = r.rows(torch.arange(r.count)).to(DTYPES[r.dtype])  # storage dtype, in RAM
@@ -93,8 +96,6 @@ class RamSource:
         return self.disk.steps_per_epoch()
 
     def epoch(self, epoch: int = 0, salt: int = 0):
-        from edgetrain.data import batch_indices
-        from edgetrain.train import epoch_generator
         d = self.disk
         gen = epoch_generator(d.seed, salt, epoch)
         off = (epoch % d.reader.views) * d.reader.n
@@ -128,9 +129,6 @@ class _Evicting:
 def disk_vs_ram(tmp: Path, k: int, epochs: int, synthetic_size: int, cache_dtype: str,
                 repeats: int = 2) -> dict:
     """Throughput (samples/s) of training module k//2 from disk vs RAM (best of `repeats`)."""
-    from edgetrain.schedule import build_run
-    from edgetrain.sequential import OutOfCore
-    from edgetrain.train import fit_module, make_trainer
     cfg = speed_cfg(k, epochs, synthetic_size, cache_dtype)
     o = OutOfCore(build_run(cfg), tmp / "thr")
     o.start(None)
@@ -177,7 +175,6 @@ def rss_vs_samples(tmp: Path, n_small: int = 256, factor: int = 4) -> dict:
 
 def cache_accuracy(tmp: Path) -> list[dict]:
     """Per-depth test accuracy on digits: cache dtype and views, and the in-memory path."""
-    from edgetrain.schedule import train
     base = dict(data="digits", model="kmresnet", width=16, depth=4, modules=4,
                 mode="sequential", epochs=6, seed=0, device="cpu")
     variants = [("in-memory, live augmentation", {"extra": {"in_memory": True}}),

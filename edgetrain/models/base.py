@@ -4,7 +4,7 @@ A residue is r(x) in out = x + r(x) (or out = shortcut(x) + r(x) for a block tha
 shape with a projection), or None for a block that carries no transport cost.
 A block whose residue is exactly out - x (its returned output minus its input, the same
 elements in the same order) declares `residue_is_delta = True`; TRGL's transport term then
-saves nothing extra for backward (`edgetrain.transport.DeltaEnergy`). Absent means False.
+saves nothing extra for backward (`edgetrain.method.transport.DeltaEnergy`). Absent means False.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ x + attn(norm1(x)) + mlp(norm2(.)) on a channels-last (B, H, W, C) map, so it cu
   that block's projection shortcut: out = blk(merge(x)), residue out - merge(x), the same
   convention as a ResNet block with a projection shortcut;
 - the final LayerNorm / pool / fc are dropped: the auxiliary heads replace them.
-Between blocks the stream is a token tensor (B, H*W, C) so that `edgetrain.heads` gives
+Between blocks the stream is a token tensor (B, H*W, C) so that `edgetrain.method.heads` gives
 every module the transformer head (LayerNorm + linear on the mean token, the paper's
 linear head for Swin); each block knows its (H, W), computed from the input size.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.models.swin_transformer import SwinTransformer
 
 from edgetrain.errors import UserError
 from edgetrain.models import register_model
@@ -68,7 +69,6 @@ def swin_patch(h: int, w: int) -> int:
 
 def swin_tiny(in_shape: tuple[int, int, int], width: int | None = None) -> Network:
     """torchvision's swin_t layout with embedding dimension `width` (96) for (C, H, W) inputs."""
-    from torchvision.models.swin_transformer import SwinTransformer
     c, h, w = in_shape
     d, p = width or 96, swin_patch(h, w)
     model = SwinTransformer(patch_size=[p, p], embed_dim=d, depths=list(DEPTHS),

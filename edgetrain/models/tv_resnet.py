@@ -24,8 +24,10 @@ This file is not a training recipe: no pretrained weights, no ImageNet-specific 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from edgetrain.errors import UserError
 from edgetrain.models import register_model
@@ -38,7 +40,6 @@ STEMS = ("auto", "imagenet", "cifar")
 
 def _branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The residual branch of a torchvision BasicBlock / Bottleneck (before the addition)."""
-    from torchvision.models.resnet import Bottleneck
     b = block
     h = b.relu(b.bn1(b.conv1(x)))
     if isinstance(b, Bottleneck):
@@ -119,7 +120,6 @@ class ScaledResNet(nn.Module):
 
     def __init__(self, kind: str, layers: list[int], width: int):
         super().__init__()
-        from torchvision.models.resnet import BasicBlock, Bottleneck
         cls = Bottleneck if kind == "bottleneck" else BasicBlock
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1, self.relu = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
@@ -145,7 +145,6 @@ def torchvision_resnet(arch: str, in_shape: tuple[int, int, int], width: int | N
     Raises:
         UserError: unknown arch or stem.
     """
-    import torchvision
     if arch not in ARCHS:
         raise UserError(f"unknown torchvision ResNet {arch!r}; choose from {', '.join(ARCHS)}")
     if stem not in STEMS:

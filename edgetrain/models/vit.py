@@ -3,7 +3,7 @@
 The stream between blocks is a token tensor (B, N, D). One block is
 out = y + mlp(ln2(y)) with y = x + attn(ln1(x)); its residue is the displacement
 out - x = attn(...) + mlp(...), both branches together (one transport term per block).
-There is no class token: the auxiliary heads of `edgetrain.heads` put a LayerNorm and a
+There is no class token: the auxiliary heads of `edgetrain.method.heads` put a LayerNorm and a
 linear layer on the mean token, as DeiT-style mean pooling does.
 
 Sizes: `width` is the embedding dimension D (default 96), `depth` the number of blocks
@@ -15,8 +15,8 @@ This file is not ViT-B/16: no class token, no dropout, no pretrained weights.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from edgetrain.errors import UserError
 from edgetrain.models import register_model

@@ -6,9 +6,9 @@ alters results on purpose, and say why in its commit.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
@@ -30,10 +30,9 @@ def strip(metrics: dict) -> dict:
 
 
 def run_regime(name: str, out: Path) -> dict:
-    from edgetrain.config import RunConfig
-    from edgetrain.schedule import train
-    cfg = RunConfig(**BASE, **REGIMES[name])
-    return strip(train(cfg, out))
+    import edgetrain
+    cfg = edgetrain.RunConfig(**BASE, **REGIMES[name])
+    return strip(edgetrain.train(cfg, out))
 
 
 def main() -> None:

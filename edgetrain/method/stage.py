@@ -1,17 +1,16 @@
-"""Cut a `Network` into K modules (`Stage`s), each with its auxiliary head.
+"""A module of the network (`Stage`: optional stem, a run of blocks, head F_k) and `Prefix`.
 
-Module 0 owns the stem. `split_depth` gives modules of (near) equal numbers of blocks;
-`split_memory` balances the activation memory saved for backward, measured on one sample
-batch (the paper's "equally heavy" modules). Stacking the stages' features reproduces the
-whole network's forward exactly.
+`Stage` is the unit every regime trains: its forward paths compute the transport term of
+TRGL (`edgetrain.method.transport`) without keeping residues alive. `Prefix` chains the
+first k stages into one classifier (export, inference). How a network is cut into stages
+is `edgetrain.method.split`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from edgetrain.errors import UserError
-from edgetrain.heads import make_head
+from edgetrain.method.transport import block_energy, transport_cost
 from edgetrain.models.base import Network, run_blocks
 
 
@@ -54,7 +53,6 @@ class Stage(nn.Module):
         `DeltaEnergy`, which saves nothing its neighbours do not already save; any other
         block's residue goes through `transport_cost` and is saved for backward.
         """
-        from edgetrain.transport import block_energy
         x = self._stem(x)
         cost = torch.zeros((), device=x.device)
         for blk in self.blocks:
@@ -74,7 +72,6 @@ class Stage(nn.Module):
         once, so no residue outlives its block: keeping them would hold one extra feature
         map per block until the backward pass.
         """
-        from edgetrain.transport import transport_cost
         x = self._stem(x)
         cost = torch.zeros((), device=x.device)
         for blk in self.blocks:
@@ -105,98 +102,6 @@ class Prefix(nn.Module):
         return x if self.features_only else self.stages[-1].head(x)
 
 
-def split_depth(n_blocks: int, k: int) -> list[int]:
-    """Boundaries [0, b1, ..., n] of k runs of near-equal length (earlier runs get the extra)."""
-    _check_k(n_blocks, k)
-    sizes = [n_blocks // k + (1 if i < n_blocks % k else 0) for i in range(k)]
-    return [0] + [sum(sizes[: i + 1]) for i in range(k)]
-
-
-def _check_k(n_blocks: int, k: int) -> None:
-    if k < 1 or k > n_blocks:
-        raise UserError(f"--modules must be between 1 and the model's {n_blocks} blocks (got {k})")
-
-
-def block_activation_bytes(net: Network, sample: torch.Tensor) -> list[int]:
-    """Bytes saved for backward by each block (stem counted into block 0) on `sample`.
-
-    Measured on a copy of `net`, so the network's BatchNorm statistics and mode are untouched.
-    """
-    import copy
-    from edgetrain.memory import saved_activation_bytes
-    net = copy.deepcopy(net).train()
-    x = sample
-    costs = []
-    stem_bytes, x = saved_activation_bytes(lambda t: net.stem(t), x)
-    for blk in net.blocks:
-        b, (x, _) = saved_activation_bytes(blk, x)
-        x = x.detach()
-        costs.append(b)
-    costs[0] += stem_bytes
-    return costs
-
-
-def split_balanced(costs: list[int], k: int) -> list[int]:
-    """Contiguous partition of `costs` into k runs minimising the heaviest run (exact DP)."""
-    n = len(costs)
-    _check_k(n, k)
-    pre = [0]
-    for c in costs:
-        pre.append(pre[-1] + c)
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(k + 1)]
-    cut = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0
-    for j in range(1, k + 1):
-        for i in range(j, n + 1):
-            for m in range(j - 1, i):
-                v = max(best[j - 1][m], pre[i] - pre[m])
-                if v < best[j][i]:
-                    best[j][i], cut[j][i] = v, m
-    bounds, i = [n], n
-    for j in range(k, 0, -1):
-        i = cut[j][i]
-        bounds.append(i)
-    return bounds[::-1]
-
-
-def split_memory(net: Network, k: int, sample: torch.Tensor) -> list[int]:
-    return split_balanced(block_activation_bytes(net, sample), k)
-
-
-def make_bounds(net: Network, k: int, how: str, sample: torch.Tensor) -> list[int]:
-    if how == "depth":
-        return split_depth(len(net.blocks), k)
-    _check_k(len(net.blocks), k)
-    return split_memory(net, k, sample)
-
-
-@torch.no_grad()
-def feature_shapes(net: Network, bounds: list[int], sample: torch.Tensor) -> list[tuple]:
-    """Output shape (without batch) of every stage, from one eval-mode forward."""
-    was = net.training
-    net.eval()
-    x = net.stem(sample)
-    shapes = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        for blk in net.blocks[a:b]:
-            x, _ = blk(x)
-        shapes.append(tuple(x.shape[1:]))
-    net.train(was)
-    return shapes
-
-
-def build_stages(net: Network, bounds: list[int], head: str, num_classes: int,
-                 sample: torch.Tensor) -> list[Stage]:
-    """Wrap the blocks of `net` into stages (sharing the same parameters) with fresh heads."""
-    shapes = feature_shapes(net, bounds, sample)
-    stages = []
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        stages.append(Stage(list(net.blocks[a:b]), make_head(head, shapes[i], num_classes),
-                            stem=net.stem if i == 0 else None))
-    return stages
-
-
 def init_orthogonal(module: nn.Module, gain: float) -> None:
     """Orthogonal init (Saxe et al.) of every conv / linear weight, as in Appendix E."""
     for m in module.modules():
@@ -204,3 +109,9 @@ def init_orthogonal(module: nn.Module, gain: float) -> None:
             nn.init.orthogonal_(m.weight, gain=gain)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def whole_network(net: Network, head: nn.Module) -> Stage:
+    """The whole network as one stage with `head` (the last module's): end-to-end training,
+    and every depth of an e2e run."""
+    return Stage(list(net.blocks), head, stem=net.stem)

@@ -7,34 +7,32 @@ Three kinds of figure, all reported side by side:
   where `/proc` is missing) and, on CUDA, `max_memory_allocated` / `max_memory_reserved`
   reset per phase (`PhaseRecorder`);
 - the runtime's own baseline (`runtime_rss_bytes`), which the predictor of
-  `edgetrain.predict` adds to its tensor peaks.
+  `edgetrain.budget.estimate` adds to its tensor peaks.
 
 This file does not run benchmarks (see `edgetrain.bench.memory`) and never reads argv or
 the environment.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+import ctypes
+import ctypes.util
+from dataclasses import dataclass, field
 import functools
 import resource
 import subprocess
 import sys
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 
-MIB = 1024 * 1024
+from edgetrain.units import MIB
+
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 
 # --------------------------------------------------------------------------- tensor accounting
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes of the elements a tensor addresses (not its whole storage)."""
-    return t.numel() * t.element_size()
-
-
 def _storage_key(t: torch.Tensor) -> int:
     """Identity of a tensor's storage, shared by its views; also valid on the meta device
     (where every data pointer is 0)."""
@@ -148,8 +146,6 @@ def compact_malloc(threshold_bytes: int = MIB) -> bool:
     (/proc/self/maps at the peak). Process-wide: the CLI and the benchmark children call it
     at start; a library user may call it too.
     """
-    import ctypes
-    import ctypes.util
     name = ctypes.util.find_library("c")
     if sys.platform != "linux" or not name:
         return False
@@ -277,13 +273,15 @@ class PhaseRecorder:
 
 
 _RUNTIME_PROBE = """
-import torch, edgetrain.schedule as s, edgetrain.memory as m
+import torch, edgetrain.measure as m
 from edgetrain.config import RunConfig
+from edgetrain.regimes.resident import train_e2e
+from edgetrain.regimes.run import build_run
 m.compact_malloc()
 imp = m.peak_rss_bytes()
 cfg = RunConfig(data="synthetic", input_shape=(1, 8, 8), synthetic_size=40, model="kmresnet",
                 width=4, depth=2, modules=1, mode="e2e", epochs=1, batch_size=8, augment=False)
-s.train_e2e(s.build_run(cfg), False)
+train_e2e(build_run(cfg), False)
 print(imp, m.peak_rss_bytes())
 """
 
@@ -312,5 +310,11 @@ def runtime_rss_bytes() -> dict:
 def runtime_baseline_bytes() -> int:
     """The runtime's own peak RSS: a fresh Python that imported torch and edgetrain and ran
     one tiny training step (see `runtime_rss_bytes`); measured once per process, cached.
-    A run's process peak RSS is predicted as this plus `PeakPrediction.peak_bytes`."""
+    A run's process peak RSS is predicted as this plus `PeakEstimate.peak_bytes`."""
     return runtime_rss_bytes()["warm_rss_bytes"]
+
+
+def peak_rss_mib() -> float:
+    """The process's lifetime peak RSS in MiB (`ru_maxrss`, never reset; `peak_rss_bytes`
+    is the resettable per-phase figure)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

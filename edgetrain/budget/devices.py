@@ -2,24 +2,22 @@
 
 What this file holds: `DeviceProfile`, reading and validating the profile files
 (`read_profile`, `load_profile`, `list_profiles`, `profile_names`, `DEVICES_DIR`,
-`PROFILE_FIELDS`), and budget sizes: `parse_size` ("1.5GiB" -> bytes), `fmt_bytes`, `MIB`,
-`GIB`.
+`PROFILE_FIELDS`). Sizes and their units are `edgetrain.units`.
 
 The planner that searches for a configuration fitting a profile's budget is
-`edgetrain.planner`; enforcing the budget during training is `edgetrain.budget`.
+`edgetrain.budget.planner`; enforcing the budget during training is `edgetrain.budget.guard`.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
+import re
 
 from edgetrain.config import CACHE_DTYPES
 from edgetrain.errors import UserError
+from edgetrain.units import MIB
 
-MIB = 1024 * 1024
-GIB = 1024 * MIB
-DEVICES_DIR = Path(__file__).resolve().parent.parent / "devices"
+DEVICES_DIR = Path(__file__).resolve().parents[2] / "devices"
 ACCELERATORS = ("none", "cuda")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
@@ -148,31 +146,3 @@ def load_profile(name: str, root: Path | None = None) -> DeviceProfile:
 def list_profiles(root: Path | None = None) -> list[DeviceProfile]:
     """Every profile in `root`, validated (a malformed file raises `UserError`)."""
     return [load_profile(n, root) for n in profile_names(root)]
-
-
-# --------------------------------------------------------------------------- sizes
-_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": MIB, "mib": MIB, "mb": 10**6,
-          "g": GIB, "gib": GIB, "gb": 10**9, "t": 1024 * GIB, "tib": 1024 * GIB, "tb": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """'1.5GiB' -> bytes. KiB/MiB/GiB and bare K/M/G are binary, KB/MB/GB decimal.
-
-    Raises:
-        UserError: not a positive size.
-    """
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise UserError(f"--memory-budget must be a positive size such as 1.5GiB or 800MB "
-                        f"(got {text!r})")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def fmt_bytes(n: float) -> str:
-    """Bytes as a short human string (binary units)."""
-    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-

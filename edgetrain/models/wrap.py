@@ -15,18 +15,11 @@ To train a wrapped model with `edgetrain train`, register a factory that calls `
 """
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 from torch import nn
 
 from edgetrain.errors import UserError
 from edgetrain.models.base import AsResidual, Network
-
-
-# Any layer T as a block: (T(x), T(x) - x) for equal shapes, (T(x), None) otherwise.
-WrappedBlock = AsResidual
 
 
 def _resolve(model: nn.Module, spec) -> nn.Module:
@@ -71,7 +64,7 @@ def wrap(model: nn.Module, blocks: list | None = None, stem=None,
         raise UserError("wrap: blocks must name at least one block")
     mods = [_resolve(model, s) for s in specs]
     net = Network(nn.Identity() if stem is None else _resolve(model, stem),
-                  [WrappedBlock(m) for m in mods])
+                  [AsResidual(m) for m in mods])
     if in_shape is not None:
         check_composes(net, in_shape, [str(s) if isinstance(s, str) else f"#{i}"
                                        for i, s in enumerate(specs)])
@@ -94,15 +87,3 @@ def check_composes(net: Network, in_shape: tuple[int, ...], names: list[str]) ->
                                 f"{tuple(x.shape[1:])}: {msg}") from None
     finally:
         net.train(was)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule rebinds the attribute `edgetrain.wrap` to the module, shadowing
-    the function exported by `edgetrain/__init__.py`; calling the module calls `wrap`, so
-    `edgetrain.wrap(model, blocks=[...])` works in either order of imports."""
-
-    def __call__(self, *args, **kwargs) -> Network:
-        return wrap(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

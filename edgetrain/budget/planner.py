@@ -6,21 +6,28 @@ What this file holds: `plan` (the rule is in its docstring and the README) and
 `Plan` it returns, `format_plan` and `train_command`, the `edgetrain train` command that
 runs a plan.
 
-What it is not: a memory model. Every predicted byte comes from `edgetrain.memory`
-(`predict_peak`, `runtime_baseline_bytes`); this file only searches over it. Device
-profiles are in `edgetrain.devices`, enforcement during training in `edgetrain.budget`.
+What it is not: a memory model. Every predicted byte comes from the estimator
+(`edgetrain.budget.estimate.estimate_peak`) and the runtime's measured baseline
+(`edgetrain.measure.runtime_baseline_bytes`); this file only searches over them. Device
+profiles are in `edgetrain.budget.devices`, enforcement during training in
+`edgetrain.budget.guard`.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import math
 import shlex
-from dataclasses import dataclass
 
-from edgetrain.budget import check_runtime_fits
-from edgetrain.config import RunConfig
-from edgetrain.devices import MIB, DeviceProfile, fmt_bytes
+from edgetrain.budget.devices import DeviceProfile
+from edgetrain.budget.estimate import estimate_peak
+from edgetrain.budget.guard import check_runtime_fits
+from edgetrain.config import RunConfig, option_args
 from edgetrain.errors import UserError
+from edgetrain.measure import runtime_baseline_bytes
+from edgetrain.models import create_model
+from edgetrain.regimes.run import load_data
+from edgetrain.units import MIB, fmt_bytes
 
 # A plan fits when runtime + SAFETY x predicted tensor peak + HEADROOM_BYTES <= budget. The
 # predictor simulates the product's own steps on the meta device, so the margin only covers
@@ -40,7 +47,7 @@ class Plan:
     """A configuration that fits (or, when `fits` is False, the least demanding one)."""
 
     cfg: RunConfig
-    prediction: object  # edgetrain.predict.PeakPrediction
+    prediction: object  # edgetrain.predict.PeakEstimate
     baseline_bytes: int
     needed_bytes: int  # baseline + SAFETY * predicted tensor peak + HEADROOM_BYTES
     budget_bytes: int
@@ -99,7 +106,6 @@ def _config(base: RunConfig, mode: str, k: int, batch: int, variant) -> RunConfi
 
 
 def _count_blocks(cfg: RunConfig, input_shape, num_classes: int) -> int:
-    from edgetrain.models import create_model
     net = create_model(cfg.model, tuple(input_shape), num_classes, cfg.width, cfg.depth)
     return len(net.blocks)
 
@@ -108,8 +114,7 @@ class _Evaluator:
     """Predicts and remembers every configuration tried; keeps the least demanding one."""
 
     def __init__(self, input_shape, num_classes, n_train, budget_bytes, profile, baseline):
-        from edgetrain.predict import predict_peak
-        self._predict = lambda cfg: predict_peak(cfg, tuple(input_shape), num_classes, n_train)
+        self._predict = lambda cfg: estimate_peak(cfg, tuple(input_shape), num_classes, n_train)
         self.budget_bytes, self.profile, self.baseline = budget_bytes, profile, baseline
         self.tried, self.least = 0, None
 
@@ -162,7 +167,6 @@ def plan(base: RunConfig, input_shape, num_classes: int, n_train: int | None,
     Raises:
         UserError: a budget below the runtime itself, or a bad model/configuration.
     """
-    from edgetrain.memory import runtime_baseline_bytes
     baseline = runtime_baseline_bytes()
     check_runtime_fits(budget_bytes, baseline)
     dtype = profile.cache_dtype if profile else base.cache_dtype
@@ -181,7 +185,6 @@ def plan_for_device(base: RunConfig, profile: DeviceProfile | None,
     Raises:
         UserError: neither a profile nor a budget, or whatever `plan` raises.
     """
-    from edgetrain.schedule import load_data
     if profile is None and budget_bytes is None:
         raise UserError("planning needs a device profile or a memory budget")
     if profile is not None:
@@ -199,7 +202,6 @@ def data_shape(cfg: RunConfig, load_data) -> tuple[tuple[int, int, int], int, in
 
 
 # --------------------------------------------------------------------------- output
-_OPTION_NAMES = {"input_shape": "--input", "modules": "-K"}
 _ALWAYS = ("data", "model", "mode", "modules", "split", "batch_size", "epochs")
 
 
@@ -213,23 +215,13 @@ def train_command(cfg: RunConfig, profile: DeviceProfile | None = None) -> str:
             continue
         if cfg.mode != "multilap" and f.name in ("laps", "cache_dtype", "cache_views"):
             continue
-        args += _option(f.name, v)
-    if not cfg.transport:
-        args.append("--no-transport")
+        args += option_args(f.name, v)
+    args += option_args("transport", cfg.transport)
     if profile is not None:
         args += ["--device-profile", profile.name]
     elif cfg.memory_budget is not None:
         args += ["--memory-budget", str(cfg.memory_budget)]
     return shlex.join(args)
-
-
-def _option(name: str, value) -> list[str]:
-    flag = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
-    if isinstance(value, bool):
-        return [flag if value else f"--no-{name.replace('_', '-')}"]
-    if name == "input_shape":
-        return [flag, "x".join(str(v) for v in value)]
-    return [flag, str(value)]
 
 
 def format_plan(p: Plan) -> str:

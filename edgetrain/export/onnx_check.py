@@ -2,9 +2,11 @@
 
 ONNX Runtime must reproduce the PyTorch prefix: logits within `ATOL` at the batch sizes of
 `CHECK_BATCHES`, and the same class on every test sample (`verify`). onnx, onnxscript and
-onnxruntime are imported lazily (`_lazy`): they are the optional `export` extra.
+onnxruntime are imported lazily (`optional_import`): they are the optional `export` extra.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -20,7 +22,7 @@ class ExportCheckFailed(UserError):
     """The exported file disagrees with the PyTorch prefix; nothing was written."""
 
 
-def _lazy(name: str):
+def optional_import(name: str):
     try:
         return __import__(name)
     except ImportError:
@@ -33,7 +35,7 @@ def ort_session(model_bytes: bytes):
     Raises:
         UserError: onnxruntime missing, or it cannot load the model (e.g. too new an opset).
     """
-    ort = _lazy("onnxruntime")
+    ort = optional_import("onnxruntime")
     try:
         return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types
@@ -94,7 +96,6 @@ def split_agreement(sess, model: torch.nn.Module, head: torch.nn.Module | None, 
 @torch.no_grad()
 def float32_noise(model: torch.nn.Module, x: torch.Tensor) -> float:
     """Max |float32 - float64| of the PyTorch model's output on `x`: its own rounding noise."""
-    import copy
     ref = copy.deepcopy(model).double()
     return float((model(x).double() - ref(x.double())).abs().max())
 

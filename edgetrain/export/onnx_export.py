@@ -22,57 +22,22 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from edgetrain import __version__
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
-from edgetrain.split import Prefix, Stage
-from edgetrain.onnx_check import ATOL, _lazy, first_samples, ort_session, verify
-from edgetrain.store import atomic_write_bytes, load_module, module_path
+from edgetrain.export.onnx_check import ATOL, first_samples, optional_import, ort_session, verify
+from edgetrain.method.stage import Prefix, Stage
+from edgetrain.regimes.run import load_run, read_finished_run
+from edgetrain.storage.atomic import atomic_write_bytes
 
 MIN_OPSET = 18  # the torch.export-based exporter implements opset >= 18 natively
 DEFAULT_OPSET = 18
-
-
-# --------------------------------------------------------------------------- reading a run
-def read_run(run_dir: Path) -> tuple[RunConfig, dict]:
-    """Config and metrics of a finished run whose module files are all present.
-
-    Raises:
-        UserError: no such directory, no config.json or metrics.json, missing module files.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"no run directory {run_dir}")
-    cfg = RunConfig.load(run_dir / "config.json")
-    expected = 1 if cfg.mode == "e2e" else cfg.modules
-    missing = [f"{k:02d}" for k in range(expected) if not module_path(run_dir, k).is_file()]
-    if missing:
-        raise UserError(f"run {run_dir} is missing module files {', '.join(missing)} of "
-                        f"{expected} (still training?); export needs a finished run")
-    metrics = _read_metrics(run_dir / "metrics.json")
-    if len(metrics["modules"]) != expected:
-        raise UserError(f"{run_dir}/metrics.json lists {len(metrics['modules'])} modules, the "
-                        f"configuration {expected}; export needs a finished run")
-    return cfg, metrics
-
-
-def _read_metrics(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"no metrics.json in {path.parent}: the run has not finished training")
-    try:
-        metrics = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("modules"), list) \
-            or "best_depth" not in metrics:
-        raise UserError(f"{path} lacks the per-module accuracies and best_depth")
-    return metrics
 
 
 def resolve_depth(depth: int | str, metrics: dict) -> int:
@@ -93,38 +58,16 @@ def resolve_depth(depth: int | str, metrics: dict) -> int:
     return k
 
 
-def load_stages(run_dir: Path, cfg: RunConfig, metrics: dict, depth: int):
-    """Rebuild the run on the CPU and load the weights of its first `depth` modules.
-
-    Returns:
-        (run, stages): the `Run` (data and network) and all its stages, the first
-        `depth` of them loaded from their safetensors files (the rest stay untouched).
-    """
-    from edgetrain.schedule import build_run
-    run = build_run(cfg, device=torch.device("cpu"))
-    stages = run.stages
-    if cfg.mode == "e2e":  # one module: the whole network with the last head
-        stages = [Stage(list(run.net.blocks), run.stages[-1].head, stem=run.net.stem)]
-    if metrics.get("bounds") not in (None, run.bounds):
-        raise UserError(f"{run_dir}: module bounds {metrics['bounds']} in metrics.json differ "
-                        f"from {run.bounds} rebuilt from config.json")
-    for k in range(depth):
-        load_module(run_dir, k, stages[k])
-    for st in stages:
-        st.eval()
-    return run, stages
-
-
 # --------------------------------------------------------------------------- exporting
 def require_export_deps() -> None:
     """Fail fast, before any work, when onnx, onnxscript or onnxruntime is missing."""
     for name in ("onnx", "onnxscript", "onnxruntime"):
-        _lazy(name)
+        optional_import(name)
 
 
 def check_opset(opset: int) -> int:
     """Raises UserError unless `opset` is one the exporter and the installed onnx support."""
-    onnx = _lazy("onnx")
+    onnx = optional_import("onnx")
     top = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= int(opset) <= top:
         raise UserError(f"--opset must be between {MIN_OPSET} and {top} (got {opset})")
@@ -136,7 +79,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, outpu
 
     `example` must have batch >= 2 so that the batch size is not specialised into the graph.
     """
-    _lazy("onnxscript")
+    optional_import("onnxscript")
     batch = torch.export.Dim("batch")
     with torch.no_grad():
         prog = torch.onnx.export(model, (example,), None, dynamo=True, opset_version=opset,
@@ -228,7 +171,7 @@ def build_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, output
     proto = export_onnx(model, example, opset, output_name)
     strip_debug_info(proto)
     set_metadata(proto, meta)
-    _lazy("onnx").checker.check_model(proto, full_check=True)
+    optional_import("onnx").checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
 
 
@@ -256,11 +199,12 @@ def export_prefix(run_dir: Path, depth: int | str = "best", features_only: bool 
     if not atol > 0:
         raise UserError(f"--atol must be positive (got {atol})")
     require_export_deps()
-    cfg, metrics = read_run(Path(run_dir))
+    cfg, metrics = read_finished_run(Path(run_dir))
     k = resolve_depth(depth, metrics)
     opset = check_opset(opset)
     out = check_out(out or default_out(run_dir, k, features_only))
-    run, stages = load_stages(Path(run_dir), cfg, metrics, k)
+    run = load_run(Path(run_dir), torch.device("cpu"), depth=k, bounds=metrics.get("bounds"))
+    stages = run.stages
     model = Prefix(stages[:k], features_only=features_only).eval()
     example = first_samples(run.data, 2)
     with torch.no_grad():

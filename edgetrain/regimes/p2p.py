@@ -3,22 +3,22 @@
 What this file holds: the message header (`encode_header` / `decode_header`), a `Link` to
 one neighbour and the bounded send/receive threads (`Outbox`, `Inbox`), the activation
 streams built on them (`OutputTap`, `forward_stream`, `received`, `StreamSource`) and two
-JSON collectives. `edgetrain.distributed` places modules on ranks and runs them; the
+JSON collectives. `edgetrain.regimes.distributed` places modules on ranks and runs them; the
 protocol and why every batch is consumed once, in order, is described there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 import json
 import queue
 import threading
-import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
-from edgetrain.errors import UserError
-from edgetrain.split import Stage
+from edgetrain.errors import UserError, first_line
+from edgetrain.method.stage import Stage
 
 END = -1  # phase of the end-of-stream message
 PHASE_VAL, PHASE_TEST = 1_000_000, 1_000_001  # training phases are the epoch numbers
@@ -33,18 +33,13 @@ class PeerLost(UserError):
     """Another rank stopped, or did not answer within the timeout."""
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _comm(what: str, fn, *args, **kw):
+def comm(what: str, fn, *args, **kw):
     """Run one torch.distributed call; its failure (gloo and NCCL raise RuntimeError
     subclasses) becomes `PeerLost`, while errors elsewhere keep their traceback."""
     try:
         return fn(*args, **kw)
     except RuntimeError as e:
-        raise PeerLost(f"lost contact with another rank during {what} ({_first_line(e)})") from None
+        raise PeerLost(f"lost contact with another rank during {what} ({first_line(e)})") from None
 
 
 def encode_header(phase: int, index: int, z: torch.Tensor | None) -> torch.Tensor:
@@ -71,26 +66,24 @@ class Link:
         self.peer, self.group, self.device = peer, group, device
 
     def send(self, phase: int, index: int, z: torch.Tensor | None, y: torch.Tensor | None) -> None:
-        import torch.distributed as dist
         what = f"send to rank {self.peer}"
-        _comm(what, dist.send, encode_header(phase, index, z).to(self.device), self.peer, group=self.group)
+        comm(what, dist.send, encode_header(phase, index, z).to(self.device), self.peer, group=self.group)
         if z is not None:
-            _comm(what, dist.send, z.contiguous().to(self.device), self.peer, group=self.group)
-            _comm(what, dist.send, y.to(self.device, torch.int64).contiguous(), self.peer,
+            comm(what, dist.send, z.contiguous().to(self.device), self.peer, group=self.group)
+            comm(what, dist.send, y.to(self.device, torch.int64).contiguous(), self.peer,
                   group=self.group)
 
     def recv(self) -> tuple[int, int, torch.Tensor | None, torch.Tensor | None]:
-        import torch.distributed as dist
         h = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         what = f"receive from rank {self.peer}"
-        _comm(what, dist.recv, h, self.peer, group=self.group)
+        comm(what, dist.recv, h, self.peer, group=self.group)
         phase, index, dtype, shape = decode_header(h)
         if phase == END:
             return phase, index, None, None
         z = torch.empty(shape, dtype=dtype, device=self.device)  # (B, C, H, W)
-        _comm(what, dist.recv, z, self.peer, group=self.group)
+        comm(what, dist.recv, z, self.peer, group=self.group)
         y = torch.empty(shape[0], dtype=torch.int64, device=self.device)
-        _comm(what, dist.recv, y, self.peer, group=self.group)
+        comm(what, dist.recv, y, self.peer, group=self.group)
         return phase, index, z, y
 
 
@@ -254,16 +247,15 @@ def _tensor_from_json(obj, device) -> torch.Tensor:
 
 def all_gather_json(obj, device: torch.device) -> list:
     """Every rank's JSON-serialisable `obj`, in rank order (JSON over uint8, no pickle)."""
-    import torch.distributed as dist
     data = _tensor_from_json(obj, device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
-    _comm("all_gather", dist.all_gather, sizes,
+    comm("all_gather", dist.all_gather, sizes,
           torch.tensor([len(data)], dtype=torch.int64, device=device))
     longest = int(max(s.item() for s in sizes))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: len(data)] = data
     parts = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in sizes]
-    _comm("all_gather", dist.all_gather, parts, padded)
+    comm("all_gather", dist.all_gather, parts, padded)
     return [json.loads(bytes(p[: int(s.item())].tolist()).decode()) for p, s in zip(parts, sizes)]
 
 

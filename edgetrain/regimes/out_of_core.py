@@ -25,89 +25,38 @@ This file does not parse argv and does not know e2e or parallel training.
 from __future__ import annotations
 
 import contextlib
-
-import base64
 import hashlib
 import json
 import logging
-import random
+from pathlib import Path
 import shutil
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgetrain import __version__
-from edgetrain.cache import (CacheInvalid, CacheReader, CacheSource, CacheWriter, MIB,
-                             check_free_space, digest, planned_bytes, remove_cache,
-                             sequential_rows)
-from edgetrain.config import RunConfig
-from edgetrain.data import augment, batch_indices
-from edgetrain.errors import UserError
-from edgetrain.store import ModuleStore, atomic_write_json, tensors_digest
-from edgetrain.train import (NonFiniteLoss, Trainer, epoch_generator, evaluate_chain, fit_module,
-                             make_trainer)
+from edgetrain.budget.guard import budget_guard
+from edgetrain.data.batches import augment, batch_indices, epoch_generator
+from edgetrain.measure import PhaseRecorder
+from edgetrain.method.loop import NonFiniteLoss, Trainer, evaluate_chain, fit, make_trainer
+from edgetrain.regimes.run import Run, run_metrics
+from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.storage.cache import (CacheInvalid, CacheReader, CacheSource, CacheWriter,
+                                     check_free_space, digest, planned_bytes, remove_cache,
+                                     sequential_rows)
+from edgetrain.storage.modules import ModuleStore
+from edgetrain.storage.rundir import (STATE, config_hash, remove_temporaries, rng_state,
+                                      set_rng_state)
+from edgetrain.units import MIB
 
-STATE = "state.json"
 VIEW_SALT = 7_777  # the salt of the augmentation streams of cached views
 log = logging.getLogger("edgetrain")
-
-
-def config_hash(cfg: RunConfig) -> str:
-    """sha256 of the resolved configuration (canonical JSON)."""
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
-
-
-def rng_state() -> dict:
-    """torch, numpy and python RNG states as JSON."""
-    np_state = np.random.get_state()
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python": json.loads(json.dumps(random.getstate()))}
-
-
-def set_rng_state(d: dict) -> None:
-    """Restore what `rng_state` returned."""
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(d["torch"])), dtype=torch.uint8))
-    n = d["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    p = d["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-
-
-def read_state(run_dir: Path) -> dict | None:
-    """state.json of a run directory (None if absent).
-
-    Raises:
-        UserError: unreadable, from another edgetrain version, or config.json was changed.
-    """
-    path = Path(run_dir) / STATE
-    if not path.is_file():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); cannot resume") from None
-    if not isinstance(state, dict) or "cursor" not in state:
-        raise UserError(f"{path} is not an edgetrain state file; cannot resume")
-    if state.get("edgetrain_version") != __version__:
-        raise UserError(f"{run_dir} was written by edgetrain {state.get('edgetrain_version')}, "
-                        f"this is {__version__}; it cannot be resumed")
-    return state
-
-
-def check_config(state: dict, cfg: RunConfig, run_dir: Path) -> None:
-    """Refuse to resume when config.json is not the configuration the run started with."""
-    if state.get("config_sha256") != config_hash(cfg):
-        raise UserError(f"{Path(run_dir) / 'config.json'} differs from the configuration the run "
-                        "was started with (hash mismatch); refusing to resume")
 
 
 class OutOfCore:
     """Drives one out-of-core run: the module/lap loop, caches, checkpoints and resume."""
 
-    def __init__(self, run, out: Path, progress: bool = False):
+    def __init__(self, run: Run, out: Path, progress: bool = False):
         self.run, self.cfg, self.out, self.progress = run, run.cfg, Path(out), progress
         self.K, self.R, self.E = run.n_modules, run.cfg.n_laps, run.cfg.epochs_per_lap
         self.store = ModuleStore(self.out, run.stages, run.device)
@@ -139,7 +88,7 @@ class OutOfCore:
 
     def start(self, state: dict | None) -> None:
         """Fresh start (state None: write initial module files) or continue from `state`."""
-        _remove_temporaries(self.out)
+        remove_temporaries(self.out)
         if state is None:
             self.store.adopt(write=True)
             self.write_state(0, 0, 0)
@@ -280,24 +229,15 @@ class OutOfCore:
         return tr
 
     def _epoch(self, tr: Trainer, src, lap: int, k: int, e: int) -> None:
-        from edgetrain.schedule import _progress
         epoch = lap * self.E + e
         desc = f"lap {lap + 1}/{self.R} module {k + 1}/{self.K} epoch {epoch + 1}"
-        check = getattr(self.run, "step_check", None)
-        with _progress(src.steps_per_epoch(), desc, self.progress) as bar:
-            def on_step(stats):
-                if bar is not None:
-                    bar.update(1)
-                if check is not None:
-                    check()
-            try:
-                fit_module([tr], src, 1, first_epoch=epoch, salt=k,
-                           label_smoothing=self.cfg.label_smoothing,
-                           scaling=self.cfg.transport_scaling, on_step=on_step)
-            except NonFiniteLoss as ex:
-                raise NonFiniteLoss(f"module {k + 1}/{self.K}, lap {lap + 1}/{self.R}, epoch "
-                                    f"{epoch + 1}: {ex}; the last checkpoint in {self.out} is "
-                                    "kept") from None
+        try:
+            fit([tr], src, 1, self.cfg, first_epoch=epoch, salt=k, desc=desc,
+                progress=self.progress, step_check=self.run.step_check)
+        except NonFiniteLoss as ex:
+            raise NonFiniteLoss(f"module {k + 1}/{self.K}, lap {lap + 1}/{self.R}, epoch "
+                                f"{epoch + 1}: {ex}; the last checkpoint in {self.out} is "
+                                "kept") from None
         self.store.save(k, tr, meta={"progress": json.dumps({"lap": lap, "epochs": e + 1})})
         self.write_state(lap, k, e + 1)
 
@@ -324,8 +264,7 @@ class OutOfCore:
             with self._phase("eval"), self._phase(f"module_{k:02d}_eval"):
                 (r,) = evaluate_chain([stage], self.source(k, split, train=False).epoch())
             ev[f"{split}_acc"], ev[f"{split}_loss"] = r["acc"], r["loss"]
-        return {**ev, "history": tr.history, "tau": tr.weighting.effective_tau,
-                "step": tr.step, "blocks": len(stage.blocks)}
+        return {**ev, **tr.record()}
 
     def run_all(self) -> None:
         """Every remaining (lap, module) from the cursor, then the final module files."""
@@ -348,7 +287,7 @@ class OutOfCore:
 
     def _phase(self, name: str):
         """A per-phase memory record (`metrics.json` "memory"), or nothing without a recorder."""
-        rec = getattr(self.run, "memory", None)
+        rec = self.run.memory
         return rec.phase(name) if rec is not None else contextlib.nullcontext()
 
     def summaries(self) -> list[dict]:
@@ -356,13 +295,7 @@ class OutOfCore:
         return [self.state["modules"][str(k)] for k in range(self.K)]
 
 
-def _remove_temporaries(out: Path) -> None:
-    """Delete temporary files a killed writer left behind (never a completed file)."""
-    for p in Path(out).rglob(".*.tmp"):
-        p.unlink(missing_ok=True)
-
-
-def train_out_of_core(run, out: Path, progress: bool = False, state: dict | None = None
+def train_out_of_core(run: Run, out: Path, progress: bool = False, state: dict | None = None
                       ) -> tuple[list[dict], int, float]:
     """Train a sequential / multilap run with one module resident; resumable.
 
@@ -382,3 +315,15 @@ def train_out_of_core(run, out: Path, progress: bool = False, state: dict | None
         ooc.run_all()
     resident = max(ooc.store.max_resident, ooc.state.get("max_resident_modules", 0))
     return ooc.summaries(), resident, float(ooc.state["train_s"])
+
+
+def train_stored(run: Run, out: Path, progress: bool, state: dict | None = None) -> dict:
+    """Out-of-core sequential / multilap training (one module resident), fresh or resumed;
+    writes and returns metrics.json."""
+    run.memory = run.memory or PhaseRecorder(run.device)
+    with budget_guard(run), run.memory.phase("train"):
+        summaries, resident, seconds = train_out_of_core(run, out, progress, state)
+    evals = [{k: s[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")} for s in summaries]
+    metrics = run_metrics(run, summaries, evals, seconds, max_resident=resident)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics

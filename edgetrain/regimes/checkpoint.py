@@ -6,18 +6,20 @@ is written atomically — the commit point — and the `.next` files replace the
 A kill before the commit leaves the previous checkpoint whole (the `.next` files are
 discarded on resume); a kill after it is completed on resume by promoting them. Data order
 and augmentation are pure functions of (seed, epoch), so a resumed run ends bit-identical
-to one that was never killed. Sequential and multilap checkpoint in `edgetrain.sequential`.
+to one that was never killed. Sequential and multilap checkpoint in `edgetrain.regimes.out_of_core`.
 """
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
+import time
 
 from edgetrain import __version__
 from edgetrain.errors import UserError
-from edgetrain.sequential import STATE, config_hash, rng_state, set_rng_state
-from edgetrain.store import ModuleStore, atomic_write_json, load_module, module_path, read_meta
+from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.storage.codec import read_meta
+from edgetrain.storage.modules import ModuleStore, load_module, module_path
+from edgetrain.storage.rundir import STATE, config_hash, rng_state, set_rng_state
 
 
 def next_path(run_dir: Path, k: int) -> Path:

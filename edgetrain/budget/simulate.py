@@ -1,6 +1,6 @@
 """Tensor-level simulation of a run's phases on the meta device: the predictor's engine.
 
-The predictor (`edgetrain.predict.predict_peak`) does not guess which tensors a training step
+The predictor (`edgetrain.budget.estimate.estimate_peak`) does not guess which tensors a training step
 holds at its peak: it runs the product's own step (`train.stage_loss`, `zero_grad`,
 `backward`, `opt.step`, twice, so the optimizer state exists), evaluation and cache-write
 forwards on meta tensors (shapes only, nothing computed, nothing allocated) under
@@ -16,13 +16,15 @@ by the same mode around the real `train.train_step` on CPU tensors.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Iterable
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from edgetrain.method.loop import stage_loss
 
 
 class LiveBytes(TorchDispatchMode):
@@ -61,9 +63,6 @@ class LiveBytes(TorchDispatchMode):
             elif isinstance(item, torch.Tensor):
                 self.track(item)
 
-    def reset_peak(self) -> None:
-        self.peak = self.now
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
@@ -84,7 +83,6 @@ def train_peak(trainers: list, in_shape: tuple, cfg, steps: int = 2, device="met
 
     Mirrors `train.train_step` (which also computes statistics that need real values).
     """
-    from edgetrain.train import stage_loss
     mode = LiveBytes()
     with mode:
         mode.register(tr.stage for tr in trainers)

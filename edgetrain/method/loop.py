@@ -8,33 +8,34 @@ of the one before it. No gradient ever crosses a stage boundary.
 A batch source yields normalised (x, y) batches on the device, one epoch at a time, and
 is deterministic for a given (seed, salt, epoch): `RawSource` reads the data set with live
 augmentation, `PrefixSource` runs a frozen prefix (eval mode, no_grad) over it on the fly.
-The out-of-core cache (`edgetrain.cache`) provides the same interface.
+The out-of-core cache (`edgetrain.storage.cache`) provides the same interface.
+
+`fit` is how every regime calls `fit_module`: the run's loss options, the progress bar
+(`progress_bar`) and a check after every step (the memory-budget watchdog).
 """
 from __future__ import annotations
 
-import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+import math
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from edgetrain.config import RunConfig
-from edgetrain.data import DataSplits, Split, augment, batch_indices
+from edgetrain.data.batches import augment, batch_indices, epoch_generator
+from edgetrain.data.splits import DataSplits, Split
 from edgetrain.errors import UserError
-from edgetrain.split import Stage
-from edgetrain.transport import LossWeighting, tau_for_module
+from edgetrain.method.stage import Stage
+from edgetrain.method.transport import LossWeighting, tau_for_module
 
 
 class BatchSource(Protocol):
     def epoch(self, epoch: int, salt: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
     def steps_per_epoch(self) -> int: ...
-
-
-def epoch_generator(seed: int, salt: int, epoch: int) -> torch.Generator:
-    """The RNG of one epoch of one stream: a pure function of (seed, salt, epoch)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + salt * 10_007 + epoch) % 2**62)
 
 
 @dataclass
@@ -95,6 +96,11 @@ class Trainer:
     step: int = 0
     history: list = field(default_factory=list)
 
+    def record(self) -> dict:
+        """What metrics.json keeps of the training: history, tau, step, blocks."""
+        return {"history": self.history, "tau": self.weighting.effective_tau,
+                "step": self.step, "blocks": len(self.stage.blocks)}
+
     def set_lr(self) -> None:
         lr = self.base_lr
         if self.cosine and self.total_steps > 0:
@@ -131,7 +137,7 @@ def stage_loss(tr: Trainer, x, y, label_smoothing: float, scaling: str):
     TRGL differentiates the transport cost w (`Stage.forward_transport`, no residue saved
     beyond what the blocks save); VanGL and e2e compute it as a detached statistic
     (`Stage.forward_statistic`). total = `tr.weighting.combine(ce, w)`. Also run on meta
-    tensors by the memory predictor (`edgetrain.simulate`), so nothing here reads values.
+    tensors by the memory predictor (`edgetrain.budget.simulate`), so nothing here reads values.
     """
     if tr.weighting.transport:
         z, w = tr.stage.forward_transport(x, scaling)
@@ -194,6 +200,30 @@ def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, fir
         if on_epoch_end:
             on_epoch_end(e, summary)
     return out
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar of `total` steps (a context manager), or a null context giving None."""
+    if not enabled:
+        return nullcontext(None)
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+
+def fit(trainers: list[Trainer], source: BatchSource, epochs: int, cfg: RunConfig, *,
+        first_epoch: int = 0, salt: int = 0, desc: str = "", progress: bool = False,
+        step_check: Callable[[], None] | None = None,
+        on_epoch_end: Callable[[int, list[dict]], None] | None = None) -> list[list[dict]]:
+    """`fit_module` with the run's loss options, a progress bar, and `step_check()` after
+    every optimiser step (it may raise between steps, where checkpoints are intact)."""
+    with progress_bar(epochs * source.steps_per_epoch(), desc, progress) as bar:
+        def on_step(stats):
+            if bar is not None:
+                bar.update(1)
+            if step_check is not None:
+                step_check()
+        return fit_module(trainers, source, epochs, first_epoch=first_epoch, salt=salt,
+                          label_smoothing=cfg.label_smoothing, scaling=cfg.transport_scaling,
+                          on_step=on_step, on_epoch_end=on_epoch_end)
 
 
 @torch.no_grad()

@@ -6,18 +6,24 @@ What this file holds: `apply_budget_options`, which turns `--device-profile` /
 run cleanly at a step boundary before the process outgrows its budget
 (`MemoryBudgetExceeded`).
 
-Device profiles and size parsing are in `edgetrain.devices`, the planner in
-`edgetrain.planner`; predicted bytes come from `edgetrain.memory`.
+Device profiles are in `edgetrain.budget.devices`, size parsing in `edgetrain.units`, the
+planner in `edgetrain.budget.planner`; predicted bytes come from `edgetrain.budget.estimate`.
 """
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 from pathlib import Path
+import threading
 
+import psutil
+import torch
+
+from edgetrain.budget.devices import load_profile
+from edgetrain.budget.estimate import estimate_peak
 from edgetrain.config import RunConfig
-from edgetrain.devices import fmt_bytes, load_profile, parse_size
 from edgetrain.errors import UserError
+from edgetrain.measure import runtime_baseline_bytes
+from edgetrain.units import fmt_bytes, parse_size
 
 
 # --------------------------------------------------------------------------- enforcement
@@ -43,13 +49,11 @@ def check_fits(cfg: RunConfig, input_shape, num_classes: int, n_train: int | Non
     """
     if cfg.memory_budget is None:
         return
-    from edgetrain.memory import runtime_baseline_bytes
-    from edgetrain.predict import predict_peak
     baseline = runtime_baseline_bytes()
     check_runtime_fits(cfg.memory_budget, baseline)
     # no SAFETY factor here: `plan` keeps that margin, and the baseline measured in this
     # process differs by a few MiB from the planner's; refuse only a predicted overrun
-    need = baseline + predict_peak(cfg, tuple(input_shape), num_classes, n_train).peak_bytes
+    need = baseline + estimate_peak(cfg, tuple(input_shape), num_classes, n_train).peak_bytes
     if need > cfg.memory_budget:
         raise UserError(f"this configuration is predicted to need {fmt_bytes(need)}, more than "
                         f"the memory budget {fmt_bytes(cfg.memory_budget)}; run `edgetrain plan` "
@@ -66,7 +70,6 @@ class RssWatchdog:
     """
 
     def __init__(self, budget_bytes: int, interval_s: float = 0.05, count_cuda: bool = False):
-        import psutil
         self.budget_bytes, self.interval_s, self.count_cuda = budget_bytes, interval_s, count_cuda
         self._proc = psutil.Process()
         self._stop = threading.Event()
@@ -77,7 +80,6 @@ class RssWatchdog:
     def usage_bytes(self) -> int:
         used = self._proc.memory_info().rss
         if self.count_cuda:
-            import torch
             if torch.cuda.is_initialized():
                 used += torch.cuda.memory_reserved()
         return used
@@ -147,7 +149,7 @@ def apply_budget_options(opts: dict, profile_name: str | None, budget_text: str 
 def budget_guard(run):
     """Watch RSS while `run` trains when its config has a budget; `run.step_check` raises.
 
-    `run` is an `edgetrain.schedule.Run`; its `step_check` is called between optimiser
+    `run` is an `edgetrain.regimes.run.Run`; its `step_check` is called between optimiser
     steps, so a stop leaves every checkpoint written so far valid.
     """
     wd = watchdog_for(run.cfg, str(run.device))

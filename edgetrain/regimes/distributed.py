@@ -1,10 +1,10 @@
 """Parallel module-wise training across processes on torch.distributed (launched by torchrun).
 
-Rank r of P owns a contiguous group of modules, balanced with `edgetrain.split.split_balanced`
+Rank r of P owns a contiguous group of modules, balanced with `edgetrain.method.split.split_balanced`
 by the run's `--split` rule (blocks per module, or activation memory per module). Rank 0 reads the data set; rank r > 0 receives
 (activations, labels) from rank r-1 by plain point-to-point `send`/`recv`. Every rank
 trains its modules with the shared `fit_module` / `train_step` / `Trainer` of
-`edgetrain.train` and sends the detached output of its last module (the same tensor the
+`edgetrain.method.loop` and sends the detached output of its last module (the same tensor the
 single-process parallel regime hands to the next module) to rank r+1. No gradient crosses
 a rank, so no backward message exists.
 
@@ -30,23 +30,29 @@ Not here: launching processes (torchrun), reading the environment (`cli.py` buil
 from __future__ import annotations
 
 import copy
-import json
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+import time
 from typing import Mapping
 
 import torch
+import torch.distributed as dist
 
 from edgetrain import __version__
 from edgetrain.config import RunConfig
-from edgetrain.errors import UserError
-from edgetrain.p2p import (PHASE_TEST, PHASE_VAL, Inbox, Link, Outbox, OutputTap, PeerLost,
-                           StreamSource, _comm, _first_line, all_gather_json, broadcast_json,
-                           forward_stream, received)
-from edgetrain.split import Stage, block_activation_bytes, split_balanced
-from edgetrain.train import Trainer, evaluate_chain, fit_module, make_trainer
+from edgetrain.errors import UserError, first_line
+from edgetrain.measure import peak_rss_mib
+from edgetrain.method.loop import RawSource, Trainer, evaluate_chain, fit, make_trainer
+from edgetrain.method.split import block_activation_bytes, split_balanced
+from edgetrain.method.stage import Stage
+from edgetrain.regimes.p2p import (PHASE_TEST, PHASE_VAL, Inbox, Link, Outbox, OutputTap,
+                                   StreamSource, all_gather_json, broadcast_json, comm,
+                                   forward_stream, received)
+from edgetrain.regimes.run import build_run, resolve_device
+from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.storage.modules import save_module
+from edgetrain.storage.rundir import metrics_record, module_entry, prepare_out_dir
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -141,7 +147,6 @@ class RankState:
 
 def choose_device(cfg: RunConfig, launch: Launch) -> tuple[torch.device, str]:
     """(device, backend): NCCL on CUDA (one GPU per local rank), gloo on CPU."""
-    from edgetrain.schedule import resolve_device
     dev = resolve_device(cfg.device)
     if dev.type == "cuda":
         if launch.local_rank >= torch.cuda.device_count():
@@ -155,7 +160,6 @@ def choose_device(cfg: RunConfig, launch: Launch) -> tuple[torch.device, str]:
 def plan_rank(cfg: RunConfig, launch: Launch, device: torch.device) -> RankState:
     """Build the whole run on CPU exactly as one process would (same seed, same init), keep
     this rank's modules on `device` and drop the rest."""
-    from edgetrain.schedule import build_run
     run = build_run(cfg, device=torch.device("cpu"))
     sample = run.data.normalize(run.data.train.x[: min(8, len(run.data.train))])
     groups = rank_groups(module_costs(cfg.split, run.bounds, run.net, sample), launch.world_size)
@@ -168,7 +172,6 @@ def plan_rank(cfg: RunConfig, launch: Launch, device: torch.device) -> RankState
 
 def open_links(state: RankState, backend: str) -> None:
     """One two-rank process group per neighbour pair, so each direction has its own channel."""
-    import torch.distributed as dist
     r, P, B = state.rank, state.launch.world_size, state.cfg.buffer_size
     pairs = [dist.new_group([i, i + 1], backend=backend) for i in range(P - 1)]
     if r > 0:
@@ -189,26 +192,12 @@ def train_rank(state: RankState, trainers: list[Trainer], progress: bool) -> Non
     cfg = state.cfg
     src = StreamSource(state.source if state.inbox is None else None, state.inbox,
                        state.source.steps_per_epoch(), state.tap, state.outbox)
-    bar = _progress_bar(cfg.epochs * src.steps_per_epoch(), progress and state.rank == 0)
-    try:
-        fit_module(trainers, src, cfg.epochs, first_epoch=0, salt=0,
-                   label_smoothing=cfg.label_smoothing, scaling=cfg.transport_scaling,
-                   on_step=(lambda stats: bar.update(1)) if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc="parallel (rank 0)", unit="step", leave=False, dynamic_ncols=True)
+    fit(trainers, src, cfg.epochs, cfg, desc="parallel (rank 0)",
+        progress=progress and state.rank == 0)
 
 
 def evaluate_rank(state: RankState) -> list[dict]:
     """Validation and test figures of this rank's modules, streaming both splits through."""
-    from edgetrain.train import RawSource
     out = {}
     for name, phase in (("val", PHASE_VAL), ("test", PHASE_TEST)):
         split = getattr(state.data, name)
@@ -233,18 +222,11 @@ def close_links(state: RankState) -> None:
 
 def module_entries(state: RankState, trainers: list[Trainer], evals: list[dict]) -> list[dict]:
     """Per-module figures with the keys of the single-process metrics.json, plus the rank."""
-    out = []
-    for k, tr, ev in zip(state.owned, trainers, evals):
-        last = tr.history[-1] if tr.history else {}
-        out.append({"index": k, **ev, "train_loss": last.get("train_loss"),
-                    "transport": last.get("transport"), "tau": tr.weighting.effective_tau,
-                    "epochs": len(tr.history), "steps": tr.step, "blocks": len(tr.stage.blocks),
-                    "rank": state.rank})
-    return out
+    return [module_entry(k, tr.record(), ev, rank=state.rank)
+            for k, tr, ev in zip(state.owned, trainers, evals)]
 
 
 def rank_report(state: RankState, trainers: list[Trainer], evals: list[dict]) -> dict:
-    from edgetrain.schedule import peak_rss_mib
     return {"rank": state.rank, "modules": module_entries(state, trainers, evals),
             "train_s": state.timings["train_s"], "peak_rss_mib": peak_rss_mib(),
             "num_threads": torch.get_num_threads()}
@@ -252,43 +234,37 @@ def rank_report(state: RankState, trainers: list[Trainer], evals: list[dict]) ->
 
 def assemble_metrics(state: RankState, reports: list[dict], backend: str) -> dict:
     """The single-process metrics.json layout, filled from every rank's report."""
-    from edgetrain.schedule import best_depth
     modules = [m for rep in reports for m in rep["modules"]]
-    bd = best_depth(modules)
     train_s = max(rep["train_s"] for rep in reports)
     n_train = len(state.data.train) * state.cfg.epochs
-    return {"edgetrain_version": __version__, "mode": state.cfg.mode, "modules": modules,
-            "n_modules": len(modules), "bounds": state.bounds, "best_depth": bd,
-            "best_val_acc": modules[bd - 1]["val_acc"], "best_test_acc": modules[bd - 1]["test_acc"],
-            "last_test_acc": modules[-1]["test_acc"],
-            "max_resident_modules": max(len(g) for g in state.groups),
-            "peak_rss_mib": max(rep["peak_rss_mib"] for rep in reports),
-            "timings": {"train_s": train_s, "per_rank_train_s": [rep["train_s"] for rep in reports]},
-            "device": str(state.device),
-            "distributed": {"world_size": len(reports), "backend": backend,
-                            "buffer_size": state.cfg.buffer_size, "rank_modules": state.groups,
-                            "train_images": n_train, "images_per_s": n_train / train_s,
-                            "per_rank_peak_rss_mib": [rep["peak_rss_mib"] for rep in reports],
-                            "num_threads": [rep["num_threads"] for rep in reports]}}
+    return metrics_record(
+        state.cfg.mode, state.bounds, modules,
+        max_resident=max(len(g) for g in state.groups),
+        peak_rss_mib=max(rep["peak_rss_mib"] for rep in reports),
+        timings={"train_s": train_s, "per_rank_train_s": [rep["train_s"] for rep in reports]},
+        device=str(state.device),
+        distributed={"world_size": len(reports), "backend": backend,
+                     "buffer_size": state.cfg.buffer_size, "rank_modules": state.groups,
+                     "train_images": n_train, "images_per_s": n_train / train_s,
+                     "per_rank_peak_rss_mib": [rep["peak_rss_mib"] for rep in reports],
+                     "num_threads": [rep["num_threads"] for rep in reports]})
 
 
 # ----------------------------------------------------------------------------- entry point
 
 def _init_group(launch: Launch, backend: str) -> None:
-    import torch.distributed as dist
     try:
         dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
                                 rank=launch.rank, world_size=launch.world_size,
                                 timeout=timedelta(seconds=launch.timeout_s))
     except (RuntimeError, ValueError, OSError) as e:
         raise UserError(f"rank {launch.rank}: cannot join the process group at "
-                        f"{launch.master_addr}:{launch.master_port} ({_first_line(e)})") from None
+                        f"{launch.master_addr}:{launch.master_port} ({first_line(e)})") from None
 
 
 def _start_run_dir(state: RankState, out_dir: Path) -> Path:
     """Rank 0 creates the run directory and writes config.json; every rank learns its path
     (rank 0's) or rank 0's error, so a bad --out stops all ranks."""
-    from edgetrain.schedule import prepare_out_dir
     msg = {"out": str(out_dir), "error": None}
     if state.rank == 0:
         try:
@@ -302,12 +278,10 @@ def _start_run_dir(state: RankState, out_dir: Path) -> Path:
 
 
 def _run_rank(state: RankState, out_dir: Path, backend: str, progress: bool) -> dict | None:
-    import torch.distributed as dist
-    from edgetrain.store import save_module
     out = _start_run_dir(state, out_dir)
     open_links(state, backend)
     trainers = make_rank_trainers(state)
-    _comm("the start barrier", dist.barrier)
+    comm("the start barrier", dist.barrier)
     t0 = time.perf_counter()
     train_rank(state, trainers, progress)
     state.timings["train_s"] = time.perf_counter() - t0
@@ -319,7 +293,6 @@ def _run_rank(state: RankState, out_dir: Path, backend: str, progress: bool) -> 
     if state.rank != 0:
         return None
     metrics = assemble_metrics(state, reports, backend)
-    from edgetrain.store import atomic_write_json
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -346,7 +319,6 @@ def train_distributed(cfg: RunConfig, out_dir: Path, launch: Launch | None,
     device, backend = choose_device(cfg, launch)
     state = plan_rank(cfg, launch, device)  # raises before any rank waits for another
     _init_group(launch, backend)
-    import torch.distributed as dist
     try:
         metrics = _run_rank(state, out_dir, backend, progress)
     except UserError as e:  # PeerLost included: this rank stops too

@@ -1,29 +1,36 @@
-"""The predictor: each regime's peak memory per phase, before anything is allocated.
+"""The peak-memory estimator: each regime's peak per phase, before anything is allocated.
 
-`predict_peak` builds the run's network and split on the meta device and simulates its
-phases there (`edgetrain.simulate`: the product's own step under a dispatch mode that
+`estimate_peak` builds the run's network and split on the meta device and simulates its
+phases there (`edgetrain.budget.simulate`: the product's own step under a dispatch mode that
 tracks every live storage), then adds what lives outside tensors' steps (the cache
-reader's queue, the cache writer's shard, the data set). The planner (`edgetrain.planner`)
-and the budget check (`edgetrain.budget`) rely on it; `benchmarks/results/plan_vs_measured.md`
+reader's queue, the cache writer's shard, the data set). The planner (`edgetrain.budget.planner`)
+and the budget check (`edgetrain.budget.guard`) rely on it; `benchmarks/results/plan_vs_measured.md`
 compares it with peaks measured in fresh processes.
 
-This file measures nothing (that is `edgetrain.memory`) and never reads argv or the
+This file measures nothing (that is `edgetrain.measure`) and never reads argv or the
 environment.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
+import math
 
 import torch
 
-from edgetrain.memory import MIB, buffer_bytes, param_bytes, unique_storage_bytes
+from edgetrain.budget.simulate import eval_peak, features_peak, train_peak
+from edgetrain.measure import buffer_bytes, param_bytes, unique_storage_bytes
+from edgetrain.method.loop import make_trainer
+from edgetrain.method.split import build_stages, make_bounds
+from edgetrain.method.stage import Stage
+from edgetrain.models import create_model
+from edgetrain.storage.cache import DTYPES
+from edgetrain.units import MIB
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
-class PeakPrediction:
+class PeakEstimate:
     """Predicted peak memory of a run per phase, in bytes (tensors only, no runtime).
 
     `train_step_bytes` is the regime's peak of training tensors: for sequential and multilap
@@ -67,10 +74,6 @@ class _StageCost:
     eval_peak_bytes: int  # peak of one eval forward (parameters and input included)
     features_peak_bytes: int  # peak of one cache-write forward and dtype conversion
 
-    @property
-    def train_bytes(self) -> int:
-        return self.train_peak_bytes
-
 
 def _optimizer_bytes(stage: torch.nn.Module, cfg) -> int:
     """Optimizer state a step allocates: SGD momentum 1x, AdamW 2x plus one step scalar each."""
@@ -82,7 +85,6 @@ def _optimizer_bytes(stage: torch.nn.Module, cfg) -> int:
 
 
 def _trainers(stages, cfg, transport: bool) -> list:
-    from edgetrain.train import make_trainer
     return [make_trainer(st, cfg, k, len(stages), 1, transport=transport)
             for k, st in enumerate(stages)]
 
@@ -93,8 +95,6 @@ def _stage_costs(stages, input_shape, cfg, transport: bool, alone: bool) -> list
     `alone`: simulate each stage's steps by itself (sequential, multilap); otherwise the
     train figures are left 0 here and the chain is simulated as a whole by the caller.
     """
-    from edgetrain.simulate import eval_peak, features_peak, train_peak
-    from edgetrain.cache import DTYPES
     B = cfg.batch_size
     trainers = _trainers(stages, cfg, transport)
     shape, costs = tuple(input_shape), []
@@ -112,8 +112,6 @@ def _stage_costs(stages, input_shape, cfg, transport: bool, alone: bool) -> list
 
 def _build_stages(cfg, input_shape, num_classes: int):
     """The run's stages exactly as `schedule.build_run` cuts them, on the meta device."""
-    from edgetrain.models import create_model
-    from edgetrain.split import Stage, build_stages, make_bounds
     net = create_model(cfg.model, tuple(input_shape), num_classes, cfg.width, cfg.depth)
     net.to("meta")
     sample = torch.empty(8, *input_shape, device="meta")
@@ -175,7 +173,7 @@ def _regime_peaks(costs: list[_StageCost], cfg, prefetch: int, data: int,
 
 
 def _prefetch_bytes(costs: list[_StageCost], cfg, n_train: int | None) -> int:
-    """The cache reader's bounded queue (`edgetrain.cache.max_batches` float32 batches, at
+    """The cache reader's bounded queue (`edgetrain.storage.cache.max_batches` float32 batches, at
     most one epoch's worth) plus the batch its thread is producing, for the heaviest input."""
     if cfg.mode in ("e2e", "parallel") or len(costs) < 2:
         return 0
@@ -194,12 +192,12 @@ def _dataset_bytes(cfg, input_shape, n_train: int | None) -> int:
     return int((n_train + n_val) * (math.prod(input_shape) + 8))  # uint8 pixels + int64 label
 
 
-def predict_peak(cfg, input_shape: tuple[int, int, int], num_classes: int,
-                 n_train: int | None = None) -> PeakPrediction:
+def estimate_peak(cfg, input_shape: tuple[int, int, int], num_classes: int,
+                 n_train: int | None = None) -> PeakEstimate:
     """Predict a run's peak memory per phase (tensors only).
 
     Builds the run's network and split on the meta device and simulates the regime's
-    phases there (`edgetrain.simulate`: the product's own step, twice, under a dispatch
+    phases there (`edgetrain.budget.simulate`: the product's own step, twice, under a dispatch
     mode that tracks every live storage): e2e/parallel train the chain of resident stages;
     sequential/multilap train each module alone, write its cache and evaluate it. To the
     simulated tensor peaks it adds what lives outside the step: the cache reader's queue,
@@ -214,9 +212,8 @@ def predict_peak(cfg, input_shape: tuple[int, int, int], num_classes: int,
         n_train: training samples (for the dataset held in memory and the cache disk).
 
     Returns:
-        PeakPrediction with bytes per class of tensor and per phase.
+        PeakEstimate with bytes per class of tensor and per phase.
     """
-    from edgetrain.simulate import train_peak
     with torch.random.fork_rng(devices=[]):
         stages = _build_stages(cfg, input_shape, num_classes)
     transport = bool(cfg.transport and cfg.mode != "e2e")
@@ -234,7 +231,7 @@ def predict_peak(cfg, input_shape: tuple[int, int, int], num_classes: int,
     step = chain_train if chained else c.train_peak_bytes
     build = (_sum(costs, "params_bytes") + sum(buffer_bytes(st) for st in stages)) * (
         2 if cfg.split == "memory" and not cfg.mode == "e2e" else 1) + data
-    return PeakPrediction(
+    return PeakEstimate(
         params_bytes=_sum(resident, "params_bytes"), grads_bytes=_sum(resident, "grads_bytes"),
         optimizer_bytes=_sum(resident, "optimizer_bytes"),
         activations_bytes=max(0, step - fixed - c.input_batch_bytes),

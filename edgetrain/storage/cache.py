@@ -14,33 +14,33 @@ keeps a bounded number of batches ready (`prefetch_bytes`). Checksums are verifi
 cache is opened and again before every epoch; a missing, stale, truncated or altered cache
 raises `CacheInvalid` and is never read.
 
-This file knows nothing about modules or schedules (that is `edgetrain.sequential`).
+This file knows nothing about modules or schedules (that is `edgetrain.regimes.out_of_core`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 import hashlib
 import json
 import math
 import os
+from pathlib import Path
 import queue
 import shutil
-import struct
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
-from edgetrain.data import batch_indices
+from edgetrain.data.batches import batch_indices, epoch_generator
 from edgetrain.errors import UserError
-from edgetrain.store import atomic_write_json, atomic_write_stream, safetensors_parts
+from edgetrain.storage import atomic  # atomic.atomic_write: where fault tests inject
+from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.storage.codec import DTYPE_CODES, open_safetensors, safetensors_parts
+from edgetrain.units import MIB
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-MIB = 1024 * 1024
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 class CacheInvalid(UserError):
@@ -118,7 +118,7 @@ class CacheWriter:
         copy, no serialised copy: the shard costs its rows once in memory)."""
         if not self._buffered:
             return
-        parts = safetensors_parts([("x", _ST_DTYPES[self.dtype], [self._buffered, *self.shape],
+        parts = safetensors_parts([("x", DTYPE_CODES[DTYPES[self.dtype]], [self._buffered, *self.shape],
                                     self._buf)])
         h = hashlib.sha256()
 
@@ -128,7 +128,7 @@ class CacheWriter:
                 h.update(part)
 
         name = f"shard-{len(self.shards):05d}.safetensors"
-        atomic_write_stream(self.dir / name, write)
+        atomic.atomic_write(self.dir / name, write)
         self.shards.append({"file": name, "rows": self._buffered, "bytes": sum(map(len, parts)),
                             "sha256": h.hexdigest()})
         self.rows += self._buffered
@@ -223,14 +223,16 @@ class CacheReader:
             raise CacheInvalid(f"cache manifest in {self.dir} does not add up; it is not read")
 
     def _data_offset(self, shard: dict) -> int:
-        with open(self.dir / shard["file"], "rb") as f:
-            (hlen,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(hlen))
-        x = header["x"]
+        try:
+            f, header, start = open_safetensors(self.dir / shard["file"], "cache shard")
+        except UserError as e:
+            raise CacheInvalid(f"{e}; it is not read") from None
+        f.close()
+        x = header.get("x", {})
         expect = [shard["rows"], *self.shape]
-        if x["dtype"] != _ST_DTYPES[self.dtype] or x["shape"] != expect:
+        if x.get("dtype") != DTYPE_CODES[DTYPES[self.dtype]] or x.get("shape") != expect:
             raise CacheInvalid(f"cache shard {shard['file']} does not match its manifest")
-        return 8 + hlen + x["data_offsets"][0]
+        return start + x["data_offsets"][0]
 
     def close(self) -> None:
         for fd in self._fds:
@@ -326,7 +328,6 @@ class CacheSource:
         return max_batches(self.reader, self.batch_size, self.prefetch_bytes)
 
     def epoch(self, epoch: int = 0, salt: int = 0):
-        from edgetrain.train import epoch_generator
         self.reader.verify()
         gen = epoch_generator(self.seed, salt, epoch)
         offset = (epoch % self.reader.views) * self.reader.n

@@ -1,0 +1,154 @@
+"""`edgetrain bench ...`: the benchmark commands. Each is thin and calls one function of its
+benchmark module, imported inside the command so that `edgetrain --help` does not import
+torch; results go to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from edgetrain.config import CACHE_DTYPES, DEVICES, MODES, parse_shape
+from edgetrain.errors import UserError
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks that write JSON, tables and plots to benchmarks/results/."""
+
+
+@bench.command("accuracy")
+@click.option("--preset", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu",
+              show_default=True, help="grid: smoke (tests), cpu (< 1 h on 2 cores), paper (GPU)")
+@click.option("--data", "datasets", multiple=True, help="only these data sets (repeatable)")
+@click.option("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads (0: torch's default)")
+@click.option("--resume/--fresh", default=True, show_default=True,
+              help="reuse the runs an interrupted invocation left in the results JSON")
+@click.option("--plots/--no-plots", default=True, show_default=True)
+def bench_accuracy(preset, datasets, seeds, out_dir, device, threads, resume, plots):
+    """TRGL vs VanGL vs end-to-end accuracy over regimes, train sizes and seeds."""
+    from edgetrain.bench.accuracy import narrow_grid, run_benchmark  # imports torch: deferred
+    grid = narrow_grid(preset, list(datasets), seeds)
+    out = run_benchmark(grid, Path(out_dir), device=device, threads=threads or None,
+                        resume=resume, plots=plots, log=click.echo)
+    for p in out["paths"]:
+        click.echo(f"wrote {p}")
+
+
+@bench.command("distributed", context_settings={"ignore_unknown_options": True})
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--nproc", type=int, multiple=True, help="process counts (default 2)")
+@click.option("--buffer-size", type=int, multiple=True, help="buffer sizes B (default 0 and 4)")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def bench_distributed(repeats, nproc, buffer_size, out_dir, train_args):
+    """Images/s of 1 process vs torchrun P processes (one thread each; TRAIN_ARGS after --)."""
+    from edgetrain.bench.distributed import (  # imports torch: deferred
+        DEFAULT_TRAIN_ARGS, ScalingSetup, run_benchmark)
+    setup = ScalingSetup(list(train_args) or list(DEFAULT_TRAIN_ARGS), list(nproc) or [2],
+                         list(buffer_size) or [0, 4], repeats)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    res = run_benchmark(setup, Path(out_dir), env, log=click.echo)
+    for path in res["paths"]:
+        click.echo(f"wrote {path}")
+
+
+@bench.command("speed")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True, help="where speed.json and speed.md go")
+@click.option("--ks", default="4,8", show_default=True, help="module counts, comma separated")
+@click.option("--epochs", type=int, default=3, show_default=True, help="epochs per module")
+@click.option("--synthetic-size", type=int, default=512, show_default=True)
+@click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default="float16", show_default=True)
+@click.option("--accuracy/--no-accuracy", default=True, show_default=True,
+              help="also measure the cache dtype and --cache-views accuracy effects on digits")
+@click.option("--rss/--no-rss", default=True, show_default=True,
+              help="also measure peak RSS at N and 4N samples in fresh processes")
+def bench_speed(out_dir, ks, epochs, synthetic_size, cache_dtype, accuracy, rss):
+    """Cache vs recomputed prefix (time), disk-streamed vs in-RAM (throughput), RSS vs N."""
+    from edgetrain.bench.speed import run_speed  # imports torch: deferred
+    try:
+        k_list = [int(v) for v in ks.split(",")]
+    except ValueError:
+        raise UserError(f"--ks must be comma-separated integers (got {ks!r})") from None
+    res = run_speed(Path(out_dir), ks=k_list, epochs=epochs, synthetic_size=synthetic_size,
+                    cache_dtype=cache_dtype, accuracy=accuracy, rss=rss)
+    click.echo(res["table_md"])
+
+
+class VariadicCommand(click.Command):
+    """A command whose `multiple` options also take several values after one flag:
+    `--modules 4 8 16` is read as `--modules 4 --modules 8 --modules 16`."""
+
+    def parse_args(self, ctx, args):
+        multi = {o for p in self.params if isinstance(p, click.Option) and p.multiple for o in p.opts}
+        out, cur, fresh = [], None, False
+        for a in args:
+            if a.startswith("-"):
+                cur, fresh = (a, True) if a in multi else (None, False)
+                out.append(a)
+            elif cur and not fresh:
+                out += [cur, a]
+            else:
+                out.append(a)
+                fresh = False
+        return super().parse_args(ctx, out)
+
+
+def bench_job_options(fn):
+    """The training job of `bench memory` / `bench cap` (synthetic data)."""
+    opts = [click.option("--model", default="resnet110", show_default=True),
+            click.option("--input", "input_shape", default="3x96x96", show_default=True, help="CxHxW"),
+            click.option("--batch", type=int, default=64, show_default=True),
+            click.option("--width", type=int, default=None),
+            click.option("--depth", type=int, default=None),
+            click.option("--steps", type=int, default=2, show_default=True,
+                         help="optimizer steps per module and lap"),
+            click.option("--threads", type=int, default=2, show_default=True),
+            click.option("--out", "out_dir", type=click.Path(file_okay=False),
+                         default="benchmarks/results", show_default=True)]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@bench.command("memory", cls=VariadicCommand)
+@bench_job_options
+@click.option("--modules", type=int, multiple=True, help="K values (default 4 8 16)")
+@click.option("--modes", type=click.Choice(MODES), multiple=True, help="regimes (default: all)")
+@click.option("--vangl/--no-vangl", default=True, show_default=True,
+              help="also measure every regime without transport")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def bench_memory_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules,
+                     modes, vangl, device):
+    """Peak memory of every regime vs end-to-end (Table 5), one fresh process per row."""
+    from edgetrain.bench.memory import bench_memory, format_table  # imports torch: deferred
+    res = bench_memory(model, parse_shape(input_shape), batch, list(modules) or [4, 8, 16],
+                       list(modes) or list(MODES), (True, False) if vangl else (True,), device,
+                       steps, width, depth, threads, Path(out_dir), log=click.echo)
+    click.echo(format_table(res))
+    click.echo(f"wrote {res['json_path']}" + (f" and {res['png_path']}" if res["png_path"] else ""))
+
+
+@bench.command("cap")
+@bench_job_options
+@click.option("--modules", type=int, default=16, show_default=True, help="edgetrain's K")
+@click.option("--mode", type=click.Choice(["sequential", "multilap"]), default="sequential",
+              show_default=True)
+@click.option("--cap-mib", type=float, default=None, help="also run both jobs at this cap")
+@click.option("--tol-mib", type=float, default=32, show_default=True, help="bisection resolution")
+@click.option("--max-probes", type=int, default=16, show_default=True)
+def bench_cap_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules, mode,
+                  cap_mib, tol_mib, max_probes):
+    """e2e vs edgetrain under one RLIMIT_AS cap, and the smallest cap edgetrain completes at."""
+    from edgetrain.bench.cap import bench_cap, format_cap  # imports torch: deferred
+    res = bench_cap(model, parse_shape(input_shape), batch, modules, mode, width, depth, steps,
+                    threads, cap_mib, tol_mib, max_probes, Path(out_dir), log=click.echo)
+    click.echo(format_cap(res))
+    click.echo(f"wrote {res['json_path']}")

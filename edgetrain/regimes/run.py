@@ -1,0 +1,183 @@
+"""The `Run`: everything a configuration builds (data, network, stages, device), and its
+evaluation.
+
+`build_run` is deterministic in the config's seed, and raises every configuration error
+before anything is written. `load_run` rebuilds a finished run from its directory for eval,
+export and inference. `run_metrics` turns a trained run into metrics.json's record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import json
+from pathlib import Path
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgetrain.config import RunConfig
+from edgetrain.data.splits import DataSplits, load_splits
+from edgetrain.errors import UserError
+from edgetrain.measure import PhaseRecorder, peak_rss_mib
+from edgetrain.method.loop import RawSource, evaluate_chain
+from edgetrain.method.split import build_stages, make_bounds
+from edgetrain.method.stage import Stage, init_orthogonal, whole_network
+from edgetrain.models import create_model
+from edgetrain.models.base import Network
+from edgetrain.storage.modules import load_module, module_path
+from edgetrain.storage.rundir import metrics_record, module_entry
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu` or `cuda` as a torch device (resolved once, here, and passed down)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    """Everything built from a config: data, network, its stages and the device."""
+
+    cfg: RunConfig
+    data: DataSplits
+    net: Network
+    bounds: list[int]
+    stages: list[Stage]
+    device: torch.device
+    step_check: Callable[[], None] | None = None  # called after every optimiser step (budget watchdog)
+    memory: PhaseRecorder | None = None  # per-phase peaks (`with run.memory.phase("cache_write")`)
+    checkpoint: object | None = None  # e2e/parallel epoch checkpoints (`edgetrain.regimes.checkpoint`)
+
+    @property
+    def n_modules(self) -> int:
+        return len(self.stages)
+
+    def raw(self, split: str, train: bool = False) -> RawSource:
+        return RawSource(self.data, getattr(self.data, split), self.cfg.batch_size, self.device,
+                         train=train, augment=self.cfg.augment, seed=self.cfg.seed)
+
+
+def load_data(cfg: RunConfig) -> DataSplits:
+    """The run's train / val / test splits, as its config describes them."""
+    return load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
+                       test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
+                       synthetic_size=cfg.synthetic_size)
+
+
+def build_run(cfg: RunConfig, data: DataSplits | None = None,
+              device: torch.device | None = None) -> Run:
+    """Deterministically (from cfg.seed) build data, network, split and heads."""
+    device = device or resolve_device(cfg.device)
+    data = data or load_data(cfg)
+    seed_everything(cfg.seed)
+    net = create_model(cfg.model, data.input_shape, data.num_classes, cfg.width, cfg.depth)
+    sample = data.normalize(data.train.x[: min(8, len(data.train))])
+    if cfg.mode == "e2e":
+        bounds = [0, len(net.blocks)]
+    else:
+        bounds = make_bounds(net, cfg.modules, cfg.split, sample)
+    stages = build_stages(net, bounds, cfg.head, data.num_classes, sample)
+    if cfg.init_gain is not None:
+        for st in stages:
+            init_orthogonal(st, cfg.init_gain)
+    for st in stages:
+        st.to(device)
+    return Run(cfg, data, net, bounds, stages, device)
+
+
+def evaluate(run: Run) -> list[dict]:
+    """Validation and test accuracy of every prefix F_k o G_k."""
+    val = evaluate_chain(run.stages, run.raw("val").epoch())
+    test = evaluate_chain(run.stages, run.raw("test").epoch())
+    return [{"val_acc": v["acc"], "val_loss": v["loss"], "test_acc": t["acc"],
+             "test_loss": t["loss"]} for v, t in zip(val, test)]
+
+
+def load_run(run_dir: Path, device: torch.device | None = None, depth: int | None = None,
+             bounds: list[int] | None = None) -> Run:
+    """Rebuild a trained run from its config.json and module files, in eval mode.
+
+    Args:
+        run_dir: the run directory.
+        device: where to build it (default: the config's device).
+        depth: load the first `depth` modules only (default all; the rest keep their
+            initial weights).
+        bounds: the module bounds the caller read from metrics.json, checked against the
+            rebuilt split.
+    Raises:
+        UserError: no run there, bounds that differ, module files that do not match.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"no run directory {run_dir}")
+    cfg = RunConfig.load(run_dir / "config.json")
+    run = build_run(cfg, device=device)
+    if cfg.mode == "e2e":  # one module: the whole network with the last head
+        run.stages = [whole_network(run.net, run.stages[-1].head)]
+    if bounds not in (None, run.bounds):
+        raise UserError(f"{run_dir}: module bounds {bounds} in metrics.json differ from "
+                        f"{run.bounds} rebuilt from config.json")
+    for k, st in enumerate(run.stages[:depth]):
+        load_module(run_dir, k, st)
+    for st in run.stages:
+        st.eval()
+    return run
+
+
+def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float,
+                max_resident: int | None = None) -> dict:
+    """metrics.json of a single-process run: `records` are the modules' training records
+    (`Trainer.record()`), `evals` their validation and test figures."""
+    modules = [module_entry(k, rec, ev) for k, (rec, ev) in enumerate(zip(records, evals))]
+    peak = run.memory.peak_rss_mib() if run.memory else peak_rss_mib()
+    return metrics_record(run.cfg.mode, run.bounds, modules,
+                          max_resident=len(run.stages) if max_resident is None else max_resident,
+                          peak_rss_mib=peak, memory=run.memory.metrics() if run.memory else {},
+                          timings={"train_s": seconds}, device=str(run.device))
+
+
+# --------------------------------------------------------------------------- reading a run
+def read_finished_run(run_dir: Path) -> tuple[RunConfig, dict]:
+    """Config and metrics of a finished run whose module files are all present.
+
+    Raises:
+        UserError: no such directory, no config.json or metrics.json, missing module files.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"no run directory {run_dir}")
+    cfg = RunConfig.load(run_dir / "config.json")
+    expected = 1 if cfg.mode == "e2e" else cfg.modules
+    missing = [f"{k:02d}" for k in range(expected) if not module_path(run_dir, k).is_file()]
+    if missing:
+        raise UserError(f"run {run_dir} is missing module files {', '.join(missing)} of "
+                        f"{expected} (still training?); export needs a finished run")
+    metrics = read_metrics(run_dir / "metrics.json")
+    if len(metrics["modules"]) != expected:
+        raise UserError(f"{run_dir}/metrics.json lists {len(metrics['modules'])} modules, the "
+                        f"configuration {expected}; export needs a finished run")
+    return cfg, metrics
+
+
+def read_metrics(path: Path) -> dict:
+    """metrics.json of a finished run (checked to hold the per-module figures)."""
+    if not path.is_file():
+        raise UserError(f"no metrics.json in {path.parent}: the run has not finished training")
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("modules"), list) \
+            or "best_depth" not in metrics:
+        raise UserError(f"{path} lacks the per-module accuracies and best_depth")
+    return metrics

@@ -1,0 +1,84 @@
+"""The dispatcher: train a run, resume it, evaluate it. Nothing else lives here.
+
+Which regime trains a configuration: e2e and parallel are resident
+(`edgetrain.regimes.resident`), sequential and multilap are out of core
+(`edgetrain.regimes.out_of_core`) unless asked to stay in memory, and a distributed run is
+one rank of a torchrun launch (`edgetrain.regimes.distributed`). The run directory is
+`edgetrain.storage.rundir`; this file does not parse argv.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgetrain.budget.guard import check_fits
+from edgetrain.config import RunConfig
+from edgetrain.errors import UserError
+from edgetrain.measure import PhaseRecorder
+from edgetrain.regimes.out_of_core import train_stored
+from edgetrain.regimes.resident import train_in_memory, train_resident
+from edgetrain.regimes.run import build_run, evaluate, load_data, load_run
+from edgetrain.storage.rundir import best_depth, check_config, prepare_out_dir, read_state
+
+
+def resume(run_dir: Path, progress: bool = False) -> dict:
+    """Continue an interrupted sequential / multilap run from its last checkpoint.
+
+    Raises:
+        UserError: no run there, another edgetrain version, a changed config.json, a run
+            that is not resumable (distributed, in-memory sequential), or any error of `train`.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"no run to resume in {run_dir} (no config.json)")
+    cfg = RunConfig.load(run_dir / "config.json")
+    state = read_state(run_dir)
+    if state is not None:
+        check_config(state, cfg, run_dir)
+    if (run_dir / "metrics.json").is_file() and (state is None or state.get("finished")):
+        return json.loads((run_dir / "metrics.json").read_text())
+    if state is not None and state.get("finished"):
+        raise UserError(f"{run_dir} finished training but its metrics.json is missing; "
+                        f"`edgetrain eval {run_dir}` re-evaluates it")
+    if cfg.distributed or cfg.mode in ("sequential", "multilap") and not cfg.out_of_core:
+        raise UserError(f"{run_dir} is a distributed or in-memory run; it does not checkpoint "
+                        "and cannot be resumed")
+    if not cfg.out_of_core:
+        return train_resident(build_run(cfg), run_dir, progress, state)
+    return train_stored(build_run(cfg), run_dir, progress, state)
+
+
+def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None) -> dict | None:
+    """Train a run as configured and write its run directory; returns the metrics.
+
+    Raises:
+        UserError: bad configuration, unwritable output, non-finite loss.
+
+    With `cfg.distributed` this process is one rank (`launch`, an `edgetrain.regimes.distributed.Launch`)
+    of a torchrun launch; it returns the metrics on rank 0 and None on the other ranks.
+    """
+    if cfg.distributed:
+        from edgetrain.regimes.distributed import train_distributed  # torch.distributed: deferred
+        return train_distributed(cfg, out_dir, launch, progress)
+    data = load_data(cfg)
+    check_fits(cfg, data.input_shape, data.num_classes, len(data.train))  # before the model exists
+    run = build_run(cfg, data=data)  # every configuration error surfaces before the run dir exists
+    out = prepare_out_dir(out_dir)
+    cfg.save(out / "config.json")
+    run.memory = PhaseRecorder(run.device)
+    if cfg.out_of_core:
+        return train_stored(run, out, progress)
+    if cfg.mode in ("e2e", "parallel"):
+        return train_resident(run, out, progress)
+    return train_in_memory(run, out, progress)
+
+
+def evaluate_run(run_dir: Path) -> dict:
+    """Re-evaluate every depth of a finished run; returns per-module accuracies and best depth."""
+    run = load_run(run_dir)
+    evals = evaluate(run)
+    for k, e in enumerate(evals):
+        e["index"] = k
+    return {"modules": evals, "best_depth": best_depth(evals)}
+
+

@@ -1,0 +1,50 @@
+"""Atomic file writes: a reader sees the previous file or the complete new one, never a part.
+
+Every file edgetrain writes into a run directory, a cache or a data pack goes through
+`atomic_write` (temporary file in the same folder, fsync, rename). A full disk becomes a
+one-line `UserError` that says the previous checkpoint is intact.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+import tempfile
+
+from edgetrain.errors import UserError
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write the file that `write(f)` produces through a temporary file in the same
+    directory, fsync, then rename: a reader sees the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; run files are meant to be copied and shared
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device while writing {path}; the previous "
+                            "checkpoint is intact: free some space, then run "
+                            "`edgetrain train --resume RUN_DIR`") from None
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))

@@ -1,0 +1,140 @@
+"""The run directory: its layout, the resume state, RNG states, the config hash, metrics.json.
+
+Layout (the contract between commands; README "The run directory"):
+RUN_DIR/config.json, metrics.json, modules/NN.safetensors (`edgetrain.storage.modules`),
+state.json (`STATE`: the resume cursor, RNG states, config hash, version), cache/.
+This file creates and checks run directories and builds their records; it trains nothing.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+import random
+import time
+
+import numpy as np
+import torch
+
+from edgetrain import __version__
+from edgetrain.config import RunConfig
+from edgetrain.errors import UserError
+
+STATE = "state.json"
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """sha256 of the resolved configuration (canonical JSON)."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def rng_state() -> dict:
+    """torch, numpy and python RNG states as JSON."""
+    np_state = np.random.get_state()
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": json.loads(json.dumps(random.getstate()))}
+
+
+def set_rng_state(d: dict) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(d["torch"])), dtype=torch.uint8))
+    n = d["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = d["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def read_state(run_dir: Path) -> dict | None:
+    """state.json of a run directory (None if absent).
+
+    Raises:
+        UserError: unreadable, from another edgetrain version, or config.json was changed.
+    """
+    path = Path(run_dir) / STATE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); cannot resume") from None
+    if not isinstance(state, dict) or "cursor" not in state:
+        raise UserError(f"{path} is not an edgetrain state file; cannot resume")
+    if state.get("edgetrain_version") != __version__:
+        raise UserError(f"{run_dir} was written by edgetrain {state.get('edgetrain_version')}, "
+                        f"this is {__version__}; it cannot be resumed")
+    return state
+
+
+def check_config(state: dict, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume when config.json is not the configuration the run started with."""
+    if state.get("config_sha256") != config_hash(cfg):
+        raise UserError(f"{Path(run_dir) / 'config.json'} differs from the configuration the run "
+                        "was started with (hash mismatch); refusing to resume")
+
+
+def remove_temporaries(out: Path) -> None:
+    """Delete temporary files a killed writer left behind (never a completed file)."""
+    for p in Path(out).rglob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create a fresh, writable run directory (refusing to overwrite another run)."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        raise UserError(f"{out} already holds a run; choose another --out (or --resume it)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    return out
+
+
+def best_depth(per_module: list[dict]) -> int:
+    """1-based depth with the highest validation accuracy (the shallowest on ties)."""
+    accs = [m["val_acc"] for m in per_module]
+    return accs.index(max(accs)) + 1
+
+
+def module_entry(index: int, record: dict, evals: dict, **extra) -> dict:
+    """One module's entry of metrics.json["modules"].
+
+    Args:
+        index: the module's 0-based index.
+        record: its training record: history (per-epoch dicts), tau, step, blocks
+            (`Trainer.record()`, or the summary an out-of-core run keeps in state.json).
+        evals: val_acc, val_loss, test_acc, test_loss.
+        extra: more keys (a distributed run adds the rank).
+    """
+    last = record["history"][-1] if record["history"] else {}
+    return {"index": index, **evals, "train_loss": last.get("train_loss"),
+            "transport": last.get("transport"), "tau": record["tau"],
+            "epochs": len(record["history"]), "steps": record["step"],
+            "blocks": record["blocks"], **extra}
+
+
+def metrics_record(mode: str, bounds: list[int], modules: list[dict], *, max_resident: int,
+                   peak_rss_mib: float, timings: dict, device: str, memory: dict | None = None,
+                   **extra) -> dict:
+    """metrics.json: the per-module entries, the best depth (chosen on validation) and the
+    figures that measure the machine (peak memory, timings, device)."""
+    bd = best_depth(modules)
+    return {"edgetrain_version": __version__, "mode": mode, "modules": modules,
+            "n_modules": len(modules), "bounds": bounds, "best_depth": bd,
+            "best_val_acc": modules[bd - 1]["val_acc"],
+            "best_test_acc": modules[bd - 1]["test_acc"],
+            "last_test_acc": modules[-1]["test_acc"], "max_resident_modules": max_resident,
+            "peak_rss_mib": peak_rss_mib, "memory": memory or {}, "timings": timings,
+            "device": device, **extra}
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    """runs/DATA-MODEL-MODE-STAMP-PID under the working directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.data}-{cfg.model}-{cfg.mode}-{stamp}-{os.getpid()}"
