@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edgetrain.config import RunConfig
-from edgetrain.data.splits import DataSplits, load_splits
+from edgetrain.data.splits import DataSplits, check_splits, load_splits
 from edgetrain.errors import UserError
 from edgetrain.measure import PhaseRecorder, peak_rss_mib
 from edgetrain.method.loop import RawSource, evaluate_chain
@@ -68,10 +68,13 @@ class Run:
 
 
 def load_data(cfg: RunConfig) -> DataSplits:
-    """The run's train / val / test splits, as its config describes them."""
-    return load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
+    """The run's train / val / test splits, as its config describes them (checked usable:
+    `edgetrain.data.splits.check_splits`)."""
+    data = load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
                        test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
                        synthetic_size=cfg.synthetic_size)
+    check_splits(data, cfg.val_fraction)
+    return data
 
 
 def build_run(cfg: RunConfig, data: DataSplits | None = None,

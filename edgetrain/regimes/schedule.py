@@ -18,6 +18,7 @@ from edgetrain.measure import PhaseRecorder
 from edgetrain.regimes.out_of_core import train_stored
 from edgetrain.regimes.resident import train_in_memory, train_resident
 from edgetrain.regimes.run import build_run, evaluate, load_data, load_run
+from edgetrain.storage.cache import check_cache_dir
 from edgetrain.storage.rundir import best_depth, check_config, prepare_out_dir, read_state
 
 
@@ -60,6 +61,8 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None) ->
     if cfg.distributed:
         from edgetrain.regimes.distributed import train_distributed  # torch.distributed: deferred
         return train_distributed(cfg, out_dir, launch, progress)
+    if cfg.cache_dir is not None and cfg.out_of_core:
+        check_cache_dir(Path(cfg.cache_dir))
     data = load_data(cfg)
     check_fits(cfg, data.input_shape, data.num_classes, len(data.train))  # before the model exists
     run = build_run(cfg, data=data)  # every configuration error surfaces before the run dir exists
