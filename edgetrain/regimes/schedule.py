@@ -19,7 +19,8 @@ from edgetrain.regimes.out_of_core import train_stored
 from edgetrain.regimes.resident import train_in_memory, train_resident
 from edgetrain.regimes.run import build_run, evaluate, load_data, load_run
 from edgetrain.storage.cache import check_cache_dir
-from edgetrain.storage.rundir import best_depth, check_config, prepare_out_dir, read_state
+from edgetrain.storage.lock import lock_run_dir
+from edgetrain.storage.rundir import best_depth, check_config, claim_out_dir, read_state
 
 
 def resume(run_dir: Path, progress: bool = False) -> dict:
@@ -32,6 +33,14 @@ def resume(run_dir: Path, progress: bool = False) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"no run to resume in {run_dir} (no config.json)")
+    lock = lock_run_dir(run_dir)  # a live holder is named; a dead one's lock is taken over
+    try:
+        return _resume(run_dir, progress)
+    finally:
+        lock.release()
+
+
+def _resume(run_dir: Path, progress: bool) -> dict:
     cfg = RunConfig.load(run_dir / "config.json")
     state = read_state(run_dir)
     if state is not None:
@@ -66,7 +75,15 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None) ->
     data = load_data(cfg)
     check_fits(cfg, data.input_shape, data.num_classes, len(data.train))  # before the model exists
     run = build_run(cfg, data=data)  # every configuration error surfaces before the run dir exists
-    out = prepare_out_dir(out_dir)
+    lock = claim_out_dir(out_dir)
+    try:
+        return _train_locked(run, Path(out_dir), progress)
+    finally:
+        lock.release()
+
+
+def _train_locked(run, out: Path, progress: bool) -> dict:
+    cfg = run.cfg
     cfg.save(out / "config.json")
     run.memory = PhaseRecorder(run.device)
     if cfg.out_of_core:
