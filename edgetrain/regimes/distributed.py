@@ -300,7 +300,7 @@ def _run_rank(state: RankState, out_dir: Path, backend: str, progress: bool) -> 
 
 
 def train_distributed(cfg: RunConfig, out_dir: Path, launch: Launch | None,
-                      progress: bool = False) -> dict | None:
+                      progress: bool = False, stop=None) -> dict | None:
     """Train this rank's modules of a parallel run launched by torchrun.
 
     Args:

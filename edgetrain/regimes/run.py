@@ -18,7 +18,7 @@ import torch
 
 from edgetrain.config import RunConfig
 from edgetrain.data.splits import DataSplits, check_splits, load_splits
-from edgetrain.errors import UserError
+from edgetrain.errors import Stopped, UserError
 from edgetrain.measure import PhaseRecorder, peak_rss_mib
 from edgetrain.method.loop import RawSource, evaluate_chain
 from edgetrain.method.split import build_stages, make_bounds
@@ -57,6 +57,7 @@ class Run:
     step_check: Callable[[], None] | None = None  # called after every optimiser step (budget watchdog)
     memory: PhaseRecorder | None = None  # per-phase peaks (`with run.memory.phase("cache_write")`)
     checkpoint: object | None = None  # e2e/parallel epoch checkpoints (`edgetrain.regimes.checkpoint`)
+    stop: Callable[[], bool] | None = None  # a stop request (`edgetrain.signals.StopSignals`)
 
     @property
     def n_modules(self) -> int:
@@ -65,6 +66,16 @@ class Run:
     def raw(self, split: str, train: bool = False) -> RawSource:
         return RawSource(self.data, getattr(self.data, split), self.cfg.batch_size, self.device,
                          train=train, augment=self.cfg.augment, seed=self.cfg.seed)
+
+
+def stopped(run: Run, out: Path, where: str, resumable: bool = True) -> Stopped:
+    """The one-line `Stopped` of a run stopped by a signal after its checkpoint (`where`)."""
+    name = getattr(run.stop, "name", "stop requested")
+    code = getattr(run.stop, "exit_code", 130)
+    if not resumable:
+        return Stopped(f"{name}: stopped {where}; this run does not checkpoint", code)
+    return Stopped(f"{name}: stopped {where}, checkpoint written; resume with: "
+                   f"edgetrain train --resume {out}", code)
 
 
 def load_data(cfg: RunConfig) -> DataSplits:
