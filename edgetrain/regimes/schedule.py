@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from edgetrain.budget.guard import check_fits
+from edgetrain.budget.oom import out_of_memory_as_user_error
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
 from edgetrain.measure import PhaseRecorder
@@ -53,11 +54,13 @@ def _resume(run_dir: Path, progress: bool, stop) -> dict:
     if cfg.distributed or cfg.mode in ("sequential", "multilap") and not cfg.out_of_core:
         raise UserError(f"{run_dir} is a distributed or in-memory run; it does not checkpoint "
                         "and cannot be resumed")
-    run = build_run(cfg)
-    run.stop = stop
-    if not cfg.out_of_core:
-        return train_resident(run, run_dir, progress, state)
-    return train_stored(run, run_dir, progress, state)
+    with out_of_memory_as_user_error(cfg, None, None):
+        run = build_run(cfg)
+    run.stop, run.memory = stop, PhaseRecorder(run.device)
+    with out_of_memory_as_user_error(cfg, run.memory, run_dir, run.device):
+        if not cfg.out_of_core:
+            return train_resident(run, run_dir, progress, state)
+        return train_stored(run, run_dir, progress, state)
 
 
 def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
@@ -79,13 +82,15 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
         return train_distributed(cfg, out_dir, launch, progress, stop=stop)
     if cfg.cache_dir is not None and cfg.out_of_core:
         check_cache_dir(Path(cfg.cache_dir))
-    data = load_data(cfg)
-    check_fits(cfg, data.input_shape, data.num_classes, len(data.train))  # before the model exists
-    run = build_run(cfg, data=data)  # every configuration error surfaces before the run dir exists
-    run.stop = stop
+    with out_of_memory_as_user_error(cfg, None, None):
+        data = load_data(cfg)
+        check_fits(cfg, data.input_shape, data.num_classes, len(data.train))  # before the model
+        run = build_run(cfg, data=data)  # every configuration error surfaces before the run dir
+    run.stop, run.memory = stop, PhaseRecorder(run.device)
     lock = claim_out_dir(out_dir)
     try:
-        return _train_locked(run, Path(out_dir), progress)
+        with out_of_memory_as_user_error(cfg, run.memory, Path(out_dir), run.device):
+            return _train_locked(run, Path(out_dir), progress)
     finally:
         lock.release()
 
@@ -93,7 +98,6 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
 def _train_locked(run, out: Path, progress: bool) -> dict:
     cfg = run.cfg
     cfg.save(out / "config.json")
-    run.memory = PhaseRecorder(run.device)
     if cfg.out_of_core:
         return train_stored(run, out, progress)
     if cfg.mode in ("e2e", "parallel"):
