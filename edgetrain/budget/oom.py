@@ -40,19 +40,19 @@ def plan_command(cfg: RunConfig, budget_bytes: int) -> str:
 
 
 def where(phases: list[str] | None, cfg: RunConfig) -> str:
-    """'phase cache_write of module 2' from the phases that were open (outermost first)."""
+    """'in phase cache_write of module 2/4' from the phases that were open (outermost first)."""
     if not phases:
-        return "before training"
+        return "outside the training phases"
     inner = phases[-1]
     m = re.fullmatch(r"module_(\d+)_(\w+)", inner)
     if m:
-        return f"phase {m.group(2)} of module {int(m.group(1)) + 1}/{cfg.modules}"
+        return f"in phase {m.group(2)} of module {int(m.group(1)) + 1}/{cfg.modules}"
     named = [re.fullmatch(r"module_(\d+)_\w+", p) for p in phases]
     modules = [int(x.group(1)) + 1 for x in named if x]
     if modules:
-        return f"phase {inner} of module {modules[-1]}/{cfg.modules}"
+        return f"in phase {inner} of module {modules[-1]}/{cfg.modules}"
     scope = {"e2e": "the whole network", "parallel": f"all {cfg.modules} modules"}.get(cfg.mode, "")
-    return f"phase {inner}" + (f" ({scope})" if scope else "")
+    return f"in phase {inner}" + (f" ({scope})" if scope else "")
 
 
 def held_bytes(device: torch.device | None, recorder: PhaseRecorder | None) -> tuple[int, str]:
@@ -65,11 +65,12 @@ def held_bytes(device: torch.device | None, recorder: PhaseRecorder | None) -> t
 
 @contextmanager
 def out_of_memory_as_user_error(cfg: RunConfig, recorder: PhaseRecorder | None,
-                                run_dir: Path | None, device: torch.device | None = None):
+                                run_dir: Path | None, device: torch.device | None = None,
+                                context: str = "while loading the data and building the model"):
     """Turn an allocation failure inside the block into `OutOfMemory` (one line, exit 2).
 
-    `recorder` names the phase that was open; `run_dir`, once it holds a checkpoint, is
-    named with `train --resume`.
+    `recorder` names the phase that was open (else `context` says where); `run_dir`, once
+    it holds a checkpoint, is named with `train --resume`.
     """
     try:
         yield
@@ -77,10 +78,10 @@ def out_of_memory_as_user_error(cfg: RunConfig, recorder: PhaseRecorder | None,
         if not is_out_of_memory(e):
             raise
         n, what = held_bytes(device, recorder)
-        phase = where(recorder.failed_in if recorder is not None else None, cfg)
+        phase = where(recorder.failed_in, cfg) if recorder is not None else context
         resume = (f"; the last checkpoint in {run_dir} is intact (`edgetrain train --resume "
                   f"{run_dir}` continues it where more memory is free)"
                   if run_dir is not None and (Path(run_dir) / "state.json").is_file() else "")
-        raise OutOfMemory(f"out of memory in {phase} ({cfg.mode}): the process held "
+        raise OutOfMemory(f"out of memory {phase} ({cfg.mode}): the process held "
                           f"{n / MIB:.0f} MiB ({what}); a configuration for that much memory: "
                           f"{plan_command(cfg, n)}{resume}") from None
