@@ -80,7 +80,7 @@ def test_random_train_flags_end_in_success_or_one_line_exit_2(args):
 
 
 @pytest.mark.slow
-@settings(max_examples=150, derandomize=True, deadline=None, database=None,
+@settings(max_examples=60, derandomize=True, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(flag_sets())
 def test_random_train_flags_large_budget(args):
