@@ -40,7 +40,7 @@ class InitSource:
     kind: str  # "torchvision", "edgetrain" (a Network state dict) or "run"
     weights: dict[str, torch.Tensor]
     skipped: list[str] = field(default_factory=list)  # the source's classifier, by design
-    run_layout: dict | None = None  # a run source: {"bounds": [...], "num_classes": n}
+    run_layout: dict | None = None  # a run source: {"bounds": [...], "class_names": [...]}
 
 
 def file_sha256(path: Path) -> str:
@@ -132,16 +132,7 @@ def read_run(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                 out[f"heads.{k}.{rest}"] = v
             else:
                 out[name] = v
-    layout = {"bounds": bounds, "num_classes": _head_classes(out, len(bounds) - 1),
-              "input_shape": metrics.get("input_shape")}
-    return out, layout
-
-
-def _head_classes(weights: dict, n_heads: int) -> int | None:
-    """The class count of a run's last head (the out-features of its last linear layer)."""
-    names = [n for n in weights if n.startswith(f"heads.{n_heads - 1}.") and n.endswith("weight")
-             and weights[n].dim() == 2]
-    return int(weights[names[-1]].shape[0]) if names else None
+    return out, {"bounds": bounds}
 
 
 def read_source(path: str | Path) -> InitSource:

@@ -2,7 +2,7 @@
 outside `--train-modules` frozen.
 
 `apply_init` maps the source (`edgetrain.models.weights`) onto the run's network; heads load
-only from an edgetrain run with the same K, block bounds and class count, and are built new
+only from an edgetrain run with the same K, block bounds and classes, and are built new
 otherwise (the run says so). `freeze_outside` freezes the stem and blocks of every module
 outside the range (`edgetrain.method.freeze`), and the heads of those modules when they were
 loaded (a new head of a frozen module is trained on its frozen features, so every depth stays
@@ -25,18 +25,23 @@ from edgetrain.models.weights import (InitSource, check_torchvision_input, load_
 log = logging.getLogger("edgetrain")
 
 
-def heads_fit(src: InitSource, bounds: list[int], num_classes: int) -> bool:
-    """An edgetrain run's heads load when its K, block bounds and class count all match."""
+def heads_fit(src: InitSource, bounds: list[int], class_names: list[str]) -> bool:
+    """An edgetrain run's heads load when its K, block bounds and classes all match (the
+    same names in the same order, not only the same count: a head trained on other classes
+    of the same count would classify into the wrong names)."""
     lay = src.run_layout
-    return lay is not None and lay["bounds"] == bounds and lay["num_classes"] == num_classes
+    return lay is not None and lay["bounds"] == bounds and \
+        lay.get("class_names") == list(class_names)
 
 
-def check_source_shape(src: InitSource, input_shape, source_shape: Callable[[Path], tuple]
+def check_source_shape(src: InitSource, input_shape, source_data: Callable[[Path], tuple]
                        ) -> None:
     """A run source must have been trained on inputs of this run's shape."""
     if src.kind != "run":
         return
-    theirs = tuple(source_shape(Path(src.path)))
+    theirs, names = source_data(Path(src.path))
+    src.run_layout["class_names"] = list(names)
+    theirs = tuple(theirs)
     if theirs != tuple(input_shape):
         raise UserError(f"--init {src.path}: that run was trained on "
                         f"{'x'.join(map(str, theirs))} inputs, this one has "
@@ -44,13 +49,13 @@ def check_source_shape(src: InitSource, input_shape, source_shape: Callable[[Pat
 
 
 def apply_init(cfg: RunConfig, net: Network, stages: list[Stage], bounds: list[int],
-               input_shape, num_classes: int, source_shape: Callable[[Path], tuple]
+               input_shape, class_names: list[str], source_data: Callable[[Path], tuple]
                ) -> tuple[dict, bool]:
     """Load `cfg.init` into `net` (and the heads when they fit); `--init-gain` then applies
     only to heads built new.
 
     Args:
-        source_shape: the input shape a run directory was trained on (read from its config).
+        source_data: (input shape, class names) a run directory was trained on.
     Returns:
         (metrics.json's `init` record, whether the heads were loaded).
     Raises:
@@ -60,10 +65,10 @@ def apply_init(cfg: RunConfig, net: Network, stages: list[Stage], bounds: list[i
     """
     src = read_source(cfg.init)
     check_torchvision_input(src, cfg.model, input_shape)
-    check_source_shape(src, input_shape, source_shape)
+    check_source_shape(src, input_shape, source_data)
     body = {k: v for k, v in src.weights.items() if not k.startswith("heads.")}
     report = load_into(net, body, cfg.init_strict, src.path)
-    loaded_heads = heads_fit(src, bounds, num_classes)
+    loaded_heads = heads_fit(src, bounds, class_names)
     for k, st in enumerate(stages):
         if loaded_heads:
             prefix = f"heads.{k}."
@@ -76,7 +81,7 @@ def apply_init(cfg: RunConfig, net: Network, stages: list[Stage], bounds: list[i
                     "auxiliary heads replace it", src.path, ", ".join(src.skipped))
     if not loaded_heads:
         log.warning("--init %s: heads built new for %d classes (the source's heads do not "
-                    "fit this run's modules or classes)", src.path, num_classes)
+                    "fit this run's modules or classes)", src.path, len(class_names))
     _warn_partial(src.path, report)
     return {"path": str(Path(src.path).resolve()), "sha256": src.sha256, "kind": src.kind,
             "heads": "loaded" if loaded_heads else "new", "skipped": src.skipped, **report}, \

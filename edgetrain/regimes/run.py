@@ -95,7 +95,7 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
     finetune, loaded_heads = {}, False
     if cfg.init is not None and init:
         finetune["init"], loaded_heads = apply_init(cfg, net, stages, bounds, data.input_shape,
-                                                    data.num_classes, source_input_shape)
+                                                    data.class_names, source_data_info)
     elif cfg.init_gain is not None:
         for st in stages:
             init_orthogonal(st, cfg.init_gain)
@@ -107,9 +107,11 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
     return Run(cfg, data, net, bounds, stages, device, finetune=finetune or None)
 
 
-def source_input_shape(run_dir: Path) -> tuple[int, int, int]:
-    """The input shape an edgetrain run was trained on (its data, rebuilt from config.json)."""
-    return load_data(RunConfig.load(Path(run_dir) / "config.json")).input_shape
+def source_data_info(run_dir: Path) -> tuple[tuple[int, int, int], list[str]]:
+    """(input shape, class names) an edgetrain run was trained on (its data, rebuilt from
+    its config.json)."""
+    data = load_data(RunConfig.load(Path(run_dir) / "config.json"))
+    return data.input_shape, data.class_names
 
 
 def evaluate(run: Run) -> list[dict]:
