@@ -14,6 +14,7 @@ import torchvision
 from edgetrain.cli import cli
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
+from edgetrain.models import create_model
 from edgetrain.regimes.run import build_run
 from edgetrain.regimes.schedule import evaluate_run, resume, train
 from tests.conftest import tiny_cfg
@@ -135,7 +136,7 @@ def test_bad_init_sources(case, needles, tv_file, tmp_path):
         path = tmp_path / "evil.pt"
         torch.save({"w": Evil()}, path)
     elif case == "other-arch":  # a kmresnet's state dict into a resnet18
-        net = build_run(tiny_cfg(mode="sequential")).net
+        net = create_model("kmresnet", (3, 64, 64), 10, width=8, depth=4)
         path = tmp_path / "km.pt"
         torch.save(net.state_dict(), path)
     elif case == "small-input":
@@ -177,9 +178,17 @@ def body(sd: dict) -> dict:
     return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory) -> Path:
+    """A finished sequential digits run to `--init` from."""
+    src = tmp_path_factory.mktemp("src") / "run"
+    train(tiny_cfg(mode="sequential", train_size=100, test_size=60, epochs=1), src)
+    return src
+
+
 @pytest.mark.parametrize("mode", ["sequential", "multilap", "parallel", "e2e"])
 def test_modules_outside_the_range_are_bit_identical(mode, tmp_path):
-    cfg = tiny_cfg(mode=mode, train_modules=(2, 2), train_size=200)
+    cfg = tiny_cfg(mode=mode, train_modules=(2, 2), train_size=100, test_size=60)
     before = build_run(cfg)
     first = {k: v.clone() for k, v in before.stages[0].state_dict().items()}
     first_net = {k: v.clone() for k, v in before.net.state_dict().items()}
@@ -201,10 +210,10 @@ def test_modules_outside_the_range_are_bit_identical(mode, tmp_path):
     assert any(not torch.equal(got1[k], last[k]) for k in body(last))
 
 
-def test_init_from_a_run_loads_heads_and_finetunes_the_last_module(tmp_path):
-    src = tmp_path / "src"
-    train(tiny_cfg(mode="sequential", train_size=200, epochs=1), src)
-    cfg = tiny_cfg(mode="multilap", train_size=200, init=str(src), train_modules=(2, 2))
+def test_init_from_a_run_loads_heads_and_finetunes_the_last_module(source_run, tmp_path):
+    src = source_run
+    cfg = tiny_cfg(mode="multilap", train_size=100, test_size=60, init=str(src),
+                   train_modules=(2, 2))
     run = build_run(cfg)
     assert run.finetune["init"]["heads"] == "loaded"
     want = load_file(str(src / "modules/00.safetensors"))
@@ -222,9 +231,18 @@ def test_init_from_a_run_loads_heads_and_finetunes_the_last_module(tmp_path):
     assert sub.finetune["init"]["heads"] == "new"
 
 
-def test_init_from_a_run_of_another_input_shape(tmp_path):
-    src = tmp_path / "src"
-    train(tiny_cfg(mode="sequential", train_size=200, epochs=1), src)
+@pytest.mark.slow  # ONNX export and its ONNX Runtime check: ~45 s on the shared 2 cores
+def test_export_of_a_finetuned_run(source_run, tmp_path):
+    out = tmp_path / "ft"
+    train(tiny_cfg(mode="sequential", train_size=100, test_size=60, epochs=1,
+                   init=str(source_run), train_modules=(2, 2)), out)
+    res = invoke(["export", str(out), "--depth", "2", "--out", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_init_from_a_run_of_another_input_shape(source_run, tmp_path):
+    src = source_run
     out = tmp_path / "run"
     res = invoke(["train", "--data", "synthetic", "--input", "1x16x16", "--model", "kmresnet",
                   "--width", "8", "--depth", "4", "-K", "2", "--init", str(src), "--out",
