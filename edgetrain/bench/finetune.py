@@ -159,6 +159,15 @@ def markdown(res: dict) -> str:
         f"- `init-last` / `init-all`, same seed, same benchmark run: train time "
         f"{_pm(s['last_vs_all_time'])}×, peak RSS {_pm(s['last_vs_all_peak'])}×.",
         "",
+        "Reading the figures: peak RSS over imports is dominated by the data set held in RAM "
+        "(uint8) and, in the `init-*` arms, by a second, transient load of the source run's "
+        "data set, which `--init` reads to compare input shape and class names (recording "
+        "them in the run directory would remove that cost). With a model this small, the "
+        "modules' weights, gradients and activations are a small part of the peak, so "
+        "`--train-modules K:K` saves time (no backward or optimizer step in the frozen prefix) "
+        "rather than memory here; on a deep network the frozen prefix's parameters, gradients "
+        "and optimizer state never being resident is what saves memory.",
+        "",
         "Each run is a fresh process (`edgetrain.bench.memory.run_child`); peak RSS is the "
         "process's peak minus its own resident set after importing torch and edgetrain. "
         "**The machine was shared with other engineers' jobs while this ran** (2 cores), so "
