@@ -102,6 +102,9 @@ def train_options(fn):
                      help="one rank per group of modules (--mode parallel, launched by torchrun)"),
         click.option("--buffer-size", type=int, default=d.buffer_size, show_default=True,
                      help="--distributed: activation batches buffered per direction; 0 = synchronous"),
+        click.option("--recompute", default=d.recompute, show_default=True,
+                     help="recompute activations inside the trained module(s) during backward: "
+                          "none, blocks (one checkpoint per block) or segments:S"),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

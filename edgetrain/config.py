@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 import json
+import re
 from pathlib import Path
 
 from edgetrain.errors import UserError
@@ -88,6 +89,8 @@ class RunConfig:
     # torch.distributed (parallel only): one rank per group of modules, launched by torchrun
     distributed: bool = False
     buffer_size: int = 0  # activation batches buffered per direction per rank; 0 = synchronous
+    # recomputation inside the trained module(s) (#18): none, blocks, or segments:S
+    recompute: str = "none"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -130,6 +133,8 @@ class RunConfig:
                f"--distributed needs --mode parallel (got {self.mode!r})")
         _check(not self.distributed or self.memory_budget is None,
                "--memory-budget / --device-profile are not enforced per rank with --distributed")
+        _check(bool(re.fullmatch(r"none|blocks|segments:[1-9]\d*", str(self.recompute))),
+               f"--recompute must be none, blocks or segments:S with S >= 1 (got {self.recompute!r})")
         if self.input_shape is not None:
             _check(len(self.input_shape) == 3 and all(v >= 1 for v in self.input_shape),
                    f"--input must be CxHxW with positive sizes (got {self.input_shape})")

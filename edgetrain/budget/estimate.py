@@ -21,7 +21,7 @@ from edgetrain.budget.simulate import eval_peak, features_peak, train_peak
 from edgetrain.measure import buffer_bytes, param_bytes, unique_storage_bytes
 from edgetrain.method.loop import make_trainer
 from edgetrain.method.split import build_stages, make_bounds
-from edgetrain.method.stage import Stage
+from edgetrain.method.stage import whole_network
 from edgetrain.models import create_model
 from edgetrain.storage.cache import DTYPES
 from edgetrain.units import MIB
@@ -117,11 +117,11 @@ def _build_stages(cfg, input_shape, num_classes: int):
     sample = torch.empty(8, *input_shape, device="meta")
     if cfg.mode == "e2e":
         stages = build_stages(net, [0, len(net.blocks)], cfg.head, num_classes, sample)
-        stages = [Stage(list(net.blocks), stages[-1].head, stem=net.stem)]
+        stages = [whole_network(net, stages[-1].head)]
     else:
         bounds = make_bounds(net, cfg.modules, cfg.split, sample)
         stages = build_stages(net, bounds, cfg.head, num_classes, sample)
-    return [st.to("meta") for st in stages]
+    return [st.to("meta").set_recompute(cfg.recompute) for st in stages]
 
 
 def _cache_disk_bytes(costs: list[_StageCost], cfg, n_train: int | None) -> int:

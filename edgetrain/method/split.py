@@ -14,15 +14,14 @@ import torch
 from edgetrain.errors import UserError
 from edgetrain.measure import saved_activation_bytes
 from edgetrain.method.heads import make_head
-from edgetrain.method.stage import Stage
+from edgetrain.method.stage import Stage, split_runs
 from edgetrain.models.base import Network
 
 
 def split_depth(n_blocks: int, k: int) -> list[int]:
     """Boundaries [0, b1, ..., n] of k runs of near-equal length (earlier runs get the extra)."""
     _check_k(n_blocks, k)
-    sizes = [n_blocks // k + (1 if i < n_blocks % k else 0) for i in range(k)]
-    return [0] + [sum(sizes[: i + 1]) for i in range(k)]
+    return split_runs(n_blocks, k)
 
 
 def _check_k(n_blocks: int, k: int) -> None:

@@ -22,7 +22,7 @@ from edgetrain.storage.modules import save_module
 
 
 def train_e2e(run: Run, progress: bool) -> list[Trainer]:
-    whole = whole_network(run.net, run.stages[-1].head).to(run.device)
+    whole = whole_network(run.net, run.stages[-1].head).to(run.device).set_recompute(run.cfg.recompute)
     run.stages = [whole]
     src = run.raw("train", train=True)
     tr = make_trainer(whole, run.cfg, 0, 1, run.cfg.epochs * src.steps_per_epoch(), transport=False)

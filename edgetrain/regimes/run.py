@@ -91,7 +91,7 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
         for st in stages:
             init_orthogonal(st, cfg.init_gain)
     for st in stages:
-        st.to(device)
+        st.to(device).set_recompute(cfg.recompute)
     return Run(cfg, data, net, bounds, stages, device)
 
 
@@ -123,7 +123,7 @@ def load_run(run_dir: Path, device: torch.device | None = None, depth: int | Non
     cfg = RunConfig.load(run_dir / "config.json")
     run = build_run(cfg, device=device)
     if cfg.mode == "e2e":  # one module: the whole network with the last head
-        run.stages = [whole_network(run.net, run.stages[-1].head)]
+        run.stages = [whole_network(run.net, run.stages[-1].head).set_recompute(cfg.recompute)]
     if bounds not in (None, run.bounds):
         raise UserError(f"{run_dir}: module bounds {bounds} in metrics.json differ from "
                         f"{run.bounds} rebuilt from config.json")
