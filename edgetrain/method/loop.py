@@ -18,6 +18,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 import math
+import time
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
@@ -153,6 +154,7 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
     """One optimiser step of every trainer on a chain; returns per-stage statistics."""
     stats = []
     for tr in trainers:
+        t0 = time.perf_counter()
         tr.stage.train()
         tr.set_lr()
         total, ce, w, logits, z = stage_loss(tr, x, y, label_smoothing, scaling)
@@ -164,7 +166,8 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
         tr.weighting.after_step()
         tr.step += 1
         stats.append({"loss": float(ce.detach()), "transport": float(w.detach()),
-                      "correct": int((logits.argmax(1) == y).sum()), "n": len(y)})
+                      "correct": int((logits.argmax(1) == y).sum()), "n": len(y),
+                      "seconds": time.perf_counter() - t0})
         x = z.detach()  # the boundary: nothing flows back into the stage before
         del logits, z, ce, w, total  # free them before the next stage's forward
     return stats
@@ -181,7 +184,8 @@ def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, fir
     """
     out = []
     for e in range(first_epoch, first_epoch + epochs):
-        acc = [{"loss": 0.0, "transport": 0.0, "correct": 0, "n": 0} for _ in trainers]
+        acc = [{"loss": 0.0, "transport": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
+               for _ in trainers]
         for x, y in source.epoch(e, salt):
             stats = train_step(trainers, x, y, label_smoothing, scaling)
             for a, s in zip(acc, stats):
@@ -189,11 +193,13 @@ def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, fir
                 a["transport"] += s["transport"] * s["n"]
                 a["correct"] += s["correct"]
                 a["n"] += s["n"]
+                a["seconds"] += s["seconds"]
             if on_step:
                 on_step(stats)
         summary = [{"epoch": e, "train_loss": a["loss"] / max(a["n"], 1),
                     "transport": a["transport"] / max(a["n"], 1),
-                    "train_acc": a["correct"] / max(a["n"], 1)} for a in acc]
+                    "train_acc": a["correct"] / max(a["n"], 1), "step_s": a["seconds"]}
+                   for a in acc]
         for tr, s in zip(trainers, summary):
             tr.history.append(s)
         out.append(summary)

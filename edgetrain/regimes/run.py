@@ -134,6 +134,12 @@ def load_run(run_dir: Path, device: torch.device | None = None, depth: int | Non
     return run
 
 
+def step_seconds(records: list[dict]) -> float:
+    """Seconds spent in optimiser steps (forward, backward, update) over every module and
+    epoch: the training time without data loading, cache writes and evaluation."""
+    return sum(h.get("step_s", 0.0) for rec in records for h in rec["history"])
+
+
 def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float,
                 max_resident: int | None = None) -> dict:
     """metrics.json of a single-process run: `records` are the modules' training records
@@ -143,7 +149,8 @@ def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float
     return metrics_record(run.cfg.mode, run.bounds, modules,
                           max_resident=len(run.stages) if max_resident is None else max_resident,
                           peak_rss_mib=peak, memory=run.memory.metrics() if run.memory else {},
-                          timings={"train_s": seconds}, device=str(run.device))
+                          timings={"train_s": seconds, "step_s": step_seconds(records)},
+                          device=str(run.device))
 
 
 # --------------------------------------------------------------------------- reading a run
