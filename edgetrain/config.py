@@ -18,7 +18,7 @@ MODES = ("e2e", "parallel", "sequential", "multilap")
 SPLITS = ("depth", "memory")
 TAU_SCHEDULES = ("constant", "midpoint", "multipliers")
 TRANSPORT_SCALINGS = ("mean", "sample")
-HEADS = ("dgl", "linear", "mlp")
+HEADS = ("auto", "dgl", "dgl-light", "linear", "mlp")
 OPTIMIZERS = ("sgd", "adamw")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,7 +55,7 @@ class RunConfig:
     depth: int | None = None  # number of blocks for models that take it
     modules: int = 4
     split: str = "depth"
-    head: str = "dgl"
+    head: str = "auto"  # auto: dgl, or dgl-light on maps over 256 channels (resolved per module)
     # regime
     mode: str = "multilap"
     laps: int = 2
@@ -100,7 +100,8 @@ class RunConfig:
         _check_choice("--split", self.split, SPLITS)
         _check_choice("--tau-schedule", self.tau_schedule, TAU_SCHEDULES)
         _check_choice("--transport-scaling", self.transport_scaling, TRANSPORT_SCALINGS)
-        _check_choice("--head", self.head, HEADS)
+        for kind in str(self.head).split(","):
+            _check_choice("--head", kind, HEADS if "," not in str(self.head) else HEADS[1:])
         _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("--device", self.device, DEVICES)

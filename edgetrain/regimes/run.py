@@ -20,6 +20,7 @@ from edgetrain.config import RunConfig
 from edgetrain.data.splits import DataSplits, load_splits
 from edgetrain.errors import UserError
 from edgetrain.measure import PhaseRecorder, peak_rss_mib
+from edgetrain.method.heads import head_spec
 from edgetrain.method.loop import RawSource, evaluate_chain
 from edgetrain.method.split import build_stages, make_bounds
 from edgetrain.method.stage import Stage, init_orthogonal, whole_network
@@ -76,7 +77,8 @@ def load_data(cfg: RunConfig) -> DataSplits:
 
 def build_run(cfg: RunConfig, data: DataSplits | None = None,
               device: torch.device | None = None) -> Run:
-    """Deterministically (from cfg.seed) build data, network, split and heads."""
+    """Deterministically (from cfg.seed) build data, network, split and heads. `cfg.head`
+    is resolved in place (`auto` -> the kinds built), so config.json records the heads."""
     device = device or resolve_device(cfg.device)
     data = data or load_data(cfg)
     seed_everything(cfg.seed)
@@ -87,6 +89,7 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
     else:
         bounds = make_bounds(net, cfg.modules, cfg.split, sample)
     stages = build_stages(net, bounds, cfg.head, data.num_classes, sample)
+    cfg.head = head_spec([st.head_kind for st in stages])  # config.json records what was built
     if cfg.init_gain is not None:
         for st in stages:
             init_orthogonal(st, cfg.init_gain)
