@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 import json
+import math
+import numbers
 import re
 from pathlib import Path
 
@@ -94,6 +96,7 @@ class RunConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self)  # wrong types and non-finite floats first: the checks below compare
         if self.input_shape is not None:
             self.input_shape = tuple(int(v) for v in self.input_shape)
         _check_choice("--mode", self.mode, MODES)
@@ -182,6 +185,50 @@ class RunConfig:
             raise UserError(f"{path} is not valid JSON: {e}") from None
         _check(isinstance(d, dict), f"{path} must hold a JSON object")
         return cls.from_dict(d)
+
+
+_FLOAT_FIELDS = ("val_fraction", "tau", "mult_h", "mult_lambda1", "lr", "momentum", "weight_decay",
+                 "label_smoothing", "init_gain", "prefetch_mib")
+_INT_FIELDS = ("train_size", "test_size", "synthetic_size", "width", "depth", "modules", "laps",
+               "epochs", "mult_s", "batch_size", "seed", "cache_views", "memory_budget",
+               "buffer_size")
+_BOOL_FIELDS = ("augment", "transport", "cosine", "distributed")
+_STR_FIELDS = ("data", "model", "split", "head", "mode", "tau_schedule", "transport_scaling",
+               "optimizer", "device", "cache_dtype")
+
+
+def _flag(name: str) -> str:
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _check_types(cfg: "RunConfig") -> None:
+    """Every field of its type (a hand-edited config.json may hold anything), every float
+    finite: an infinite --tau silently drops the transport term, a NaN passes every `>`."""
+    for name in _FLOAT_FIELDS:
+        v = getattr(cfg, name)
+        if v is None and name == "init_gain":
+            continue
+        _check(isinstance(v, numbers.Real) and not isinstance(v, bool),
+               f"{_flag(name)} must be a number (got {v!r})")
+        _check(math.isfinite(v), f"{_flag(name)} must be a finite number (got {v!r})")
+    for name in _INT_FIELDS:
+        v = getattr(cfg, name)
+        _check(v is None and name in ("train_size", "test_size", "width", "depth", "memory_budget")
+               or isinstance(v, numbers.Integral) and not isinstance(v, bool),
+               f"{_flag(name)} must be an integer (got {v!r})")
+    for name in _BOOL_FIELDS:
+        _check(isinstance(getattr(cfg, name), bool),
+               f"{name} must be true or false (got {getattr(cfg, name)!r})")
+    for name in _STR_FIELDS:
+        _check(isinstance(getattr(cfg, name), str),
+               f"{_flag(name)} must be a string (got {getattr(cfg, name)!r})")
+    _check(cfg.cache_dir is None or isinstance(cfg.cache_dir, str),
+           f"--cache-dir must be a path (got {cfg.cache_dir!r})")
+    _check(isinstance(cfg.extra, dict), f"extra must be a JSON object (got {cfg.extra!r})")
+    _check(cfg.input_shape is None or isinstance(cfg.input_shape, (list, tuple))
+           and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                   for v in cfg.input_shape),
+           f"--input must be CxHxW integers (got {cfg.input_shape!r})")
 
 
 def parse_shape(text: str | None) -> tuple[int, int, int] | None:

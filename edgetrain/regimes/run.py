@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from edgetrain.config import RunConfig
-from edgetrain.data.splits import DataSplits, load_splits
-from edgetrain.errors import UserError
+from edgetrain.data.splits import DataSplits, check_splits, load_splits
+from edgetrain.errors import Stopped, UserError
 from edgetrain.measure import PhaseRecorder, peak_rss_mib
 from edgetrain.method.heads import head_spec
 from edgetrain.method.loop import RawSource, evaluate_chain
@@ -58,6 +58,7 @@ class Run:
     step_check: Callable[[], None] | None = None  # called after every optimiser step (budget watchdog)
     memory: PhaseRecorder | None = None  # per-phase peaks (`with run.memory.phase("cache_write")`)
     checkpoint: object | None = None  # e2e/parallel epoch checkpoints (`edgetrain.regimes.checkpoint`)
+    stop: Callable[[], bool] | None = None  # a stop request (`edgetrain.signals.StopSignals`)
 
     @property
     def n_modules(self) -> int:
@@ -68,11 +69,24 @@ class Run:
                          train=train, augment=self.cfg.augment, seed=self.cfg.seed)
 
 
+def stopped(run: Run, out: Path, where: str, resumable: bool = True) -> Stopped:
+    """The one-line `Stopped` of a run stopped by a signal after its checkpoint (`where`)."""
+    name = getattr(run.stop, "name", "stop requested")
+    code = getattr(run.stop, "exit_code", 130)
+    if not resumable:
+        return Stopped(f"{name}: stopped {where}; this run does not checkpoint", code)
+    return Stopped(f"{name}: stopped {where}, checkpoint written; resume with: "
+                   f"edgetrain train --resume {out}", code)
+
+
 def load_data(cfg: RunConfig) -> DataSplits:
-    """The run's train / val / test splits, as its config describes them."""
-    return load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
+    """The run's train / val / test splits, as its config describes them (checked usable:
+    `edgetrain.data.splits.check_splits`)."""
+    data = load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
                        test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
                        synthetic_size=cfg.synthetic_size)
+    check_splits(data, cfg.val_fraction)
+    return data
 
 
 def build_run(cfg: RunConfig, data: DataSplits | None = None,
