@@ -16,6 +16,7 @@ from edgetrain.budget.devices import list_profiles, load_profile
 from edgetrain.config import (CACHE_DTYPES, DEVICES, HEADS, MODES, OPTIMIZERS, SPLITS,
                               TAU_SCHEDULES, TRANSPORT_SCALINGS, RunConfig, config_from_options)
 from edgetrain.errors import UserError
+from edgetrain.signals import StopSignals
 from edgetrain.units import fmt_bytes, parse_size
 
 
@@ -31,8 +32,8 @@ class EdgeGroup(click.Group):
             _fail("aborted", 130)
         except click.UsageError as e:
             _fail(e.format_message(), 2)
-        except UserError as e:
-            _fail(str(e), 2)
+        except UserError as e:  # Stopped (a signal, after its checkpoint) carries 130 / 143
+            _fail(str(e), getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
 
@@ -102,6 +103,9 @@ def train_options(fn):
                      help="one rank per group of modules (--mode parallel, launched by torchrun)"),
         click.option("--buffer-size", type=int, default=d.buffer_size, show_default=True,
                      help="--distributed: activation batches buffered per direction; 0 = synchronous"),
+        click.option("--recompute", default=d.recompute, show_default=True,
+                     help="recompute activations inside the trained module(s) during backward: "
+                          "none, blocks (one checkpoint per block) or segments:S"),
         # fine-tuning (issue #16)
         click.option("--init", default=None,
                      help="start from weights: a safetensors file, a PyTorch state dict "
@@ -149,7 +153,8 @@ def train(out, progress, device_profile, memory_budget, resume_dir, **opts):
     if cfg.distributed:  # the library never reads the environment: torchrun's variables, here
         from edgetrain.regimes.distributed import launch_from_env  # imports torch: deferred
         launch = launch_from_env(os.environ)
-    metrics = run_train(cfg, out_dir, progress=progress, launch=launch)
+    with StopSignals() as stop:  # Ctrl-C / SIGTERM: a checkpoint at the next step, then exit
+        metrics = run_train(cfg, out_dir, progress=progress, launch=launch, stop=stop)
     if metrics is None:  # a distributed rank other than 0: rank 0 reports
         return
     print_table(metrics["modules"], metrics["best_depth"])
@@ -239,7 +244,8 @@ def resume_cmd(run_dir: Path, progress: bool) -> None:
         raise UserError(f"--resume takes the configuration from {run_dir}/config.json; "
                         f"do not combine it with {', '.join(given)}")
     from edgetrain.regimes.schedule import resume  # imports torch: deferred
-    metrics = resume(run_dir, progress=progress)
+    with StopSignals() as stop:
+        metrics = resume(run_dir, progress=progress, stop=stop)
     print_table(metrics["modules"], metrics["best_depth"])
     click.echo(f"best depth {metrics['best_depth']}: test accuracy {metrics['best_test_acc']:.4f}"
                f"  (run directory {run_dir})")

@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 import json
+import math
+import numbers
+import re
 from pathlib import Path
 
 from edgetrain.errors import UserError
@@ -17,7 +20,7 @@ MODES = ("e2e", "parallel", "sequential", "multilap")
 SPLITS = ("depth", "memory")
 TAU_SCHEDULES = ("constant", "midpoint", "multipliers")
 TRANSPORT_SCALINGS = ("mean", "sample")
-HEADS = ("dgl", "linear", "mlp")
+HEADS = ("auto", "dgl", "dgl-light", "linear", "mlp")
 OPTIMIZERS = ("sgd", "adamw")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -54,7 +57,7 @@ class RunConfig:
     depth: int | None = None  # number of blocks for models that take it
     modules: int = 4
     split: str = "depth"
-    head: str = "dgl"
+    head: str = "auto"  # auto: dgl, or dgl-light on maps over 256 channels (resolved per module)
     # regime
     mode: str = "multilap"
     laps: int = 2
@@ -88,6 +91,8 @@ class RunConfig:
     # torch.distributed (parallel only): one rank per group of modules, launched by torchrun
     distributed: bool = False
     buffer_size: int = 0  # activation batches buffered per direction per rank; 0 = synchronous
+    # recomputation inside the trained module(s) (#18): none, blocks, or segments:S
+    recompute: str = "none"
     # fine-tuning (issue #16): pretrained weights, the modules that train, a subset of classes
     init: str | None = None  # safetensors / weights-only state dict / edgetrain RUN_DIR
     init_strict: bool = True  # every key must match (else load what matches and report the rest)
@@ -97,13 +102,15 @@ class RunConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self)  # wrong types and non-finite floats first: the checks below compare
         if self.input_shape is not None:
             self.input_shape = tuple(int(v) for v in self.input_shape)
         _check_choice("--mode", self.mode, MODES)
         _check_choice("--split", self.split, SPLITS)
         _check_choice("--tau-schedule", self.tau_schedule, TAU_SCHEDULES)
         _check_choice("--transport-scaling", self.transport_scaling, TRANSPORT_SCALINGS)
-        _check_choice("--head", self.head, HEADS)
+        for kind in str(self.head).split(","):
+            _check_choice("--head", kind, HEADS if "," not in str(self.head) else HEADS[1:])
         _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("--device", self.device, DEVICES)
@@ -136,6 +143,8 @@ class RunConfig:
                f"--distributed needs --mode parallel (got {self.mode!r})")
         _check(not self.distributed or self.memory_budget is None,
                "--memory-budget / --device-profile are not enforced per rank with --distributed")
+        _check(bool(re.fullmatch(r"none|blocks|segments:[1-9]\d*", str(self.recompute))),
+               f"--recompute must be none, blocks or segments:S with S >= 1 (got {self.recompute!r})")
         self._check_finetune()
         if self.input_shape is not None:
             _check(len(self.input_shape) == 3 and all(v >= 1 for v in self.input_shape),
@@ -143,6 +152,12 @@ class RunConfig:
 
     def _check_finetune(self) -> None:
         """Issue #16's fields: `train_modules` 'A:B' or (A, B), `classes` 'a,b' or a list."""
+        _check(self.init is None or isinstance(self.init, str), f"--init must be a path (got {self.init!r})")
+        _check(isinstance(self.init_strict, bool), "init_strict must be true or false")
+        _check(self.train_modules is None or isinstance(self.train_modules, (str, list, tuple)),
+               f"--train-modules must look like A:B (got {self.train_modules!r})")
+        _check(self.classes is None or isinstance(self.classes, (str, list, tuple)),
+               f"--classes must be a comma-separated list (got {self.classes!r})")
         if isinstance(self.train_modules, str):
             self.train_modules = parse_range(self.train_modules)
         if self.train_modules is not None:
@@ -220,6 +235,50 @@ def parse_range(text: str) -> tuple[int, int]:
     if len(vals) != 2:
         raise UserError(f"--train-modules must look like A:B, e.g. 2:4 (got {text!r})")
     return vals
+
+
+_FLOAT_FIELDS = ("val_fraction", "tau", "mult_h", "mult_lambda1", "lr", "momentum", "weight_decay",
+                 "label_smoothing", "init_gain", "prefetch_mib")
+_INT_FIELDS = ("train_size", "test_size", "synthetic_size", "width", "depth", "modules", "laps",
+               "epochs", "mult_s", "batch_size", "seed", "cache_views", "memory_budget",
+               "buffer_size")
+_BOOL_FIELDS = ("augment", "transport", "cosine", "distributed")
+_STR_FIELDS = ("data", "model", "split", "head", "mode", "tau_schedule", "transport_scaling",
+               "optimizer", "device", "cache_dtype")
+
+
+def _flag(name: str) -> str:
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _check_types(cfg: "RunConfig") -> None:
+    """Every field of its type (a hand-edited config.json may hold anything), every float
+    finite: an infinite --tau silently drops the transport term, a NaN passes every `>`."""
+    for name in _FLOAT_FIELDS:
+        v = getattr(cfg, name)
+        if v is None and name == "init_gain":
+            continue
+        _check(isinstance(v, numbers.Real) and not isinstance(v, bool),
+               f"{_flag(name)} must be a number (got {v!r})")
+        _check(math.isfinite(v), f"{_flag(name)} must be a finite number (got {v!r})")
+    for name in _INT_FIELDS:
+        v = getattr(cfg, name)
+        _check(v is None and name in ("train_size", "test_size", "width", "depth", "memory_budget")
+               or isinstance(v, numbers.Integral) and not isinstance(v, bool),
+               f"{_flag(name)} must be an integer (got {v!r})")
+    for name in _BOOL_FIELDS:
+        _check(isinstance(getattr(cfg, name), bool),
+               f"{name} must be true or false (got {getattr(cfg, name)!r})")
+    for name in _STR_FIELDS:
+        _check(isinstance(getattr(cfg, name), str),
+               f"{_flag(name)} must be a string (got {getattr(cfg, name)!r})")
+    _check(cfg.cache_dir is None or isinstance(cfg.cache_dir, str),
+           f"--cache-dir must be a path (got {cfg.cache_dir!r})")
+    _check(isinstance(cfg.extra, dict), f"extra must be a JSON object (got {cfg.extra!r})")
+    _check(cfg.input_shape is None or isinstance(cfg.input_shape, (list, tuple))
+           and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                   for v in cfg.input_shape),
+           f"--input must be CxHxW integers (got {cfg.input_shape!r})")
 
 
 def parse_shape(text: str | None) -> tuple[int, int, int] | None:

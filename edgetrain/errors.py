@@ -14,3 +14,12 @@ def first_line(e: BaseException) -> str:
     how a library's multi-line error becomes part of a one-line message."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class Stopped(UserError):
+    """Training stopped on a signal (SIGINT / SIGTERM) after writing a resumable checkpoint:
+    one line (it names the resume command), exit code 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -54,8 +54,8 @@ def reference(tmp_path_factory):
 def _kill_after_save(monkeypatch):
     orig = ck_mod.ResidentCheckpoint.save
 
-    def save(self, trainers, next_epoch):
-        orig(self, trainers, next_epoch)
+    def save(self, trainers, next_epoch, **kw):
+        orig(self, trainers, next_epoch, **kw)
         if next_epoch == 2:
             raise Killed
     monkeypatch.setattr(ck_mod.ResidentCheckpoint, "save", save)
@@ -74,8 +74,8 @@ def _kill_before_commit(monkeypatch):
 def _kill_before_promote(monkeypatch):
     orig = ck_mod.ResidentCheckpoint._write_state
 
-    def write_state(self, epoch, finished):
-        orig(self, epoch, finished)
+    def write_state(self, epoch, finished, **kw):
+        orig(self, epoch, finished, **kw)
         if epoch == 2 and not finished:
             raise Killed  # committed, but the .next files are not renamed yet
     monkeypatch.setattr(ck_mod.ResidentCheckpoint, "_write_state", write_state)

@@ -35,7 +35,7 @@ def random_resnet18(seed: int = 0) -> torchvision.models.ResNet:
 
 
 def tv_cfg(init: Path, **kw) -> RunConfig:
-    base = dict(data="synthetic", input_shape=(3, 64, 64), synthetic_size=16, model="resnet18",
+    base = dict(data="synthetic", input_shape=(3, 64, 64), synthetic_size=64, model="resnet18",
                 modules=4, epochs=1, laps=1, mode="sequential", init=str(init), batch_size=8)
     base.update(kw)
     return RunConfig(**base)
@@ -85,7 +85,7 @@ def assert_one_line(res, *needles: str) -> str:
     return lines[0]
 
 
-TV_ARGS = ["--data", "synthetic", "--input", "3x64x64", "--synthetic-size", "16", "--model",
+TV_ARGS = ["--data", "synthetic", "--input", "3x64x64", "--synthetic-size", "64", "--model",
            "resnet18", "-K", "4", "--mode", "sequential", "--epochs", "1", "--no-progress"]
 
 

@@ -170,9 +170,34 @@ def _test_subset(test: Split, n: int, name: str) -> Split:
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    if len(x) < 2:  # no spread to measure (an empty train split is refused by check_splits)
+        return [0.0] * x.shape[1], [1.0] * x.shape[1]
     xf = x[:4096].float() / 255.0
     mean = xf.mean(dim=(0, 2, 3))
     std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
+
+
+def check_splits(data: DataSplits, val_fraction: float) -> None:
+    """Refuse splits a run cannot use: an empty train or test split, an empty validation
+    split when one was asked for, or a class with no training sample.
+
+    Raises:
+        UserError: one line naming the split and the option that emptied it.
+    """
+    if len(data.train) == 0:
+        raise UserError(f"no training sample of {data.name} is left after the validation split "
+                        f"(--val-fraction {val_fraction}): lower --val-fraction")
+    if len(data.test) == 0:
+        raise UserError(f"the test split of {data.name} is empty")
+    if val_fraction > 0 and len(data.val) == 0:
+        raise UserError(f"--val-fraction {val_fraction} leaves no validation sample of "
+                        f"{data.name}: raise it, or use 0 for no validation split")
+    missing = sorted(set(range(data.num_classes)) - set(data.train.y.tolist()))
+    if missing:
+        names = ", ".join(str(data.class_names[c]) for c in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UserError(f"class {names}{more} of {data.name} has no training sample left after "
+                        "the splits: lower --val-fraction or raise --train-size")

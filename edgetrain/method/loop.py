@@ -18,6 +18,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 import math
+import time
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
@@ -159,6 +160,7 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
     """One optimiser step of every trainer on a chain; returns per-stage statistics."""
     stats = []
     for tr in trainers:
+        t0 = time.perf_counter()
         tr.stage.train()
         tr.set_lr()
         with torch.no_grad() if tr.opt is None else nullcontext():  # wholly frozen: forward only
@@ -172,36 +174,61 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
         tr.weighting.after_step()
         tr.step += 1
         stats.append({"loss": float(ce.detach()), "transport": float(w.detach()),
-                      "correct": int((logits.argmax(1) == y).sum()), "n": len(y)})
+                      "correct": int((logits.argmax(1) == y).sum()), "n": len(y),
+                      "seconds": time.perf_counter() - t0})
         x = z.detach()  # the boundary: nothing flows back into the stage before
         del logits, z, ce, w, total  # free them before the next stage's forward
     return stats
 
 
+class Interrupted(Exception):
+    """A stop request seen at a step boundary of `fit_module`: `position` batches of epoch
+    `epoch` are done and `partial` holds that epoch's running sums (per stage). The regime
+    that catches it writes a mid-epoch checkpoint; resuming with `skip=position` and
+    `partial` replays the same batch order and augmentation draws."""
+
+    def __init__(self, epoch: int, position: int, partial: list[dict]):
+        super().__init__(f"stopped after batch {position} of epoch {epoch + 1}")
+        self.epoch, self.position, self.partial = epoch, position, partial
+
+
 def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, first_epoch: int = 0,
                salt: int = 0, label_smoothing: float = 0.0, scaling: str = "mean",
                on_step: Callable[[list[dict]], None] | None = None,
-               on_epoch_end: Callable[[int, list[dict]], None] | None = None) -> list[list[dict]]:
+               on_epoch_end: Callable[[int, list[dict]], None] | None = None,
+               skip: int = 0, partial: list[dict] | None = None,
+               stop: Callable[[], bool] | None = None) -> list[list[dict]]:
     """Train `trainers` for `epochs` epochs of `source`; returns per-epoch, per-stage means.
 
     `first_epoch` and `salt` select the deterministic batch order (for resuming and for
-    distinct streams per module and lap).
+    distinct streams per module and lap). `skip` batches of the first epoch are drawn but
+    not trained (a mid-epoch resume; their RNG draws replay), `partial` restores that epoch's
+    running sums. `stop()` is checked after every step; when true, `Interrupted` is raised.
     """
     out = []
     for e in range(first_epoch, first_epoch + epochs):
-        acc = [{"loss": 0.0, "transport": 0.0, "correct": 0, "n": 0} for _ in trainers]
-        for x, y in source.epoch(e, salt):
+        fresh = [{"loss": 0.0, "transport": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
+                 for _ in trainers]
+        first = e == first_epoch
+        acc = [{"seconds": 0.0, **a} for a in partial] if first and partial else fresh
+        for i, (x, y) in enumerate(source.epoch(e, salt)):
+            if first and i < skip:
+                continue
             stats = train_step(trainers, x, y, label_smoothing, scaling)
             for a, s in zip(acc, stats):
                 a["loss"] += s["loss"] * s["n"]
                 a["transport"] += s["transport"] * s["n"]
                 a["correct"] += s["correct"]
                 a["n"] += s["n"]
+                a["seconds"] += s["seconds"]
             if on_step:
                 on_step(stats)
+            if stop is not None and stop():
+                raise Interrupted(e, i + 1, acc)
         summary = [{"epoch": e, "train_loss": a["loss"] / max(a["n"], 1),
                     "transport": a["transport"] / max(a["n"], 1),
-                    "train_acc": a["correct"] / max(a["n"], 1)} for a in acc]
+                    "train_acc": a["correct"] / max(a["n"], 1), "step_s": a["seconds"]}
+                   for a in acc]
         for tr, s in zip(trainers, summary):
             tr.history.append(s)
         out.append(summary)
@@ -220,9 +247,12 @@ def progress_bar(total: int, desc: str, enabled: bool):
 def fit(trainers: list[Trainer], source: BatchSource, epochs: int, cfg: RunConfig, *,
         first_epoch: int = 0, salt: int = 0, desc: str = "", progress: bool = False,
         step_check: Callable[[], None] | None = None,
-        on_epoch_end: Callable[[int, list[dict]], None] | None = None) -> list[list[dict]]:
+        on_epoch_end: Callable[[int, list[dict]], None] | None = None,
+        skip: int = 0, partial: list[dict] | None = None,
+        stop: Callable[[], bool] | None = None) -> list[list[dict]]:
     """`fit_module` with the run's loss options, a progress bar, and `step_check()` after
-    every optimiser step (it may raise between steps, where checkpoints are intact)."""
+    every optimiser step (it may raise between steps, where checkpoints are intact); `skip`,
+    `partial` and `stop` as in `fit_module` (a stop request raises `Interrupted`)."""
     with progress_bar(epochs * source.steps_per_epoch(), desc, progress) as bar:
         def on_step(stats):
             if bar is not None:
@@ -231,7 +261,8 @@ def fit(trainers: list[Trainer], source: BatchSource, epochs: int, cfg: RunConfi
                 step_check()
         return fit_module(trainers, source, epochs, first_epoch=first_epoch, salt=salt,
                           label_smoothing=cfg.label_smoothing, scaling=cfg.transport_scaling,
-                          on_step=on_step, on_epoch_end=on_epoch_end)
+                          on_step=on_step, on_epoch_end=on_epoch_end, skip=skip,
+                          partial=partial, stop=stop)
 
 
 @torch.no_grad()

@@ -34,19 +34,23 @@ class ResidentCheckpoint:
         self._t0, self._base_s = time.perf_counter(), float((state or {}).get("train_s", 0.0))
         self._seq = int((state or {}).get("seq", 0))
 
-    def begin(self, trainers) -> int:
-        """Write the initial checkpoint, or restore the last one; returns the first epoch."""
+    def begin(self, trainers) -> tuple[int, int, list[dict] | None]:
+        """Write the initial checkpoint, or restore the last one; returns where to go on:
+        (epoch, batches of it already trained, that epoch's running sums or None)."""
         self.store = ModuleStore(self.out, [tr.stage for tr in trainers], self.run.device)
         if self.state is None:
             self.save(trainers, 0)
-            return 0
+            return 0, 0, None
         return self._restore(trainers)
 
-    def save(self, trainers, next_epoch: int) -> None:
-        """Checkpoint after `next_epoch` epochs (two-phase: .next files, state.json, rename)."""
+    def save(self, trainers, next_epoch: int, position: int = 0,
+             partial: list[dict] | None = None) -> None:
+        """Checkpoint after `next_epoch` epochs and `position` batches of the next one
+        (two-phase: .next files, state.json, rename)."""
+        tag = epoch_tag(next_epoch, position)
         for k, tr in enumerate(trainers):
-            self.store.save(k, tr, {"epoch": str(next_epoch)}, path=next_path(self.out, k))
-        self._write_state(next_epoch, finished=False)
+            self.store.save(k, tr, {"epoch": tag}, path=next_path(self.out, k))
+        self._write_state(next_epoch, finished=False, position=position, partial=partial)
         for k in range(len(trainers)):
             os.replace(next_path(self.out, k), module_path(self.out, k))
 
@@ -57,27 +61,36 @@ class ResidentCheckpoint:
         """Training time over every part of a resumed run."""
         return self._base_s + time.perf_counter() - self._t0
 
-    def _write_state(self, epoch: int, finished: bool) -> None:
+    def _write_state(self, epoch: int, finished: bool, position: int = 0,
+                     partial: list[dict] | None = None) -> None:
         self._seq += 1
         atomic_write_json(self.out / STATE, {
             "edgetrain_version": __version__, "config_sha256": config_hash(self.run.cfg),
-            "seq": self._seq, "cursor": {"lap": 0, "module": 0, "epoch": epoch},
+            "seq": self._seq, "cursor": {"lap": 0, "module": 0, "epoch": epoch,
+                                         "position": position, "partial": partial},
             "rng": rng_state(), "train_s": self.seconds(), "finished": finished,
             "regime": "resident"})
 
-    def _restore(self, trainers) -> int:
-        epoch = int(self.state["cursor"]["epoch"])
+    def _restore(self, trainers) -> tuple[int, int, list[dict] | None]:
+        cur = self.state["cursor"]
+        epoch, position = int(cur["epoch"]), int(cur.get("position", 0))
+        tag = epoch_tag(epoch, position)
         for k, tr in enumerate(trainers):
             nxt = next_path(self.out, k)
             if nxt.is_file():  # killed around the commit point
-                if read_meta(nxt).get("epoch") == str(epoch):
+                if read_meta(nxt).get("epoch") == tag:
                     os.replace(nxt, module_path(self.out, k))
                 else:
                     nxt.unlink()
-            if read_meta(module_path(self.out, k)).get("epoch") != str(epoch):
+            if read_meta(module_path(self.out, k)).get("epoch") != tag:
                 raise UserError(f"module {k} of {self.out} does not match state.json "
-                                f"(epoch {epoch}); cannot resume")
+                                f"(epoch {tag}); cannot resume")
             load_module(self.out, k, tr.stage)
             self.store.restore_trainer(k, tr)
         set_rng_state(self.state["rng"])
-        return epoch
+        return epoch, position, cur.get("partial")
+
+
+def epoch_tag(epoch: int, position: int) -> str:
+    """A checkpoint's name in its module files: `E` at an epoch boundary, `E+P` mid-epoch."""
+    return str(epoch) if position == 0 else f"{epoch}+{position}"

@@ -52,7 +52,7 @@ from edgetrain.regimes.p2p import (PHASE_TEST, PHASE_VAL, Inbox, Link, Outbox, O
 from edgetrain.regimes.run import build_run, resolve_device
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.modules import save_module
-from edgetrain.storage.rundir import metrics_record, module_entry, prepare_out_dir
+from edgetrain.storage.rundir import claim_out_dir, metrics_record, module_entry
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -135,6 +135,7 @@ class RankState:
     outbox: Outbox | None = None
     tap: OutputTap | None = None
     timings: dict = field(default_factory=dict)
+    lock: object | None = None  # RUN_DIR/lock (`edgetrain.storage.lock.FileLock`), rank 0 only
 
     @property
     def rank(self) -> int:
@@ -268,7 +269,8 @@ def _start_run_dir(state: RankState, out_dir: Path) -> Path:
     msg = {"out": str(out_dir), "error": None}
     if state.rank == 0:
         try:
-            state.cfg.save(prepare_out_dir(out_dir) / "config.json")
+            state.lock = claim_out_dir(out_dir)  # rank 0 holds the run directory
+            state.cfg.save(Path(out_dir) / "config.json")
         except UserError as e:
             msg["error"] = str(e)
     msg = broadcast_json(msg, state.device)
@@ -298,7 +300,7 @@ def _run_rank(state: RankState, out_dir: Path, backend: str, progress: bool) -> 
 
 
 def train_distributed(cfg: RunConfig, out_dir: Path, launch: Launch | None,
-                      progress: bool = False) -> dict | None:
+                      progress: bool = False, stop=None) -> dict | None:
     """Train this rank's modules of a parallel run launched by torchrun.
 
     Args:
@@ -323,5 +325,8 @@ def train_distributed(cfg: RunConfig, out_dir: Path, launch: Launch | None,
         metrics = _run_rank(state, out_dir, backend, progress)
     except UserError as e:  # PeerLost included: this rank stops too
         raise UserError(f"rank {launch.rank}: {e}") from None
+    finally:
+        if state.lock is not None:
+            state.lock.release()
     dist.destroy_process_group()
     return metrics

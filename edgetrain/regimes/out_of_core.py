@@ -38,8 +38,9 @@ from edgetrain import __version__
 from edgetrain.budget.guard import budget_guard
 from edgetrain.data.batches import augment, batch_indices, epoch_generator
 from edgetrain.measure import PhaseRecorder
-from edgetrain.method.loop import NonFiniteLoss, Trainer, evaluate_chain, fit, make_trainer
-from edgetrain.regimes.run import Run, run_metrics
+from edgetrain.method.loop import (Interrupted, NonFiniteLoss, Trainer, evaluate_chain, fit,
+                                  make_trainer)
+from edgetrain.regimes.run import Run, run_metrics, stopped
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.cache import (CacheInvalid, CacheReader, CacheSource, CacheWriter,
                                      check_free_space, digest, planned_bytes, remove_cache,
@@ -211,37 +212,48 @@ class OutOfCore:
                            prefetch_bytes=self.prefetch_bytes)
 
     # ------------------------------------------------------------------ training
-    def trainer(self, k: int) -> tuple[Trainer, int, int]:
-        """Load module k with its trainer; returns (trainer, lap, epochs done in that lap)."""
+    def trainer(self, k: int) -> tuple[Trainer, dict]:
+        """Module k with its trainer, and its file's `progress`: lap, epochs done in that
+        lap, and for a mid-epoch checkpoint the batches done (`position`) and `partial` sums."""
         stage = self.store.load(k)
         tr = make_trainer(stage, self.cfg, k, self.K, self.total_steps)
         self.store.restore_trainer(k, tr)
         meta = self.store.meta(k)
-        prog = json.loads(meta.get("progress", '{"lap": -1, "epochs": 0}'))
-        return tr, int(prog["lap"]), int(prog["epochs"])
+        return tr, json.loads(meta.get("progress", '{"lap": -1, "epochs": 0}'))
 
     def train_module(self, lap: int, k: int) -> Trainer:
         """Train module k for the epochs of lap `lap` not done yet, checkpointing each."""
         if k > 0:
             self.ensure_cache(k, ["train"])
-        tr, done_lap, done = self.trainer(k)
-        done = done if done_lap == lap else 0
+        tr, prog = self.trainer(k)
+        if int(prog["lap"]) != lap:
+            prog = {"lap": lap, "epochs": 0}
+        done = int(prog["epochs"])
         if done < self.E and tr.opt is not None:  # None: frozen with a loaded head
             src = self.source(k, "train", train=True)
             for e in range(done, self.E):
-                self._epoch(tr, src, lap, k, e)
+                first = e == done
+                self._epoch(tr, src, lap, k, e, int(prog.get("position", 0)) if first else 0,
+                            prog.get("partial") if first else None)
         return tr
 
-    def _epoch(self, tr: Trainer, src, lap: int, k: int, e: int) -> None:
+    def _epoch(self, tr: Trainer, src, lap: int, k: int, e: int, skip: int = 0,
+               partial: list[dict] | None = None) -> None:
         epoch = lap * self.E + e
         desc = f"lap {lap + 1}/{self.R} module {k + 1}/{self.K} epoch {epoch + 1}"
         try:
             fit([tr], src, 1, self.cfg, first_epoch=epoch, salt=k, desc=desc,
-                progress=self.progress, step_check=self.run.step_check)
+                progress=self.progress, step_check=self.run.step_check, skip=skip,
+                partial=partial, stop=self.run.stop)
         except NonFiniteLoss as ex:
             raise NonFiniteLoss(f"module {k + 1}/{self.K}, lap {lap + 1}/{self.R}, epoch "
                                 f"{epoch + 1}: {ex}; the last checkpoint in {self.out} is "
                                 "kept") from None
+        except Interrupted as it:  # a mid-epoch checkpoint, then the one-line stop
+            prog = {"lap": lap, "epochs": e, "position": it.position, "partial": it.partial}
+            self.store.save(k, tr, meta={"progress": json.dumps(prog)})
+            self.write_state(lap, k, e)
+            raise stopped(self.run, self.out, f"in {desc} after batch {it.position}") from None
         self.store.save(k, tr, meta={"progress": json.dumps({"lap": lap, "epochs": e + 1})})
         self.write_state(lap, k, e + 1)
 

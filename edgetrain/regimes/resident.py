@@ -13,16 +13,17 @@ import time
 from edgetrain import __version__
 from edgetrain.budget.guard import budget_guard
 from edgetrain.measure import PhaseRecorder
-from edgetrain.method.loop import NonFiniteLoss, PrefixSource, Trainer, fit, make_trainer
+from edgetrain.method.loop import (Interrupted, NonFiniteLoss, PrefixSource, Trainer, fit,
+                                  make_trainer)
 from edgetrain.method.stage import whole_network
 from edgetrain.regimes.checkpoint import ResidentCheckpoint
-from edgetrain.regimes.run import Run, evaluate, run_metrics
+from edgetrain.regimes.run import Run, evaluate, run_metrics, stopped
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.modules import save_module
 
 
 def train_e2e(run: Run, progress: bool) -> list[Trainer]:
-    whole = whole_network(run.net, run.stages[-1].head).to(run.device)
+    whole = whole_network(run.net, run.stages[-1].head).to(run.device).set_recompute(run.cfg.recompute)
     run.stages = [whole]
     src = run.raw("train", train=True)
     tr = make_trainer(whole, run.cfg, 0, 1, run.cfg.epochs * src.steps_per_epoch(), transport=False)
@@ -39,18 +40,28 @@ def train_parallel(run: Run, progress: bool) -> list[Trainer]:
 
 
 def _fit_resident(run: Run, trainers: list[Trainer], src, desc: str, progress: bool) -> None:
-    """All epochs of e2e / parallel, from the last checkpoint when `run.checkpoint` is set."""
+    """All epochs of e2e / parallel, from the last checkpoint when `run.checkpoint` is set;
+    a stop request writes a mid-epoch checkpoint and raises `Stopped`."""
     ck = run.checkpoint
-    first = ck.begin(trainers) if ck is not None else 0
+    first, position, partial = ck.begin(trainers) if ck is not None else (0, 0, None)
     save = (lambda e, _summary: ck.save(trainers, e + 1)) if ck is not None else None
-    _fit(run, trainers, src, run.cfg.epochs - first, first, 0, desc, progress, on_epoch_end=save)
+    try:
+        _fit(run, trainers, src, run.cfg.epochs - first, first, 0, desc, progress,
+             on_epoch_end=save, skip=position, partial=partial)
+    except Interrupted as it:
+        where = f"in epoch {it.epoch + 1}/{run.cfg.epochs} after batch {it.position}"
+        if ck is None:
+            raise stopped(run, None, where, resumable=False) from None
+        ck.save(trainers, it.epoch, position=it.position, partial=it.partial)
+        raise stopped(run, ck.out, where) from None
 
 
 def _fit(run: Run, trainers: list[Trainer], source, epochs: int, first_epoch: int, salt: int,
-         desc: str, progress: bool, on_epoch_end=None) -> None:
+         desc: str, progress: bool, on_epoch_end=None, skip: int = 0, partial=None) -> None:
     try:
         fit(trainers, source, epochs, run.cfg, first_epoch=first_epoch, salt=salt, desc=desc,
-            progress=progress, step_check=run.step_check, on_epoch_end=on_epoch_end)
+            progress=progress, step_check=run.step_check, on_epoch_end=on_epoch_end,
+            skip=skip, partial=partial, stop=run.stop)
     except NonFiniteLoss as e:
         raise NonFiniteLoss(f"{desc}: {e}; the last saved modules are kept") from None
 
@@ -74,8 +85,12 @@ def train_sequential(run: Run, progress: bool) -> list[Trainer]:
         for k in range(K):
             src = raw if k == 0 else PrefixSource(raw, run.stages[:k])
             desc = f"lap {lap + 1}/{cfg.n_laps} module {k + 1}/{K}"
-            _fit(run, [trainers[k]], src, cfg.epochs_per_lap, lap * cfg.epochs_per_lap, k,
-                 desc, progress)
+            try:
+                _fit(run, [trainers[k]], src, cfg.epochs_per_lap, lap * cfg.epochs_per_lap, k,
+                     desc, progress)
+            except Interrupted as it:
+                raise stopped(run, None, f"in {desc} after batch {it.position}",
+                              resumable=False) from None
     return trainers
 
 

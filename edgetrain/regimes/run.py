@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from edgetrain.config import RunConfig
-from edgetrain.data.splits import DataSplits, load_splits
-from edgetrain.errors import UserError
+from edgetrain.data.splits import DataSplits, check_splits, load_splits
+from edgetrain.errors import Stopped, UserError
 from edgetrain.measure import PhaseRecorder, peak_rss_mib
+from edgetrain.method.heads import head_spec
 from edgetrain.method.loop import RawSource, evaluate_chain
 from edgetrain.method.split import build_stages, make_bounds
 from edgetrain.method.stage import Stage, init_orthogonal, whole_network
@@ -59,6 +60,7 @@ class Run:
     memory: PhaseRecorder | None = None  # per-phase peaks (`with run.memory.phase("cache_write")`)
     checkpoint: object | None = None  # e2e/parallel epoch checkpoints (`edgetrain.regimes.checkpoint`)
     finetune: dict | None = None  # metrics.json's `init` / `train_modules` (issue #16)
+    stop: Callable[[], bool] | None = None  # a stop request (`edgetrain.signals.StopSignals`)
 
     @property
     def n_modules(self) -> int:
@@ -69,19 +71,33 @@ class Run:
                          train=train, augment=self.cfg.augment, seed=self.cfg.seed)
 
 
+def stopped(run: Run, out: Path, where: str, resumable: bool = True) -> Stopped:
+    """The one-line `Stopped` of a run stopped by a signal after its checkpoint (`where`)."""
+    name = getattr(run.stop, "name", "stop requested")
+    code = getattr(run.stop, "exit_code", 130)
+    if not resumable:
+        return Stopped(f"{name}: stopped {where}; this run does not checkpoint", code)
+    return Stopped(f"{name}: stopped {where}, checkpoint written; resume with: "
+                   f"edgetrain train --resume {out}", code)
+
+
 def load_data(cfg: RunConfig) -> DataSplits:
-    """The run's train / val / test splits, as its config describes them."""
-    return load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
+    """The run's train / val / test splits, as its config describes them (checked usable:
+    `edgetrain.data.splits.check_splits`)."""
+    data = load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
                        test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
                        synthetic_size=cfg.synthetic_size, classes=cfg.classes,
                        classes_by=cfg.classes_by)
+    check_splits(data, cfg.val_fraction)
+    return data
 
 
 def build_run(cfg: RunConfig, data: DataSplits | None = None,
               device: torch.device | None = None, init: bool = True) -> Run:
     """Deterministically (from cfg.seed) build data, network, split and heads; then load
     `cfg.init` (unless `init` is False: a finished run's module files replace it) and freeze
-    the modules outside `cfg.train_modules`."""
+    the modules outside `cfg.train_modules`. `cfg.head` is resolved in place (`auto` -> the
+    kinds built), so config.json records the heads."""
     device = device or resolve_device(cfg.device)
     data = data or load_data(cfg)
     seed_everything(cfg.seed)
@@ -92,6 +108,7 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
         module_bounds = make_bounds(net, cfg.modules, cfg.split, sample)
         bounds = bounds if cfg.mode == "e2e" else module_bounds
     stages = build_stages(net, bounds, cfg.head, data.num_classes, sample)
+    cfg.head = head_spec([st.head_kind for st in stages])  # config.json records what was built
     finetune, loaded_heads = {}, False
     if cfg.init is not None and init:
         finetune["init"], loaded_heads = apply_init(cfg, net, stages, bounds, data.input_shape,
@@ -103,7 +120,7 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
         freeze_outside(cfg, net, stages, module_bounds, loaded_heads)
         finetune["train_modules"] = list(cfg.train_modules)
     for st in stages:
-        st.to(device)
+        st.to(device).set_recompute(cfg.recompute)
     return Run(cfg, data, net, bounds, stages, device, finetune=finetune or None)
 
 
@@ -142,7 +159,7 @@ def load_run(run_dir: Path, device: torch.device | None = None, depth: int | Non
     cfg = RunConfig.load(run_dir / "config.json")
     run = build_run(cfg, device=device, init=False)  # the module files hold the weights
     if cfg.mode == "e2e":  # one module: the whole network with the last head
-        run.stages = [whole_network(run.net, run.stages[-1].head)]
+        run.stages = [whole_network(run.net, run.stages[-1].head).set_recompute(cfg.recompute)]
     if bounds not in (None, run.bounds):
         raise UserError(f"{run_dir}: module bounds {bounds} in metrics.json differ from "
                         f"{run.bounds} rebuilt from config.json")
@@ -151,6 +168,12 @@ def load_run(run_dir: Path, device: torch.device | None = None, depth: int | Non
     for st in run.stages:
         st.eval()
     return run
+
+
+def step_seconds(records: list[dict]) -> float:
+    """Seconds spent in optimiser steps (forward, backward, update) over every module and
+    epoch: the training time without data loading, cache writes and evaluation."""
+    return sum(h.get("step_s", 0.0) for rec in records for h in rec["history"])
 
 
 def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float,
@@ -162,8 +185,8 @@ def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float
     return metrics_record(run.cfg.mode, run.bounds, modules,
                           max_resident=len(run.stages) if max_resident is None else max_resident,
                           peak_rss_mib=peak, memory=run.memory.metrics() if run.memory else {},
-                          timings={"train_s": seconds}, device=str(run.device),
-                          **(run.finetune or {}))
+                          timings={"train_s": seconds, "step_s": step_seconds(records)},
+                          device=str(run.device), **(run.finetune or {}))
 
 
 # --------------------------------------------------------------------------- reading a run

@@ -18,11 +18,13 @@ from edgetrain.measure import PhaseRecorder
 from edgetrain.regimes.out_of_core import train_stored
 from edgetrain.regimes.resident import train_in_memory, train_resident
 from edgetrain.regimes.run import build_run, evaluate, load_data, load_run
-from edgetrain.storage.rundir import best_depth, check_config, prepare_out_dir, read_state
+from edgetrain.storage.cache import check_cache_dir
+from edgetrain.storage.lock import lock_run_dir
+from edgetrain.storage.rundir import best_depth, check_config, claim_out_dir, read_state
 
 
-def resume(run_dir: Path, progress: bool = False) -> dict:
-    """Continue an interrupted sequential / multilap run from its last checkpoint.
+def resume(run_dir: Path, progress: bool = False, stop=None) -> dict:
+    """Continue an interrupted run from its last checkpoint (`stop`: as in `train`).
 
     Raises:
         UserError: no run there, another edgetrain version, a changed config.json, a run
@@ -31,6 +33,14 @@ def resume(run_dir: Path, progress: bool = False) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"no run to resume in {run_dir} (no config.json)")
+    lock = lock_run_dir(run_dir)  # a live holder is named; a dead one's lock is taken over
+    try:
+        return _resume(run_dir, progress, stop)
+    finally:
+        lock.release()
+
+
+def _resume(run_dir: Path, progress: bool, stop) -> dict:
     cfg = RunConfig.load(run_dir / "config.json")
     state = read_state(run_dir)
     if state is not None:
@@ -43,27 +53,45 @@ def resume(run_dir: Path, progress: bool = False) -> dict:
     if cfg.distributed or cfg.mode in ("sequential", "multilap") and not cfg.out_of_core:
         raise UserError(f"{run_dir} is a distributed or in-memory run; it does not checkpoint "
                         "and cannot be resumed")
+    run = build_run(cfg)
+    run.stop = stop
     if not cfg.out_of_core:
-        return train_resident(build_run(cfg), run_dir, progress, state)
-    return train_stored(build_run(cfg), run_dir, progress, state)
+        return train_resident(run, run_dir, progress, state)
+    return train_stored(run, run_dir, progress, state)
 
 
-def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None) -> dict | None:
+def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
+          stop=None) -> dict | None:
     """Train a run as configured and write its run directory; returns the metrics.
+
+    `stop`, when given, is checked at every step boundary (`edgetrain.signals.StopSignals`):
+    once true, the regime writes a mid-epoch checkpoint and raises `Stopped`.
 
     Raises:
         UserError: bad configuration, unwritable output, non-finite loss.
+        Stopped: a stop request (exit code 128 + signal; the message names `--resume`).
 
     With `cfg.distributed` this process is one rank (`launch`, an `edgetrain.regimes.distributed.Launch`)
     of a torchrun launch; it returns the metrics on rank 0 and None on the other ranks.
     """
     if cfg.distributed:
         from edgetrain.regimes.distributed import train_distributed  # torch.distributed: deferred
-        return train_distributed(cfg, out_dir, launch, progress)
+        return train_distributed(cfg, out_dir, launch, progress, stop=stop)
+    if cfg.cache_dir is not None and cfg.out_of_core:
+        check_cache_dir(Path(cfg.cache_dir))
     data = load_data(cfg)
     check_fits(cfg, data.input_shape, data.num_classes, len(data.train))  # before the model exists
     run = build_run(cfg, data=data)  # every configuration error surfaces before the run dir exists
-    out = prepare_out_dir(out_dir)
+    run.stop = stop
+    lock = claim_out_dir(out_dir)
+    try:
+        return _train_locked(run, Path(out_dir), progress)
+    finally:
+        lock.release()
+
+
+def _train_locked(run, out: Path, progress: bool) -> dict:
+    cfg = run.cfg
     cfg.save(out / "config.json")
     run.memory = PhaseRecorder(run.device)
     if cfg.out_of_core:

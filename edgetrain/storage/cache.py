@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 import queue
 import shutil
+import tempfile
 import threading
 from typing import Iterable, Iterator
 
@@ -73,6 +74,28 @@ def check_free_space(directory: Path, need_bytes: int, what: str) -> None:
         raise UserError(f"{what} needs {(need_bytes + margin) / MIB:.1f} MiB in {directory} but "
                         f"only {free / MIB:.1f} MiB are free: free space or use --cache-dir, "
                         "--cache-dtype float16 or fewer --cache-views, then --resume the run")
+
+
+def check_cache_dir(directory: Path, flag: str = "--cache-dir") -> None:
+    """Refuse a cache directory that is not a writable folder and cannot be created (a
+    file, a read-only parent), before anything trains or is written.
+
+    Raises:
+        UserError: one line naming the folder and why.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{flag} {directory} is a file, not a folder")
+    parent = directory
+    while not parent.exists():  # the nearest existing ancestor must let us create the rest
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {directory} cannot be created: {parent} is not a folder")
+    try:  # a real probe: permission bits say nothing about read-only mounts or /proc
+        os.rmdir(tempfile.mkdtemp(prefix=".edgetrain-probe-", dir=parent))
+    except OSError as e:
+        raise UserError(f"{flag} {directory} cannot be created in {parent}: "
+                        f"{e.strerror or e}") from None
 
 
 class CacheWriter:

@@ -21,6 +21,7 @@ import torch
 from edgetrain import __version__
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
+from edgetrain.storage.lock import FileLock, lock_run_dir
 
 STATE = "state.json"
 
@@ -94,6 +95,28 @@ def prepare_out_dir(out: Path) -> Path:
     except OSError as e:
         raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
     return out
+
+
+def claim_out_dir(out: Path) -> FileLock:
+    """`prepare_out_dir` under RUN_DIR/lock: returns the held lock (release it when done).
+
+    A directory a live process holds is refused naming its PID (before "already holds a
+    run"); the lock is taken before config.json is checked again, so two processes that
+    start on one fresh directory cannot both write it.
+    """
+    out = Path(out)
+    lock = lock_run_dir(out) if out.is_dir() else None
+    try:
+        prepare_out_dir(out)
+        if lock is None:
+            lock = lock_run_dir(out)
+            if (out / "config.json").exists():
+                raise UserError(f"{out} already holds a run; choose another --out (or --resume it)")
+        return lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
 def best_depth(per_module: list[dict]) -> int:
