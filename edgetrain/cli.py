@@ -233,6 +233,14 @@ def resume_cmd(run_dir: Path, progress: bool) -> None:
                f"  (run directory {run_dir})")
 
 
+@cli.command("status")
+@click.argument("run_dir", type=click.Path())
+def status_cmd(run_dir):
+    """Where a running or stopped run stands (from its log.jsonl, state.json, metrics.json)."""
+    from edgetrain.storage.runlog import format_status, run_status  # imports torch: deferred
+    click.echo(format_status(run_status(Path(run_dir))))
+
+
 cli.add_command(bench)
 
 

@@ -19,6 +19,7 @@ from edgetrain.regimes.checkpoint import ResidentCheckpoint
 from edgetrain.regimes.run import Run, evaluate, run_metrics
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.modules import save_module
+from edgetrain.storage.runlog import epoch_logger
 
 
 def train_e2e(run: Run, progress: bool) -> list[Trainer]:
@@ -43,7 +44,9 @@ def _fit_resident(run: Run, trainers: list[Trainer], src, desc: str, progress: b
     ck = run.checkpoint
     first = ck.begin(trainers) if ck is not None else 0
     save = (lambda e, _summary: ck.save(trainers, e + 1)) if ck is not None else None
-    _fit(run, trainers, src, run.cfg.epochs - first, first, 0, desc, progress, on_epoch_end=save)
+    module = 0 if len(trainers) == 1 else list(range(len(trainers)))
+    _fit(run, trainers, src, run.cfg.epochs - first, first, 0, desc, progress,
+         on_epoch_end=epoch_logger(run.log, module, 0, then=save))
 
 
 def _fit(run: Run, trainers: list[Trainer], source, epochs: int, first_epoch: int, salt: int,
@@ -75,7 +78,7 @@ def train_sequential(run: Run, progress: bool) -> list[Trainer]:
             src = raw if k == 0 else PrefixSource(raw, run.stages[:k])
             desc = f"lap {lap + 1}/{cfg.n_laps} module {k + 1}/{K}"
             _fit(run, [trainers[k]], src, cfg.epochs_per_lap, lap * cfg.epochs_per_lap, k,
-                 desc, progress)
+                 desc, progress, on_epoch_end=epoch_logger(run.log, k, lap))
     return trainers
 
 

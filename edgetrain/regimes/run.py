@@ -57,6 +57,7 @@ class Run:
     step_check: Callable[[], None] | None = None  # called after every optimiser step (budget watchdog)
     memory: PhaseRecorder | None = None  # per-phase peaks (`with run.memory.phase("cache_write")`)
     checkpoint: object | None = None  # e2e/parallel epoch checkpoints (`edgetrain.regimes.checkpoint`)
+    log: object | None = None  # RUN_DIR/log.jsonl (`edgetrain.storage.runlog.RunLog`)
 
     @property
     def n_modules(self) -> int:
