@@ -59,6 +59,7 @@ class Run:
     memory: PhaseRecorder | None = None  # per-phase peaks (`with run.memory.phase("cache_write")`)
     checkpoint: object | None = None  # e2e/parallel epoch checkpoints (`edgetrain.regimes.checkpoint`)
     stop: Callable[[], bool] | None = None  # a stop request (`edgetrain.signals.StopSignals`)
+    log: object | None = None  # RUN_DIR/log.jsonl (`edgetrain.storage.runlog.RunLog`)
 
     @property
     def n_modules(self) -> int:
