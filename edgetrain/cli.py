@@ -106,6 +106,18 @@ def train_options(fn):
         click.option("--recompute", default=d.recompute, show_default=True,
                      help="recompute activations inside the trained module(s) during backward: "
                           "none, blocks (one checkpoint per block) or segments:S"),
+        # fine-tuning (issue #16)
+        click.option("--init", default=None,
+                     help="start from weights: a safetensors file, a PyTorch state dict "
+                          "(weights only) or an edgetrain RUN_DIR"),
+        click.option("--init-strict/--no-init-strict", default=d.init_strict, show_default=True,
+                     help="every key of --init must match (else load what matches, report the rest)"),
+        click.option("--train-modules", default=None,
+                     help="A:B, 1-based inclusive: train only these modules (default all)"),
+        click.option("--classes", default=None,
+                     help="comma-separated classes to keep (names, or indices with --classes-by index)"),
+        click.option("--classes-by", type=click.Choice(("name", "index")), default=d.classes_by,
+                     show_default=True),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from edgetrain.method.freeze import keep_frozen_in_eval
 from edgetrain.method.transport import block_energy, transport_cost
 from edgetrain.models.base import Network, run_blocks
 
@@ -44,6 +45,17 @@ class Stage(nn.Module):
         """`--recompute`: "none", "blocks" (one segment per block) or "segments:S"."""
         self.recompute_segments = recompute_segments(spec, len(self.blocks))
         return self
+
+    def train(self, mode: bool = True) -> "Stage":
+        """Train mode for everything but the frozen parts (`edgetrain.method.freeze`)."""
+        super().train(mode)
+        keep_frozen_in_eval(self)
+        return self
+
+    @property
+    def body_trainable(self) -> bool:
+        """Whether any parameter outside the head trains (else transport is a constant)."""
+        return any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("head."))
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.stem is None else self.stem(x)
