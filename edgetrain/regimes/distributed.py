@@ -53,6 +53,7 @@ from edgetrain.regimes.run import build_run, resolve_device
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.modules import save_module
 from edgetrain.storage.rundir import claim_out_dir, metrics_record, module_entry
+from edgetrain.storage.runlog import LOG, RunLog, epoch_logger
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -188,13 +189,16 @@ def make_rank_trainers(state: RankState) -> list[Trainer]:
     return [make_trainer(st, cfg, k, K, total) for k, st in zip(state.owned, state.stages)]
 
 
-def train_rank(state: RankState, trainers: list[Trainer], progress: bool) -> None:
-    """This rank's share of the parallel regime: the shared `fit_module` on a stream."""
+def train_rank(state: RankState, trainers: list[Trainer], progress: bool,
+               log: RunLog | None = None) -> None:
+    """This rank's share of the parallel regime: the shared `fit_module` on a stream;
+    `log` (rank 0's RUN_DIR/log.jsonl) gets a line per epoch for this rank's modules."""
     cfg = state.cfg
     src = StreamSource(state.source if state.inbox is None else None, state.inbox,
                        state.source.steps_per_epoch(), state.tap, state.outbox)
     fit(trainers, src, cfg.epochs, cfg, desc="parallel (rank 0)",
-        progress=progress and state.rank == 0)
+        progress=progress and state.rank == 0,
+        on_epoch_end=epoch_logger(log, list(state.owned)))
 
 
 def evaluate_rank(state: RankState) -> list[dict]:
@@ -285,7 +289,8 @@ def _run_rank(state: RankState, out_dir: Path, backend: str, progress: bool) -> 
     trainers = make_rank_trainers(state)
     comm("the start barrier", dist.barrier)
     t0 = time.perf_counter()
-    train_rank(state, trainers, progress)
+    log = RunLog(out / LOG, state.cfg.epochs, len(state.data.train)) if state.rank == 0 else None
+    train_rank(state, trainers, progress, log)
     state.timings["train_s"] = time.perf_counter() - t0
     evals = evaluate_rank(state)
     close_links(state)

@@ -241,10 +241,12 @@ class OutOfCore:
                partial: list[dict] | None = None) -> None:
         epoch = lap * self.E + e
         desc = f"lap {lap + 1}/{self.R} module {k + 1}/{self.K} epoch {epoch + 1}"
+        if self.run.log is not None:
+            self.run.log.mark()
         try:
-            fit([tr], src, 1, self.cfg, first_epoch=epoch, salt=k, desc=desc,
-                progress=self.progress, step_check=self.run.step_check, skip=skip,
-                partial=partial, stop=self.run.stop)
+            (summary,) = fit([tr], src, 1, self.cfg, first_epoch=epoch, salt=k, desc=desc,
+                             progress=self.progress, step_check=self.run.step_check, skip=skip,
+                             partial=partial, stop=self.run.stop)
         except NonFiniteLoss as ex:
             raise NonFiniteLoss(f"module {k + 1}/{self.K}, lap {lap + 1}/{self.R}, epoch "
                                 f"{epoch + 1}: {ex}; the last checkpoint in {self.out} is "
@@ -254,8 +256,11 @@ class OutOfCore:
             self.store.save(k, tr, meta={"progress": json.dumps(prog)})
             self.write_state(lap, k, e)
             raise stopped(self.run, self.out, f"in {desc} after batch {it.position}") from None
+        seconds = self.run.log.since_mark() if self.run.log is not None else 0.0
         self.store.save(k, tr, meta={"progress": json.dumps({"lap": lap, "epochs": e + 1})})
         self.write_state(lap, k, e + 1)
+        if self.run.log is not None:  # after the checkpoint: a logged epoch is never redone
+            self.run.log.epoch(lap=lap, module=k, epoch=epoch, summary=summary, seconds=seconds)
 
     def finish_module(self, lap: int, k: int, tr: Trainer) -> None:
         """After module k of lap `lap`: evaluate (last lap), write cache k+1, drop cache k."""

@@ -61,6 +61,7 @@ class Run:
     checkpoint: object | None = None  # e2e/parallel epoch checkpoints (`edgetrain.regimes.checkpoint`)
     finetune: dict | None = None  # metrics.json's `init` / `train_modules` (issue #16)
     stop: Callable[[], bool] | None = None  # a stop request (`edgetrain.signals.StopSignals`)
+    log: object | None = None  # RUN_DIR/log.jsonl (`edgetrain.storage.runlog.RunLog`)
 
     @property
     def n_modules(self) -> int:

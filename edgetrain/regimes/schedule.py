@@ -17,10 +17,11 @@ from edgetrain.errors import UserError
 from edgetrain.measure import PhaseRecorder
 from edgetrain.regimes.out_of_core import train_stored
 from edgetrain.regimes.resident import train_in_memory, train_resident
-from edgetrain.regimes.run import build_run, evaluate, load_data, load_run
+from edgetrain.regimes.run import Run, build_run, evaluate, load_data, load_run
 from edgetrain.storage.cache import check_cache_dir
 from edgetrain.storage.lock import lock_run_dir
 from edgetrain.storage.rundir import best_depth, check_config, claim_out_dir, read_state
+from edgetrain.storage.runlog import LOG, RunLog
 
 
 def resume(run_dir: Path, progress: bool = False, stop=None) -> dict:
@@ -53,11 +54,19 @@ def _resume(run_dir: Path, progress: bool, stop) -> dict:
     if cfg.distributed or cfg.mode in ("sequential", "multilap") and not cfg.out_of_core:
         raise UserError(f"{run_dir} is a distributed or in-memory run; it does not checkpoint "
                         "and cannot be resumed")
-    run = build_run(cfg)
+    run = with_log(build_run(cfg), run_dir)
     run.stop = stop
     if not cfg.out_of_core:
         return train_resident(run, run_dir, progress, state)
     return train_stored(run, run_dir, progress, state)
+
+
+def with_log(run: Run, out: Path) -> Run:
+    """Give `run` its RUN_DIR/log.jsonl (one line per epoch of every module it trains)."""
+    per_module = run.cfg.mode not in ("e2e", "parallel")
+    total = run.cfg.epochs * (run.n_modules if per_module else 1)
+    run.log = RunLog(Path(out) / LOG, total, len(run.data.train))
+    return run
 
 
 def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
@@ -94,6 +103,7 @@ def _train_locked(run, out: Path, progress: bool) -> dict:
     cfg = run.cfg
     cfg.save(out / "config.json")
     run.memory = PhaseRecorder(run.device)
+    with_log(run, out)
     if cfg.out_of_core:
         return train_stored(run, out, progress)
     if cfg.mode in ("e2e", "parallel"):
