@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+import signal
+import subprocess
+import sys
 
 from click.testing import CliRunner
 import pytest
@@ -18,6 +22,7 @@ from edgetrain.models import create_model
 from edgetrain.regimes.run import build_run
 from edgetrain.regimes.schedule import evaluate_run, resume, train
 from tests.conftest import tiny_cfg
+from tests.test_interrupt import assert_same
 
 
 def random_resnet18(seed: int = 0) -> torchvision.models.ResNet:
@@ -251,3 +256,30 @@ def test_init_from_a_run_of_another_input_shape(source_run, tmp_path):
     assert not out.exists()
     cfg = json.loads((src / "config.json").read_text())
     assert cfg["init"] is None and cfg["train_modules"] is None
+
+
+@pytest.mark.slow  # two multilap runs, one in a subprocess: ~40 s on the shared 2 cores
+def test_interrupted_finetune_resumes_bit_identical(source_run, tmp_path):
+    """A multilap `--init` run training only module 2, stopped by SIGINT in lap 2 (the frozen
+    prefix's cache kept across laps), resumes to the same weights as an uninterrupted run."""
+    args = ["--data", "digits", "--train-size", "100", "--test-size", "60", "--model",
+            "kmresnet", "--width", "8", "--depth", "4", "-K", "2", "--mode", "multilap",
+            "--epochs", "2", "--laps", "2", "--seed", "0", "--device", "cpu", "--no-progress",
+            "--init", str(source_run), "--train-modules", "2:2"]
+    ref = tmp_path / "ref"
+    assert invoke(["train", *args, "--out", str(ref)]).exit_code == 0
+    run_dir = tmp_path / "run"
+    root = Path(__file__).resolve().parents[1]
+    # 2 steps per epoch; module 1 is wholly frozen (its head loaded): lap 1 trains module 2
+    # for steps 1-2, lap 2 for steps 3-4
+    p = subprocess.Popen([sys.executable, "-m", "tests.interrupt_driver", "4", "train", *args,
+                          "--out", str(run_dir)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate("go\n", timeout=300)
+    assert p.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert (run_dir / "cache" / "c01").is_dir()  # the frozen prefix's output, kept
+    assert invoke(["train", "--resume", str(run_dir), "--no-progress"]).exit_code == 0
+    assert_same(ref, run_dir)
