@@ -103,6 +103,21 @@ def train_options(fn):
                      help="one rank per group of modules (--mode parallel, launched by torchrun)"),
         click.option("--buffer-size", type=int, default=d.buffer_size, show_default=True,
                      help="--distributed: activation batches buffered per direction; 0 = synchronous"),
+        click.option("--recompute", default=d.recompute, show_default=True,
+                     help="recompute activations inside the trained module(s) during backward: "
+                          "none, blocks (one checkpoint per block) or segments:S"),
+        # fine-tuning (issue #16)
+        click.option("--init", default=None,
+                     help="start from weights: a safetensors file, a PyTorch state dict "
+                          "(weights only) or an edgetrain RUN_DIR"),
+        click.option("--init-strict/--no-init-strict", default=d.init_strict, show_default=True,
+                     help="every key of --init must match (else load what matches, report the rest)"),
+        click.option("--train-modules", default=None,
+                     help="A:B, 1-based inclusive: train only these modules (default all)"),
+        click.option("--classes", default=None,
+                     help="comma-separated classes to keep (names, or indices with --classes-by index)"),
+        click.option("--classes-by", type=click.Choice(("name", "index")), default=d.classes_by,
+                     show_default=True),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -125,14 +140,23 @@ def print_table(modules: list[dict], best: int) -> None:
 @click.option("--memory-budget", default=None, help="resident memory budget, e.g. 1.5GiB")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="continue the interrupted run in RUN_DIR from its last checkpoint")
-def train(out, progress, device_profile, memory_budget, resume_dir, **opts):
+@click.option("--fit", "fit", is_flag=True,
+              help="with --device-profile/--memory-budget: plan mode, K, split, batch and cache "
+                   "dtype around the options given, print the plan, train it")
+def train(out, progress, device_profile, memory_budget, resume_dir, fit, **opts):
     """Train a network module by module (or end-to-end) and write a run directory."""
     if resume_dir is not None:
         return resume_cmd(Path(resume_dir), progress)
     from edgetrain.budget.guard import apply_budget_options  # imports torch: deferred
     from edgetrain.regimes.schedule import train as run_train  # imports torch: deferred
     from edgetrain.storage.rundir import default_out_dir  # imports torch: deferred
-    cfg = config_from_options(apply_budget_options(opts, device_profile, memory_budget))
+    if fit:
+        from edgetrain.budget.fit import fit_config  # imports torch: deferred
+        where = Path(out) if out else default_out_dir(RunConfig()).parent  # its file system
+        cfg, text = fit_config(opts, given_fields(), device_profile, memory_budget, where)
+        click.echo(text)
+    else:
+        cfg = config_from_options(apply_budget_options(opts, device_profile, memory_budget))
     out_dir = Path(out) if out else default_out_dir(cfg)
     launch = None
     if cfg.distributed:  # the library never reads the environment: torchrun's variables, here
@@ -220,6 +244,14 @@ def plan_cmd(device_name, memory_budget, **opts):
     click.echo(f"command     {p.command()}")
 
 
+def given_fields() -> set[str]:
+    """The RunConfig fields the user gave `edgetrain train` (command line or environment)."""
+    ctx, src = click.get_current_context(), click.core.ParameterSource
+    names = {p.name for p in train_options(lambda: None).__click_params__}
+    given = {n for n in names if ctx.get_parameter_source(n) in (src.COMMANDLINE, src.ENVIRONMENT)}
+    return {"transport" if n == "no_transport" else n for n in given}
+
+
 def resume_cmd(run_dir: Path, progress: bool) -> None:
     """`train --resume RUN_DIR`: the configuration comes from RUN_DIR, so no other option."""
     ctx = click.get_current_context()
@@ -240,6 +272,14 @@ def resume_cmd(run_dir: Path, progress: bool) -> None:
     print_table(metrics["modules"], metrics["best_depth"])
     click.echo(f"best depth {metrics['best_depth']}: test accuracy {metrics['best_test_acc']:.4f}"
                f"  (run directory {run_dir})")
+
+
+@cli.command("status")
+@click.argument("run_dir", type=click.Path())
+def status_cmd(run_dir):
+    """Where a running or stopped run stands (from its log.jsonl, state.json, metrics.json)."""
+    from edgetrain.storage.runlog import format_status, run_status  # imports torch: deferred
+    click.echo(format_status(run_status(Path(run_dir))))
 
 
 cli.add_command(bench)

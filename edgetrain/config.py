@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import json
 import math
 import numbers
+import re
 from pathlib import Path
 
 from edgetrain.errors import UserError
@@ -19,7 +20,7 @@ MODES = ("e2e", "parallel", "sequential", "multilap")
 SPLITS = ("depth", "memory")
 TAU_SCHEDULES = ("constant", "midpoint", "multipliers")
 TRANSPORT_SCALINGS = ("mean", "sample")
-HEADS = ("dgl", "linear", "mlp")
+HEADS = ("auto", "dgl", "dgl-light", "linear", "mlp")
 OPTIMIZERS = ("sgd", "adamw")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -56,7 +57,7 @@ class RunConfig:
     depth: int | None = None  # number of blocks for models that take it
     modules: int = 4
     split: str = "depth"
-    head: str = "dgl"
+    head: str = "auto"  # auto: dgl, or dgl-light on maps over 256 channels (resolved per module)
     # regime
     mode: str = "multilap"
     laps: int = 2
@@ -90,6 +91,14 @@ class RunConfig:
     # torch.distributed (parallel only): one rank per group of modules, launched by torchrun
     distributed: bool = False
     buffer_size: int = 0  # activation batches buffered per direction per rank; 0 = synchronous
+    # recomputation inside the trained module(s) (#18): none, blocks, or segments:S
+    recompute: str = "none"
+    # fine-tuning (issue #16): pretrained weights, the modules that train, a subset of classes
+    init: str | None = None  # safetensors / weights-only state dict / edgetrain RUN_DIR
+    init_strict: bool = True  # every key must match (else load what matches and report the rest)
+    train_modules: tuple[int, int] | None = None  # (A, B), 1-based inclusive; None = all
+    classes: tuple[str, ...] | None = None  # keep these classes (names, or indices by classes_by)
+    classes_by: str = "name"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,7 +109,8 @@ class RunConfig:
         _check_choice("--split", self.split, SPLITS)
         _check_choice("--tau-schedule", self.tau_schedule, TAU_SCHEDULES)
         _check_choice("--transport-scaling", self.transport_scaling, TRANSPORT_SCALINGS)
-        _check_choice("--head", self.head, HEADS)
+        for kind in str(self.head).split(","):
+            _check_choice("--head", kind, HEADS if "," not in str(self.head) else HEADS[1:])
         _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("--device", self.device, DEVICES)
@@ -133,9 +143,41 @@ class RunConfig:
                f"--distributed needs --mode parallel (got {self.mode!r})")
         _check(not self.distributed or self.memory_budget is None,
                "--memory-budget / --device-profile are not enforced per rank with --distributed")
+        _check(bool(re.fullmatch(r"none|blocks|segments:[1-9]\d*", str(self.recompute))),
+               f"--recompute must be none, blocks or segments:S with S >= 1 (got {self.recompute!r})")
+        self._check_finetune()
         if self.input_shape is not None:
             _check(len(self.input_shape) == 3 and all(v >= 1 for v in self.input_shape),
                    f"--input must be CxHxW with positive sizes (got {self.input_shape})")
+
+    def _check_finetune(self) -> None:
+        """Issue #16's fields: `train_modules` 'A:B' or (A, B), `classes` 'a,b' or a list."""
+        _check(self.init is None or isinstance(self.init, str), f"--init must be a path (got {self.init!r})")
+        _check(isinstance(self.init_strict, bool), "init_strict must be true or false")
+        _check(self.train_modules is None or isinstance(self.train_modules, (str, list, tuple)),
+               f"--train-modules must look like A:B (got {self.train_modules!r})")
+        _check(self.classes is None or isinstance(self.classes, (str, list, tuple)),
+               f"--classes must be a comma-separated list (got {self.classes!r})")
+        if isinstance(self.train_modules, str):
+            self.train_modules = parse_range(self.train_modules)
+        if self.train_modules is not None:
+            _check(len(self.train_modules) == 2, "--train-modules must look like A:B")
+            a, b = (int(v) for v in self.train_modules)
+            self.train_modules = (a, b)
+            _check(1 <= a <= b, f"--train-modules {a}:{b} is empty or reversed (1-based A:B, "
+                   "A <= B)")
+            _check(b <= self.modules, f"--train-modules {a}:{b} goes past the {self.modules} "
+                   "modules (-K)")
+        if isinstance(self.classes, str):
+            self.classes = tuple(c.strip() for c in self.classes.split(",") if c.strip())
+        if self.classes is not None:
+            self.classes = tuple(str(c) for c in self.classes)
+            _check(len(self.classes) >= 2, "--classes needs at least two classes")
+            _check(len(set(self.classes)) == len(self.classes), "--classes lists a class twice")
+        _check_choice("--classes-by", self.classes_by, ("name", "index"))
+        if self.classes_by == "index" and self.classes is not None:
+            _check(all(c.isdigit() for c in self.classes),
+                   f"--classes-by index needs integer indices (got {','.join(self.classes)})")
 
     @property
     def epochs_per_lap(self) -> int:
@@ -179,6 +221,20 @@ class RunConfig:
             raise UserError(f"{path} is not valid JSON: {e}") from None
         _check(isinstance(d, dict), f"{path} must hold a JSON object")
         return cls.from_dict(d)
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4); 'A' alone is A:A."""
+    parts = text.split(":")
+    try:
+        vals = tuple(int(v) for v in parts)
+    except ValueError:
+        raise UserError(f"--train-modules must look like A:B, e.g. 2:4 (got {text!r})") from None
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2:
+        raise UserError(f"--train-modules must look like A:B, e.g. 2:4 (got {text!r})")
+    return vals
 
 
 _FLOAT_FIELDS = ("val_fraction", "tau", "mult_h", "mult_lambda1", "lr", "momentum", "weight_decay",
@@ -261,4 +317,8 @@ def option_args(name: str, value) -> list[str]:
         return [flag if value else f"--no-{name.replace('_', '-')}"]
     if name == "input_shape":
         return [flag, "x".join(str(v) for v in value)]
+    if name == "train_modules":  # issue #16
+        return [flag, f"{value[0]}:{value[1]}"]
+    if name == "classes":
+        return [flag, ",".join(value)]
     return [flag, str(value)]

@@ -125,13 +125,18 @@ def bench_job_options(fn):
 @click.option("--vangl/--no-vangl", default=True, show_default=True,
               help="also measure every regime without transport")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--recompute", default="none", show_default=True,
+              help="also measure every module-wise row with this --recompute (blocks, segments:S)")
+@click.option("--ckpt-baseline/--no-ckpt-baseline", default=True, show_default=True,
+              help="also measure e2e with torch.utils.checkpoint (S = sqrt(blocks) and S = K)")
 def bench_memory_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules,
-                     modes, vangl, device):
+                     modes, vangl, device, recompute, ckpt_baseline):
     """Peak memory of every regime vs end-to-end (Table 5), one fresh process per row."""
     from edgetrain.bench.memory import bench_memory, format_table  # imports torch: deferred
     res = bench_memory(model, parse_shape(input_shape), batch, list(modules) or [4, 8, 16],
                        list(modes) or list(MODES), (True, False) if vangl else (True,), device,
-                       steps, width, depth, threads, Path(out_dir), log=click.echo)
+                       steps, width, depth, threads, Path(out_dir), log=click.echo,
+                       recompute=recompute, ckpt_baseline=ckpt_baseline)
     click.echo(format_table(res))
     click.echo(f"wrote {res['json_path']}" + (f" and {res['png_path']}" if res["png_path"] else ""))
 

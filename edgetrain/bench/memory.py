@@ -47,7 +47,7 @@ def _child_measure(spec: dict) -> dict:
     cfg = RunConfig.from_dict(spec["cfg"])
     t0 = time.perf_counter()
     metrics = schedule.train(cfg, Path(spec["out_dir"]))
-    res.update(ok=True, wall_s=time.perf_counter() - t0, phases=metrics.get("memory", {}),
+    res.update(ok=True, step_s=metrics["timings"].get("step_s"), wall_s=time.perf_counter() - t0, phases=metrics.get("memory", {}),
                peak_rss_bytes=int(metrics["peak_rss_mib"] * MIB),
                peak_address_space_bytes=memory.peak_address_space_bytes(),
                max_resident_modules=metrics.get("max_resident_modules"),
@@ -103,13 +103,24 @@ def bench_config(model: str, input_shape, batch: int, mode: str, modules: int, t
                      transport=transport, batch_size=batch, device=device, cache_dir=cache_dir, **kw)
 
 
-def _configs(modes, modules, transports) -> list[tuple[str, int, bool]]:
-    out = [("e2e", 1, False)] if "e2e" in modes else []
+def _configs(modes, modules, transports, recompute: str = "none",
+             ckpt_segments: list[int] = ()) -> list[tuple[str, int, bool, str]]:
+    """(mode, K, transport, recompute) of every row: e2e, then e2e with checkpointing over
+    each of `ckpt_segments` segments (the alternative a PyTorch user would pick; K holds S),
+    then every module-wise regime, K and method, also with `recompute` when it is set."""
+    out = [("e2e", 1, False, "none")] if "e2e" in modes else []
+    out += [("e2e", s, False, f"segments:{s}") for s in ckpt_segments]
     for k in modules:
         for mode in modes:
             if mode != "e2e":
-                out += [(mode, k, t) for t in transports]
+                for r in dict.fromkeys(["none", recompute]):
+                    out += [(mode, k, t, r) for t in transports]
     return out
+
+
+def ckpt_segment_counts(n_blocks: int, modules: list[int]) -> list[int]:
+    """S = round(sqrt(blocks)) (the classic sqrt(n) checkpointing) and S = each K."""
+    return sorted({max(1, round(math.sqrt(n_blocks))), *(k for k in modules if k <= n_blocks)})
 
 
 # --------------------------------------------------------------------------- one row
@@ -128,7 +139,8 @@ def _phases_mib(res: dict, device: str) -> dict:
     return {name: round(p.get(key, 0) - base, 2) for name, p in res.get("phases", {}).items()}
 
 
-def _row(mode, k, transport, cfg, res: dict, pred, device: str, warm_extra: int) -> dict:
+def _row(mode, k, transport, recompute, cfg, res: dict, pred, device: str, warm_extra: int
+         ) -> dict:
     """One table row; `warm_extra` is the runtime's warm-up RSS above its import figure."""
     measured = _measured_bytes(res, device)
     tensors = None if measured is None else measured - (0 if device == "cuda" else warm_extra)
@@ -137,8 +149,9 @@ def _row(mode, k, transport, cfg, res: dict, pred, device: str, warm_extra: int)
     path = ("schedule.train (out-of-core, one module resident)"
             if mode in ("sequential", "multilap") and res.get("max_resident_modules") == 1
             else "schedule.train")
-    row = {"mode": mode, "modules": k, "method": "E2E" if mode == "e2e" else METHODS[transport],
-           "transport": transport, "ok": bool(res.get("ok")), "error": res.get("error"),
+    method = ("E2E+ckpt" if recompute != "none" else "E2E") if mode == "e2e" else METHODS[transport]
+    row = {"mode": mode, "modules": k, "method": method, "recompute": recompute,
+           "step_s": res.get("step_s"), "transport": transport, "ok": bool(res.get("ok")), "error": res.get("error"),
            "measured_path": path, "max_resident_modules": res.get("max_resident_modules"),
            "measured_mib": None if measured is None else round(measured / MIB, 2),
            "measured_tensors_mib": None if tensors is None else round(tensors / MIB, 2),
@@ -153,8 +166,23 @@ def _row(mode, k, transport, cfg, res: dict, pred, device: str, warm_extra: int)
     return row
 
 
+def _twin(rows: list[dict], r: dict) -> dict | None:
+    """The row `r`'s step time is compared with: e2e for e2e+ckpt and for plain module-wise
+    rows; the same regime, K and method without recomputation for a recomputed row."""
+    if r["mode"] == "e2e" or r["recompute"] == "none":
+        return next((q for q in rows if q["mode"] == "e2e" and q["recompute"] == "none"), None)
+    return next((q for q in rows if (q["mode"], q["modules"], q["transport"], q["recompute"])
+                 == (r["mode"], r["modules"], r["transport"], "none")), None)
+
+
 def _add_savings(rows: list[dict]) -> None:
-    e2e = next((r for r in rows if r["mode"] == "e2e" and r["ok"]), None)
+    for r in rows:
+        t = _twin(rows, r)
+        r["step_time_ratio"] = (round(r["step_s"] / t["step_s"], 3)
+                                if t is not None and t is not r and r.get("step_s")
+                                and t.get("step_s") else None)
+    e2e = next((r for r in rows if r["mode"] == "e2e" and r["recompute"] == "none" and r["ok"]),
+               None)
     for r in rows:
         r["saved_pct"] = (round(100 * (1 - r["measured_mib"] / e2e["measured_mib"]), 1)
                           if e2e and r["ok"] else None)
@@ -170,7 +198,8 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
                  transports=(True, False), device: str = "cpu", steps: int = 2,
                  width: int | None = None, depth: int | None = None, threads: int = 2,
                  out_dir: Path = Path("benchmarks/results"), timeout_s: float = 3600,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[[str], None] | None = None, recompute: str = "none",
+                 ckpt_baseline: bool = True) -> dict:
     """Measure every (regime, K, transport) configuration in a fresh process; write JSON + PNG.
 
     Args:
@@ -181,6 +210,9 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
             (measured: `torch.cuda.max_memory_allocated`, reset per phase).
         steps: optimizer steps per module and lap.
         out_dir: where `memory_<...>.json` and `.png` go.
+        recompute: also measure every module-wise row with this `--recompute`.
+        ckpt_baseline: also measure e2e with `torch.utils.checkpoint` over S segments of
+            blocks, S = round(sqrt(blocks)) and S = each K (with e2e in `modes`).
 
     Returns:
         The result dict (also written as JSON), with `json_path` and `png_path`.
@@ -195,20 +227,26 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
             raise UserError("--device cuda requested but CUDA is not available")
     if steps < 1 or threads < 1:
         raise UserError("--steps and --threads must be >= 1")
-    plan = [(m, k, t, bench_config(model, input_shape, batch, m, k, t, steps, device, width, depth))
-            for m, k, t in _configs(modes, modules, transports)]
-    deepest = max(plan, key=lambda p: p[1])[3]
+    segs = []
+    if ckpt_baseline and "e2e" in modes:
+        from edgetrain.models import create_model  # imports torch: in the parent only
+        n_blocks = len(create_model(model, tuple(input_shape), 10, width, depth).blocks)
+        segs = ckpt_segment_counts(n_blocks, list(modules))
+    plan = [(m, k, t, r, bench_config(model, input_shape, batch, m, 1 if m == "e2e" else k, t,
+                                      steps, device, width, depth, recompute=r))
+            for m, k, t, r in _configs(modes, modules, transports, recompute, segs)]
+    deepest = max(plan, key=lambda p: p[1])[4]
     estimate_peak(deepest, tuple(input_shape), 10)  # a bad model or K fails here, before any run
     rows = []
     log = log or (lambda line: None)
     log(TABLE_HEADER)
     with tempfile.TemporaryDirectory(prefix="edgetrain-bench-memory-") as tmp:
-        for i, (mode, k, t, cfg) in enumerate(plan):
+        for i, (mode, k, t, r, cfg) in enumerate(plan):
             cfg.cache_dir = f"{tmp}/cache{i}"
             pred = estimate_peak(cfg, tuple(input_shape), 10, n_train=cfg.train_size)
             res = run_child({"cfg": cfg.to_dict(), "out_dir": f"{tmp}/run{i}", "threads": threads},
                             timeout_s)
-            rows.append(_row(mode, k, t, cfg, res, pred, device, warm_extra))
+            rows.append(_row(mode, k, t, r, cfg, res, pred, device, warm_extra))
             log(format_row(rows[-1]))
             result = _result(model, input_shape, batch, modules, modes, device, steps, threads,
                              rows, res, rt, complete=i == len(plan) - 1)
@@ -235,6 +273,12 @@ def _result(model, input_shape, batch, modules, modes, device, steps, threads, r
                                     "measured minus the runtime's warm-up RSS (runtime_baseline "
                                     "minus runtime_import, from a separate fresh process)"),
             "ratio_is": "measured_tensors / predicted",
+            "step_time_ratio_is": ("seconds in optimizer steps (timings.step_s) over those of e2e "
+                                   "for e2e, e2e+ckpt and plain module-wise rows; over the same "
+                                   "regime, K and method without recomputation for a recomputed "
+                                   "module-wise row"),
+            "e2e_ckpt_is": ("e2e with torch.utils.checkpoint over S equal segments of blocks "
+                            "(--recompute segments:S); the K column holds S"),
             "predicted_is": "edgetrain.budget.estimate.estimate_peak(...).peak_bytes (tensors only)",
             "paper_table5_parallel_trgl_saved_pct": {"4": 24, "8": 48, "16": 58},
             "rows": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -264,16 +308,19 @@ def plot_savings(result: dict, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in result["rows"] if r["mode"] != "e2e" and r["saved_pct"] is not None]
-    series = sorted({(r["mode"], r["method"]) for r in rows})
+    rows = [r for r in result["rows"] if r["method"] != "E2E" and r["saved_pct"] is not None]
+    series = sorted({(r["mode"], r["method"], r.get("recompute", "none")) for r in rows})
     ks = sorted({r["modules"] for r in rows})
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(len(series), 1)
-    for i, (mode, method) in enumerate(series):
+    for i, (mode, method, rec) in enumerate(series):
         vals = [next((r["saved_pct"] for r in rows if r["modules"] == k and r["mode"] == mode
-                      and r["method"] == method), 0) for k in ks]
-        ax.bar([j + i * width for j in range(len(ks))], vals, width, label=f"{mode} {method}")
+                      and r["method"] == method and r.get("recompute", "none") == rec), 0)
+                for k in ks]
+        label = f"{mode} {method}" + ("" if rec == "none" or mode == "e2e" else f" {rec}")
+        ax.bar([j + i * width for j in range(len(ks))], vals, width, label=label)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ks))], [f"K={k}" for k in ks])
+    ax.set_xlabel("K modules (e2e+ckpt: S segments)")
     ax.set_ylabel("memory saved vs end-to-end (%)")
     ax.set_title(f"{result['model']} {'x'.join(map(str, result['input_shape']))} "
                  f"batch {result['batch_size']} ({result['device_name']})")
@@ -289,16 +336,18 @@ def format_row(r: dict) -> str:
     """One line of the table."""
     def f(v, spec):
         return format(v, spec) if v is not None else "-"
-    return (f"{r['mode']:<10} {r['modules']:>3} {r['method']:<5} {f(r['measured_mib'], '>10.1f')} "
+    return (f"{r['mode']:<10} {r['modules']:>3} {r['method']:<8} {r.get('recompute', 'none'):<11} "
+            f"{f(r['measured_mib'], '>10.1f')} "
             f"{f(r['measured_tensors_mib'], '>10.1f')} "
             f"{f(r['predicted_mib'], '>10.1f')} {f(r['ratio_measured_predicted'], '>6.2f')} "
             f"{f(r.get('saved_pct'), '>7.1f')} {f(r.get('saved_pct_tensors'), '>7.1f')} "
-            f"{f(r.get('saved_pct_predicted'), '>7.1f')} "
+            f"{f(r.get('saved_pct_predicted'), '>7.1f')} {f(r.get('step_time_ratio'), '>6.2f')} "
             f"{'ok' if r['ok'] else 'FAILED: ' + str(r['error'])}")
 
 
-TABLE_HEADER = (f"{'mode':<10} {'K':>3} {'meth.':<5} {'meas_MiB':>10} {'tens_MiB':>10} "
-                f"{'pred_MiB':>10} {'t/p':>6} {'saved%':>7} {'tens%':>7} {'pred%':>7} status")
+TABLE_HEADER = (f"{'mode':<10} {'K':>3} {'meth.':<8} {'recompute':<11} {'meas_MiB':>10} "
+                f"{'tens_MiB':>10} {'pred_MiB':>10} {'t/p':>6} {'saved%':>7} {'tens%':>7} "
+                f"{'pred%':>7} {'step×':>6} status")
 
 
 def format_table(result: dict) -> str:

@@ -17,11 +17,12 @@ import math
 
 import torch
 
-from edgetrain.budget.simulate import eval_peak, features_peak, train_peak
+from edgetrain.budget.simulate import (PeakTensors, eval_peak, features_peak, simulate_steps,
+                                      train_peak)
 from edgetrain.measure import buffer_bytes, param_bytes, unique_storage_bytes
 from edgetrain.method.loop import make_trainer
 from edgetrain.method.split import build_stages, make_bounds
-from edgetrain.method.stage import Stage
+from edgetrain.method.stage import whole_network
 from edgetrain.models import create_model
 from edgetrain.storage.cache import DTYPES
 from edgetrain.units import MIB
@@ -117,11 +118,11 @@ def _build_stages(cfg, input_shape, num_classes: int):
     sample = torch.empty(8, *input_shape, device="meta")
     if cfg.mode == "e2e":
         stages = build_stages(net, [0, len(net.blocks)], cfg.head, num_classes, sample)
-        stages = [Stage(list(net.blocks), stages[-1].head, stem=net.stem)]
+        stages = [whole_network(net, stages[-1].head)]
     else:
         bounds = make_bounds(net, cfg.modules, cfg.split, sample)
         stages = build_stages(net, bounds, cfg.head, num_classes, sample)
-    return [st.to("meta") for st in stages]
+    return [st.to("meta").set_recompute(cfg.recompute) for st in stages]
 
 
 def _cache_disk_bytes(costs: list[_StageCost], cfg, n_train: int | None) -> int:
@@ -241,3 +242,35 @@ def estimate_peak(cfg, input_shape: tuple[int, int, int], num_classes: int,
         build_bytes=build,
         cache_disk_bytes=_cache_disk_bytes(costs, cfg, n_train), dataset_bytes=data,
         per_module=[asdict(s) for s in costs])
+
+
+def peak_breakdown(cfg, input_shape: tuple[int, int, int], num_classes: int,
+                   module: int | None = None) -> dict:
+    """The floor analysis: every tensor storage alive at the peak of a training step.
+
+    Simulates the training steps of `module` (default: the one with the highest training
+    peak; the whole chain for e2e/parallel) on the meta device and lists what is alive at
+    its peak: the operator that made each storage ("parameter", "buffer", "optimizer state",
+    "input" for the batch), shape, dtype and MiB, largest first.
+    """
+    with torch.random.fork_rng(devices=[]):
+        stages = _build_stages(cfg, input_shape, num_classes)
+    transport = bool(cfg.transport and cfg.mode != "e2e")
+    trainers = _trainers(stages, cfg, transport)
+    shapes = [tuple(input_shape)]
+    with torch.no_grad():
+        for st in stages:
+            shapes.append(tuple(st.eval().features(torch.empty(1, *shapes[-1], device="meta"))
+                                .shape[1:]))
+    if cfg.mode in ("e2e", "parallel"):
+        chain, in_shape, k = trainers, shapes[0], None
+    else:
+        if module is None:
+            module = max(range(len(stages)),
+                         key=lambda j: train_peak([trainers[j]], shapes[j], cfg))
+        chain, in_shape, k = [trainers[module]], shapes[module], module
+    mode = simulate_steps(PeakTensors(), chain, in_shape, cfg)
+    items = sorted(mode.at_peak, key=lambda t: -t[3])
+    return {"module": k, "peak_mib": mode.peak / MIB,
+            "tensors": [{"made_by": o, "shape": list(s), "dtype": d, "mib": round(n / MIB, 3)}
+                        for o, s, d, n in items]}

@@ -139,10 +139,19 @@ def apply_budget_options(opts: dict, profile_name: str | None, budget_text: str 
         opts["memory_budget"] = parse_size(budget_text)
     elif profile_name:
         prof = load_profile(profile_name, root)
+        check_accelerator(prof, opts.get("device", "auto"))
         opts["memory_budget"] = prof.budget_bytes
         opts["extra"] = {**opts.get("extra", {}), "device_profile": prof.name,
                          "shared_cpu_gpu_memory": prof.shared_cpu_gpu_memory}
     return opts
+
+
+def check_accelerator(profile, device: str = "auto") -> None:
+    """Refuse a CUDA profile where CUDA is missing (unless `--device cpu` asks for the CPU):
+    its budget counts GPU memory, and a silent CPU run would not be the device's run."""
+    if profile.accelerator == "cuda" and device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"device profile {profile.name} trains on CUDA, which is not available "
+                        "on this machine (give --device cpu to run its budget on the CPU anyway)")
 
 
 @contextmanager

@@ -39,6 +39,10 @@ SAFETY = 1.15
 HEADROOM_BYTES = 64 * 1024 * 1024
 GOOD_BATCH = 32  # batches below this are tried only when nothing fits at GOOD_BATCH or above
 MIN_BATCH = 8
+# The RunConfig fields the planner chooses; `plan(fixed=...)` keeps any of them as given.
+# Precision and in-module recomputation join this list (and `_groups`' variants) when they
+# exist as RunConfig fields; model, data, epochs, seed and lr are never planned.
+PLANNED = ("mode", "modules", "split", "batch_size", "cache_dtype", "laps")
 
 
 # --------------------------------------------------------------------------- planner
@@ -54,6 +58,8 @@ class Plan:
     fits: bool
     profile: DeviceProfile | None
     tried: int  # configurations evaluated
+    disk_bytes: int = 0  # disk the run needs at once (caches and module files)
+    disk_free_bytes: int | None = None  # free space where they go (None: not checked)
 
     def command(self) -> str:
         """The exact `edgetrain train` command that runs this plan under its budget."""
@@ -65,7 +71,9 @@ def needed_bytes(pred, baseline_bytes: int) -> int:
     return baseline_bytes + math.ceil(pred.peak_bytes * SAFETY) + HEADROOM_BYTES
 
 
-def _batches(max_batch: int) -> tuple[list[int], list[int]]:
+def _batches(max_batch: int, fixed: bool = False) -> tuple[list[int], list[int]]:
+    if fixed:
+        return [max_batch], []
     sizes, b = [], max_batch
     while b >= MIN_BATCH:
         sizes.append(b)
@@ -88,21 +96,48 @@ def _dtypes(preferred: str) -> list[str]:
     return [preferred] + (["float16"] if preferred == "float32" else [])
 
 
-def _groups(base: RunConfig, n_blocks: int, cache_dtype: str):
-    """(mode, K) groups in order of preference, each with its variants (split, cache dtype)."""
-    yield "e2e", 1, [("depth", base.cache_dtype)]
-    ks = _module_counts(n_blocks)
-    for mode in ("parallel", "multilap"):
-        dts = _dtypes(cache_dtype) if mode == "multilap" else [base.cache_dtype]
+def _groups(base: RunConfig, n_blocks: int, cache_dtype: str, fixed=frozenset()):
+    """(mode, K) groups in order of preference, each with its variants (split, cache dtype),
+    leaving out every choice that contradicts a field in `fixed` (kept as in `base`)."""
+    ks = [base.modules] if "modules" in fixed else _module_counts(n_blocks)
+    dtype = base.cache_dtype if "cache_dtype" in fixed else cache_dtype
+    for mode in ("e2e", "parallel", "multilap"):
+        if "mode" in fixed and _family(base.mode) != mode:
+            continue
+        if mode == "e2e":
+            if "modules" not in fixed or base.modules == 1 or "mode" in fixed:
+                yield "e2e", 1, [("depth", base.cache_dtype)]
+            continue
+        dts = ([dtype] if "cache_dtype" in fixed else _dtypes(dtype)) if mode == "multilap" \
+            else [base.cache_dtype]
         for k in ks:
             splits = ("depth", "memory") if k < n_blocks else ("depth",)  # K = blocks: one split
+            splits = (base.split,) if "split" in fixed else splits
             yield mode, k, [(split, dt) for split in splits for dt in dts]
 
 
-def _config(base: RunConfig, mode: str, k: int, batch: int, variant) -> RunConfig:
+def _family(mode: str) -> str:
+    return "multilap" if mode == "sequential" else mode  # sequential is multilap of one lap
+
+
+def _laps(base: RunConfig, mode: str, fixed) -> tuple[str, int]:
+    """(mode, laps) for a module-wise plan: the given laps, or the largest number of laps
+    up to `base.laps` that divides the epochs (one lap is sequential)."""
+    if mode != "multilap":
+        return mode, base.laps
+    if "mode" in fixed and base.mode == "sequential":
+        return "sequential", base.laps
+    laps = base.laps if "laps" in fixed else max(
+        r for r in range(1, base.laps + 1) if base.epochs % r == 0)
+    return ("multilap" if laps > 1 or "mode" in fixed else "sequential"), laps
+
+
+def _config(base: RunConfig, mode: str, k: int, batch: int, variant, fixed=frozenset()
+            ) -> RunConfig:
     split, dtype = variant
+    mode, laps = _laps(base, mode, fixed)
     return dataclasses.replace(base, mode=mode, modules=k, batch_size=batch, split=split,
-                               cache_dtype=dtype)
+                               cache_dtype=dtype, laps=laps)
 
 
 def _count_blocks(cfg: RunConfig, input_shape, num_classes: int) -> int:
@@ -113,33 +148,44 @@ def _count_blocks(cfg: RunConfig, input_shape, num_classes: int) -> int:
 class _Evaluator:
     """Predicts and remembers every configuration tried; keeps the least demanding one."""
 
-    def __init__(self, input_shape, num_classes, n_train, budget_bytes, profile, baseline):
+    def __init__(self, input_shape, num_classes, n_train, budget_bytes, profile, baseline,
+                 disk_free: int | None = None):
         self._predict = lambda cfg: estimate_peak(cfg, tuple(input_shape), num_classes, n_train)
         self.budget_bytes, self.profile, self.baseline = budget_bytes, profile, baseline
+        self.disk_free = disk_free
         self.tried, self.least = 0, None
 
     def __call__(self, cfg: RunConfig) -> Plan:
         pred = self._predict(cfg)
         self.tried += 1
-        need = needed_bytes(pred, self.baseline)
-        p = Plan(cfg, pred, self.baseline, need, self.budget_bytes, need <= self.budget_bytes,
-                 self.profile, 0)
+        need, disk = needed_bytes(pred, self.baseline), disk_needed_bytes(pred)
+        on_disk = self.disk_free is None or disk <= self.disk_free
+        p = Plan(cfg, pred, self.baseline, need, self.budget_bytes,
+                 need <= self.budget_bytes and on_disk, self.profile, 0, disk, self.disk_free)
         if self.least is None or need < self.least.needed_bytes:
             self.least = p
         return p
 
 
-def _search(base: RunConfig, n_blocks: int, cache_dtype: str, evaluate: _Evaluator):
-    good, small = _batches(base.batch_size)
+def disk_needed_bytes(pred) -> int:
+    """Disk a run holds at once: the live caches plus every module file with its optimizer
+    state (they are written at each checkpoint)."""
+    modules = sum(m["params_bytes"] + m["optimizer_bytes"] for m in pred.per_module)
+    return pred.cache_disk_bytes + modules
+
+
+def _search(base: RunConfig, n_blocks: int, cache_dtype: str, evaluate: _Evaluator,
+            fixed=frozenset()):
+    good, small = _batches(base.batch_size, "batch_size" in fixed)
     for tier in (good, small):
-        for mode, k, variants in _groups(base, n_blocks, cache_dtype):
+        for mode, k, variants in _groups(base, n_blocks, cache_dtype, fixed):
             # memory grows with the batch: a variant that misses at the tier's smallest
             # batch misses at every larger one, so only the survivors are tried further
-            at_min = [evaluate(_config(base, mode, k, tier[-1], v)) for v in variants]
+            at_min = [evaluate(_config(base, mode, k, tier[-1], v, fixed)) for v in variants]
             alive = [v for v, p in zip(variants, at_min) if p.fits]
             for b in tier[:-1]:
                 for v in alive:
-                    p = evaluate(_config(base, mode, k, b, v))
+                    p = evaluate(_config(base, mode, k, b, v, fixed))
                     if p.fits:
                         return p
             if alive:
@@ -148,7 +194,8 @@ def _search(base: RunConfig, n_blocks: int, cache_dtype: str, evaluate: _Evaluat
 
 
 def plan(base: RunConfig, input_shape, num_classes: int, n_train: int | None,
-         budget_bytes: int, profile: DeviceProfile | None = None) -> Plan:
+         budget_bytes: int, profile: DeviceProfile | None = None, fixed=frozenset(),
+         disk_free: int | None = None) -> Plan:
     """Choose the configuration with the best expected accuracy/speed that fits the budget.
 
     The rule, first match wins: batches of at least GOOD_BATCH (from `base.batch_size`
@@ -160,6 +207,12 @@ def plan(base: RunConfig, input_shape, num_classes: int, n_train: int | None,
     SAFETY times the predicted tensor peak, HEADROOM_BYTES) is within the budget. Predicted
     memory is taken to grow with the batch size, which prunes the search.
 
+    Fields named in `fixed` (any of `PLANNED`: what the user gave) keep `base`'s value and
+    the candidates that contradict them are skipped. Without `laps` fixed, a module-wise
+    plan runs the largest number of laps up to `base.laps` that divides `base.epochs` (one
+    lap: sequential). With `disk_free`, a candidate fits only when `disk_needed_bytes` (its
+    caches and module files) is within it too.
+
     Returns:
         The first fitting plan; if none fits, the plan that needs the least memory, with
         `fits=False` (its `needed_bytes` is the smallest budget that would do).
@@ -170,9 +223,13 @@ def plan(base: RunConfig, input_shape, num_classes: int, n_train: int | None,
     baseline = runtime_baseline_bytes()
     check_runtime_fits(budget_bytes, baseline)
     dtype = profile.cache_dtype if profile else base.cache_dtype
-    evaluate = _Evaluator(input_shape, num_classes, n_train, budget_bytes, profile, baseline)
+    evaluate = _Evaluator(input_shape, num_classes, n_train, budget_bytes, profile, baseline,
+                          disk_free)
     n_blocks = _count_blocks(base, input_shape, num_classes)
-    chosen = _search(base, n_blocks, dtype, evaluate) or evaluate.least
+    chosen = _search(base, n_blocks, dtype, evaluate, frozenset(fixed)) or evaluate.least
+    if chosen is None:
+        raise UserError(f"the options given ({', '.join(sorted(fixed))}) leave no "
+                        "configuration to plan; give fewer of them")
     chosen.tried = evaluate.tried
     return chosen
 

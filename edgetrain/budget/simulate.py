@@ -71,6 +71,50 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class PeakTensors(LiveBytes):
+    """`LiveBytes` that also remembers which storages were alive at the peak: the operator
+    that made each one (or "parameter", "buffer", "optimizer state", "input"), its shape,
+    dtype and bytes. For the floor analysis (`edgetrain.budget.estimate.peak_breakdown`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.origin = "input"
+        self._meta: dict[int, tuple] = {}
+        self.at_peak: list[tuple] = []
+
+    def _free(self, key: int, n: int) -> None:
+        super()._free(key, n)
+        self._meta.pop(key, None)
+
+    def track(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage()._cdata
+        if key not in self._refs:
+            self._meta[key] = (self.origin, tuple(t.shape), str(t.dtype).replace("torch.", ""),
+                               t.untyped_storage().nbytes())
+        before = self.peak
+        super().track(t)
+        if self.peak > before:
+            self.at_peak = list(self._meta.values())
+
+    def register(self, items: Iterable, origin: str = "parameter") -> None:
+        self.origin = origin
+        for item in items:
+            if isinstance(item, torch.nn.Module):
+                self.origin = "parameter"
+                for t in item.parameters():
+                    self.track(t)
+                self.origin = "buffer"
+                for t in item.buffers():
+                    self.track(t)
+            elif isinstance(item, torch.Tensor):
+                self.track(item)
+        self.origin = "input"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.origin = func.__name__
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 def _batch(shape: tuple, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.empty(batch, *shape, device=device),
             torch.zeros(batch, dtype=torch.long, device=device))
@@ -83,9 +127,16 @@ def train_peak(trainers: list, in_shape: tuple, cfg, steps: int = 2, device="met
 
     Mirrors `train.train_step` (which also computes statistics that need real values).
     """
-    mode = LiveBytes()
+    return simulate_steps(LiveBytes(), trainers, in_shape, cfg, steps, device).peak
+
+
+def simulate_steps(mode: LiveBytes, trainers: list, in_shape: tuple, cfg, steps: int = 2,
+                   device="meta") -> LiveBytes:
+    """Run `steps` training steps of a chain of trainers under `mode`; returns the mode."""
     with mode:
         mode.register(tr.stage for tr in trainers)
+        if isinstance(mode, PeakTensors):
+            mode.origin = "optimizer state"
         mode.register(v for tr in trainers for s in tr.opt.state.values() for v in s.values()
                       if isinstance(v, torch.Tensor))
         for _ in range(steps):
@@ -100,7 +151,7 @@ def train_peak(trainers: list, in_shape: tuple, cfg, steps: int = 2, device="met
                 x = z.detach()
                 del total, ce, w, logits, z
             del x, y
-    return mode.peak
+    return mode
 
 
 @torch.no_grad()

@@ -87,10 +87,12 @@ def stratified_indices(y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor
 
 def load_splits(name: str, *, train_size: int | None = None, val_fraction: float = 0.1,
                 test_size: int | None = None, seed: int = 0, input_shape=None,
-                synthetic_size: int = 512, root: str | None = None) -> DataSplits:
+                synthetic_size: int = 512, root: str | None = None,
+                classes=None, classes_by: str = "name") -> DataSplits:
     """Load data set `name` and carve validation (and, if absent, test) splits.
 
     `test_size` keeps a fixed stratified subset of the test split, the same for every seed.
+    `classes` keeps those classes only (`select_classes`), before any split is carved.
 
     Raises:
         UserError: unknown data set, or a train (test) size larger than the training (test) split.
@@ -102,6 +104,8 @@ def load_splits(name: str, *, train_size: int | None = None, val_fraction: float
             raise UserError("--input applies to --data synthetic only")
         kw["input_shape"] = tuple(input_shape)
     raw = loader(**kw)
+    if classes is not None:  # issue #16: a subset of the classes, relabelled 0..n-1
+        raw = select_classes(raw, classes, classes_by)
     tx, ty = raw.train_x, raw.train_y
     if raw.test_x is None:  # carve a fixed 20% test split
         test_idx, rest = stratified_indices(ty, len(ty) // 5, TEST_SPLIT_SEED)
@@ -123,6 +127,39 @@ def load_splits(name: str, *, train_size: int | None = None, val_fraction: float
         tx, ty = tx[keep], ty[keep]
     mean, std = _channel_stats(tx)
     return DataSplits(name, Split(tx, ty), val, test, raw.class_names, mean, std, raw.flip)
+
+
+def select_classes(raw: RawData, classes, by: str = "name") -> RawData:
+    """Keep `classes` (names, or integer indices when `by` is "index"), relabelled 0..n-1 in
+    the order given; their names become the class names.
+
+    Raises:
+        UserError: a name or index that the data set does not have (the error lists them).
+    """
+    names = list(raw.class_names)
+    if by == "index":
+        idx = [int(c) for c in classes]
+        bad = [str(i) for i in idx if not 0 <= i < len(names)]
+        if bad:
+            raise UserError(f"--classes {','.join(bad)}: no such class index; the data set has "
+                            f"indices 0..{len(names) - 1}")
+    else:
+        bad = [c for c in classes if c not in names]
+        if bad:
+            raise UserError(f"--classes {','.join(bad)}: no such class; the classes are "
+                            f"{','.join(names)} (or --classes-by index)")
+        idx = [names.index(c) for c in classes]
+    lut = torch.full((len(names),), -1, dtype=torch.long)
+    lut[torch.tensor(idx)] = torch.arange(len(idx))
+
+    def keep(x, y):
+        if x is None:
+            return None, None
+        m = lut[y] >= 0
+        return x[m], lut[y[m]]
+    tx, ty = keep(raw.train_x, raw.train_y)
+    ex, ey = keep(raw.test_x, raw.test_y)
+    return RawData(tx, ty, ex, ey, [names[i] for i in idx], raw.flip)
 
 
 def _test_subset(test: Split, n: int, name: str) -> Split:

@@ -1,7 +1,12 @@
 """Auxiliary classifiers F_k that turn a module's output into logits.
 
-`dgl` (default) is the DGL/TRGL head: conv 3x3, ReLU, average pool to 2x2 (overlapping
-windows for odd sizes), BatchNorm, flatten, linear. `linear` is global average pool + linear and
+`dgl` is the DGL/TRGL head: conv 3x3, ReLU, average pool to 2x2 (overlapping windows for
+odd sizes), BatchNorm, flatten, linear. `dgl-light` first reduces the channels with a 1x1
+conv (+ BatchNorm, ReLU) to `light_width(c)` (a quarter, between 16 and 128), then is the DGL
+head on those: on ResNet-50's 2048-channel maps the DGL head holds 2048 x 2048 x 9 conv
+weights (38 M), the light one 0.4 M. `auto` (the default) picks `dgl` for maps of at most
+`LIGHT_ABOVE` channels and `dgl-light` above, per module; a run records the resolved kinds,
+never `auto` (`resolve_heads`, `head_spec`). `linear` is global average pool + linear and
 `mlp` global average pool + a hidden layer. Token features (B, N, D) get a linear head on
 the mean token whatever the kind.
 """
@@ -9,6 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from edgetrain.errors import UserError
 
 
 class MeanToken(nn.Module):
@@ -28,14 +35,45 @@ def _pool_to_2x2(h: int, w: int) -> nn.Module:
     return nn.AvgPool2d(k, s)
 
 
+LIGHT_ABOVE = 256  # channels above which `auto` picks the light head
+
+
+def light_width(c: int) -> int:
+    """The width `dgl-light` reduces c channels to: c/4, bounded to [16, 128]."""
+    return max(16, min(128, c // 4))
+
+
+def resolve_heads(spec: str, feat_shapes: list[tuple[int, ...]]) -> list[str]:
+    """The head kind of each module: `spec` for all, a comma-separated kind per module, or
+    `auto` (dgl up to LIGHT_ABOVE channels, dgl-light above)."""
+    if spec == "auto":
+        return ["dgl-light" if len(s) == 3 and s[0] > LIGHT_ABOVE else "dgl" for s in feat_shapes]
+    kinds = spec.split(",")
+    if len(kinds) == 1:
+        return kinds * len(feat_shapes)
+    if len(kinds) != len(feat_shapes):
+        raise UserError(f"--head lists {len(kinds)} kinds for {len(feat_shapes)} modules")
+    return kinds
+
+
+def head_spec(kinds: list[str]) -> str:
+    """The config.json value of resolved head kinds: one kind, or one per module."""
+    return kinds[0] if len(set(kinds)) == 1 else ",".join(kinds)
+
+
 def make_head(kind: str, feat_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build head `kind` for features of shape `feat_shape` (without the batch dim)."""
+    """Build head `kind` (resolved: not `auto`) for features of shape `feat_shape` (without
+    the batch dim)."""
     if len(feat_shape) == 2:  # tokens
         return nn.Sequential(MeanToken(), nn.LayerNorm(feat_shape[1]),
                              nn.Linear(feat_shape[1], num_classes))
     if len(feat_shape) == 1:
         return nn.Linear(feat_shape[0], num_classes)
     c, h, w = feat_shape
+    if kind == "dgl-light":
+        r = light_width(c)
+        return nn.Sequential(nn.Conv2d(c, r, 1, bias=False), nn.BatchNorm2d(r), nn.ReLU(inplace=True),
+                             make_head("dgl", (r, h, w), num_classes))
     if kind == "dgl":
         return nn.Sequential(
             nn.Conv2d(c, c, 3, 1, 1), nn.ReLU(inplace=True),

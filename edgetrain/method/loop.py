@@ -18,6 +18,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 import math
+import time
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
@@ -28,6 +29,7 @@ from edgetrain.config import RunConfig
 from edgetrain.data.batches import augment, batch_indices, epoch_generator
 from edgetrain.data.splits import DataSplits, Split
 from edgetrain.errors import UserError
+from edgetrain.method.freeze import trainable_parameters
 from edgetrain.method.stage import Stage
 from edgetrain.method.transport import LossWeighting, tau_for_module
 
@@ -88,7 +90,7 @@ class Trainer:
     """One stage's optimiser, transport weighting and learning-rate schedule (by step)."""
 
     stage: Stage
-    opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer | None  # None: nothing of the stage trains (frozen, loaded head)
     weighting: LossWeighting
     base_lr: float
     total_steps: int
@@ -106,7 +108,7 @@ class Trainer:
         if self.cosine and self.total_steps > 0:
             lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * min(self.step, self.total_steps)
                                                     / self.total_steps))
-        for g in self.opt.param_groups:
+        for g in self.opt.param_groups if self.opt is not None else []:
             g["lr"] = lr
 
 
@@ -119,12 +121,17 @@ def make_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
 
 def make_trainer(stage: Stage, cfg: RunConfig, k: int, n_modules: int, total_steps: int,
                  transport: bool | None = None) -> Trainer:
-    """Trainer for stage k of n_modules; `transport` overrides cfg.transport (e2e: False)."""
-    on = cfg.transport if transport is None else transport
+    """Trainer for stage k of n_modules; `transport` overrides cfg.transport (e2e: False).
+
+    Only parameters that require gradients get optimizer state; a stage whose body is frozen
+    trains its head without transport, and a wholly frozen stage gets no optimizer at all.
+    """
+    on = (cfg.transport if transport is None else transport) and stage.body_trainable
     w = LossWeighting(on, tau_for_module(k, n_modules, cfg.tau, cfg.tau_schedule),
                       cfg.tau_schedule, cfg.mult_h, cfg.mult_s, cfg.mult_lambda1)
-    return Trainer(stage, make_optimizer(stage.parameters(), cfg), w, cfg.lr, total_steps,
-                   cfg.cosine)
+    params = trainable_parameters(stage)
+    opt = make_optimizer(params, cfg) if params else None
+    return Trainer(stage, opt, w, cfg.lr, total_steps, cfg.cosine)
 
 
 class NonFiniteLoss(UserError):
@@ -153,18 +160,22 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
     """One optimiser step of every trainer on a chain; returns per-stage statistics."""
     stats = []
     for tr in trainers:
+        t0 = time.perf_counter()
         tr.stage.train()
         tr.set_lr()
-        total, ce, w, logits, z = stage_loss(tr, x, y, label_smoothing, scaling)
+        with torch.no_grad() if tr.opt is None else nullcontext():  # wholly frozen: forward only
+            total, ce, w, logits, z = stage_loss(tr, x, y, label_smoothing, scaling)
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"non-finite loss ({float(total.detach())}) at step {tr.step + 1}")
-        tr.opt.zero_grad(set_to_none=True)
-        total.backward()
-        tr.opt.step()
+        if tr.opt is not None:
+            tr.opt.zero_grad(set_to_none=True)
+            total.backward()
+            tr.opt.step()
         tr.weighting.after_step()
         tr.step += 1
         stats.append({"loss": float(ce.detach()), "transport": float(w.detach()),
-                      "correct": int((logits.argmax(1) == y).sum()), "n": len(y)})
+                      "correct": int((logits.argmax(1) == y).sum()), "n": len(y),
+                      "seconds": time.perf_counter() - t0})
         x = z.detach()  # the boundary: nothing flows back into the stage before
         del logits, z, ce, w, total  # free them before the next stage's forward
     return stats
@@ -196,9 +207,10 @@ def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, fir
     """
     out = []
     for e in range(first_epoch, first_epoch + epochs):
-        fresh = [{"loss": 0.0, "transport": 0.0, "correct": 0, "n": 0} for _ in trainers]
+        fresh = [{"loss": 0.0, "transport": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
+                 for _ in trainers]
         first = e == first_epoch
-        acc = [dict(a) for a in partial] if first and partial else fresh
+        acc = [{"seconds": 0.0, **a} for a in partial] if first and partial else fresh
         for i, (x, y) in enumerate(source.epoch(e, salt)):
             if first and i < skip:
                 continue
@@ -208,13 +220,15 @@ def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, fir
                 a["transport"] += s["transport"] * s["n"]
                 a["correct"] += s["correct"]
                 a["n"] += s["n"]
+                a["seconds"] += s["seconds"]
             if on_step:
                 on_step(stats)
             if stop is not None and stop():
                 raise Interrupted(e, i + 1, acc)
         summary = [{"epoch": e, "train_loss": a["loss"] / max(a["n"], 1),
                     "transport": a["transport"] / max(a["n"], 1),
-                    "train_acc": a["correct"] / max(a["n"], 1)} for a in acc]
+                    "train_acc": a["correct"] / max(a["n"], 1), "step_s": a["seconds"]}
+                   for a in acc]
         for tr, s in zip(trainers, summary):
             tr.history.append(s)
         out.append(summary)

@@ -13,16 +13,15 @@ import torch
 
 from edgetrain.errors import UserError
 from edgetrain.measure import saved_activation_bytes
-from edgetrain.method.heads import make_head
-from edgetrain.method.stage import Stage
+from edgetrain.method.heads import make_head, resolve_heads
+from edgetrain.method.stage import Stage, split_runs
 from edgetrain.models.base import Network
 
 
 def split_depth(n_blocks: int, k: int) -> list[int]:
     """Boundaries [0, b1, ..., n] of k runs of near-equal length (earlier runs get the extra)."""
     _check_k(n_blocks, k)
-    sizes = [n_blocks // k + (1 if i < n_blocks % k else 0) for i in range(k)]
-    return [0] + [sum(sizes[: i + 1]) for i in range(k)]
+    return split_runs(n_blocks, k)
 
 
 def _check_k(n_blocks: int, k: int) -> None:
@@ -99,12 +98,15 @@ def feature_shapes(net: Network, bounds: list[int], sample: torch.Tensor) -> lis
 
 def build_stages(net: Network, bounds: list[int], head: str, num_classes: int,
                  sample: torch.Tensor) -> list[Stage]:
-    """Wrap the blocks of `net` into stages (sharing the same parameters) with fresh heads."""
+    """Wrap the blocks of `net` into stages (sharing the same parameters) with fresh heads;
+    `head` is resolved per module (`resolve_heads`) and kept as `stage.head_kind`."""
     shapes = feature_shapes(net, bounds, sample)
+    kinds = resolve_heads(head, shapes)
     stages = []
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        stages.append(Stage(list(net.blocks[a:b]), make_head(head, shapes[i], num_classes),
+        stages.append(Stage(list(net.blocks[a:b]), make_head(kinds[i], shapes[i], num_classes),
                             stem=net.stem if i == 0 else None))
+        stages[-1].head_kind = kinds[i]
     return stages
 
 

@@ -34,7 +34,6 @@ import json
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-import time
 from typing import Mapping
 
 import torch
@@ -57,6 +56,7 @@ from edgetrain.storage.modules import save_module
 from edgetrain.storage.lock import lock_run_dir
 from edgetrain.storage.rundir import (check_config, claim_out_dir, metrics_record, module_entry,
                                       read_state)
+from edgetrain.storage.runlog import LOG, RunLog, epoch_logger
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -192,16 +192,17 @@ def make_rank_trainers(state: RankState) -> list[Trainer]:
     return [make_trainer(st, cfg, k, K, total) for k, st in zip(state.owned, state.stages)]
 
 
-def train_rank(state: RankState, trainers: list[Trainer], progress: bool, first_epoch: int = 0,
-               on_epoch_end=None) -> None:
+def train_rank(state: RankState, trainers: list[Trainer], progress: bool,
+               log: RunLog | None = None, first_epoch: int = 0, checkpoint=None) -> None:
     """This rank's share of the parallel regime: the shared `fit_module` on a stream, from
-    `first_epoch` (a resumed run), `on_epoch_end(epoch, summary)` after every epoch."""
+    `first_epoch` (a resumed run); after every epoch `checkpoint(epoch, summary)`, then a
+    line in `log` (rank 0's RUN_DIR/log.jsonl) for this rank's modules."""
     cfg = state.cfg
     src = StreamSource(state.source if state.inbox is None else None, state.inbox,
                        state.source.steps_per_epoch(), state.tap, state.outbox)
     fit(trainers, src, cfg.epochs - first_epoch, cfg, first_epoch=first_epoch,
         desc="parallel (rank 0)", progress=progress and state.rank == 0,
-        on_epoch_end=on_epoch_end)
+        on_epoch_end=epoch_logger(log, list(state.owned), then=checkpoint))
 
 
 def evaluate_rank(state: RankState) -> list[dict]:
@@ -313,8 +314,9 @@ def _run_rank(state: RankState, out_dir: Path, backend: str, progress: bool, res
     ck = RankCheckpoint(state, out, trainers, resumed, stop)
     first = ck.begin()
     comm("the start barrier", dist.barrier)
+    log = RunLog(out / LOG, state.cfg.epochs, len(state.data.train)) if state.rank == 0 else None
     try:
-        train_rank(state, trainers, progress, first, lambda e, _summary: ck.save(e + 1))
+        train_rank(state, trainers, progress, log, first, lambda e, _summary: ck.save(e + 1))
     except EpochStop as s:
         close_links(state)
         name, code = getattr(stop, "name", "stop requested"), getattr(stop, "exit_code", 130)

@@ -75,6 +75,10 @@ class OutOfCore:
         self._t0 = time.perf_counter()
         self._base_s = 0.0
         self._memo: dict = {}
+        # --train-modules A:B: the frozen prefix (modules < A-1) trains its new heads in lap 1
+        # only, and cache A-1 (its output) is kept across laps: the prefix is never reloaded
+        self.first_trained = self.cfg.train_modules[0] - 1 if self.cfg.train_modules else 0
+        self.keep_cache = self.first_trained if self.first_trained > 0 and self.R > 1 else None
 
     # ------------------------------------------------------------------ state
     def write_state(self, lap: int, module: int, epoch: int) -> None:
@@ -159,7 +163,7 @@ class OutOfCore:
         for s in missing:
             with self._phase("cache_write"), self._phase(f"module_{k - 1:02d}_cache_write"):
                 self._write(k, s, stage)
-            if k > 1:
+            if k > 1 and k - 1 != self.keep_cache:
                 remove_cache(self.cache_dir(k - 1, s))
 
     def _inputs(self, k: int, split: str):
@@ -225,7 +229,7 @@ class OutOfCore:
         if int(prog["lap"]) != lap:
             prog = {"lap": lap, "epochs": 0}
         done = int(prog["epochs"])
-        if done < self.E:
+        if done < self.E and tr.opt is not None:  # None: frozen with a loaded head
             src = self.source(k, "train", train=True)
             for e in range(done, self.E):
                 first = e == done
@@ -237,10 +241,12 @@ class OutOfCore:
                partial: list[dict] | None = None) -> None:
         epoch = lap * self.E + e
         desc = f"lap {lap + 1}/{self.R} module {k + 1}/{self.K} epoch {epoch + 1}"
+        if self.run.log is not None:
+            self.run.log.mark()
         try:
-            fit([tr], src, 1, self.cfg, first_epoch=epoch, salt=k, desc=desc,
-                progress=self.progress, step_check=self.run.step_check, skip=skip,
-                partial=partial, stop=self.run.stop)
+            (summary,) = fit([tr], src, 1, self.cfg, first_epoch=epoch, salt=k, desc=desc,
+                             progress=self.progress, step_check=self.run.step_check, skip=skip,
+                             partial=partial, stop=self.run.stop)
         except NonFiniteLoss as ex:
             raise NonFiniteLoss(f"module {k + 1}/{self.K}, lap {lap + 1}/{self.R}, epoch "
                                 f"{epoch + 1}: {ex}; the last checkpoint in {self.out} is "
@@ -250,18 +256,22 @@ class OutOfCore:
             self.store.save(k, tr, meta={"progress": json.dumps(prog)})
             self.write_state(lap, k, e)
             raise stopped(self.run, self.out, f"in {desc} after batch {it.position}") from None
+        seconds = self.run.log.since_mark() if self.run.log is not None else 0.0
         self.store.save(k, tr, meta={"progress": json.dumps({"lap": lap, "epochs": e + 1})})
         self.write_state(lap, k, e + 1)
+        if self.run.log is not None:  # after the checkpoint: a logged epoch is never redone
+            self.run.log.epoch(lap=lap, module=k, epoch=epoch, summary=summary, seconds=seconds)
 
     def finish_module(self, lap: int, k: int, tr: Trainer) -> None:
         """After module k of lap `lap`: evaluate (last lap), write cache k+1, drop cache k."""
         last_lap = lap == self.R - 1
-        splits = ["train", "val", "test"] if last_lap else ["train"]
-        if last_lap:
+        final = last_lap or k < self.first_trained  # the frozen prefix is final after lap 1
+        splits = ["train", "val", "test"] if final else ["train"]
+        if final:
             self.state["modules"][str(k)] = self._summary(k, tr)
         if k + 1 < self.K:
             self.ensure_cache(k + 1, splits)
-        if k > 0:
+        if k > 0 and (k != self.keep_cache or last_lap):
             for s in ("train", "val", "test"):
                 remove_cache(self.cache_dir(k, s))
         nxt = (lap, k + 1) if k + 1 < self.K else (lap + 1, 0)
@@ -284,6 +294,8 @@ class OutOfCore:
         for lap in range(cur["lap"], self.R):
             first = cur["module"] if lap == cur["lap"] else 0
             for k in range(first, self.K):
+                if lap > 0 and k < self.first_trained:  # the frozen prefix: done in lap 1
+                    continue
                 with self._phase(f"module_{k:02d}_train"):
                     tr = self.train_module(lap, k)
                 self.finish_module(lap, k, tr)

@@ -20,10 +20,11 @@ from edgetrain.regimes.checkpoint import ResidentCheckpoint
 from edgetrain.regimes.run import Run, evaluate, run_metrics, stopped
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.modules import save_module
+from edgetrain.storage.runlog import epoch_logger
 
 
 def train_e2e(run: Run, progress: bool) -> list[Trainer]:
-    whole = whole_network(run.net, run.stages[-1].head).to(run.device)
+    whole = whole_network(run.net, run.stages[-1].head).to(run.device).set_recompute(run.cfg.recompute)
     run.stages = [whole]
     src = run.raw("train", train=True)
     tr = make_trainer(whole, run.cfg, 0, 1, run.cfg.epochs * src.steps_per_epoch(), transport=False)
@@ -45,9 +46,11 @@ def _fit_resident(run: Run, trainers: list[Trainer], src, desc: str, progress: b
     ck = run.checkpoint
     first, position, partial = ck.begin(trainers) if ck is not None else (0, 0, None)
     save = (lambda e, _summary: ck.save(trainers, e + 1)) if ck is not None else None
+    module = 0 if len(trainers) == 1 else list(range(len(trainers)))
     try:
         _fit(run, trainers, src, run.cfg.epochs - first, first, 0, desc, progress,
-             on_epoch_end=save, skip=position, partial=partial)
+             on_epoch_end=epoch_logger(run.log, module, 0, then=save), skip=position,
+             partial=partial)
     except Interrupted as it:
         where = f"in epoch {it.epoch + 1}/{run.cfg.epochs} after batch {it.position}"
         if ck is None:
@@ -87,7 +90,7 @@ def train_sequential(run: Run, progress: bool) -> list[Trainer]:
             desc = f"lap {lap + 1}/{cfg.n_laps} module {k + 1}/{K}"
             try:
                 _fit(run, [trainers[k]], src, cfg.epochs_per_lap, lap * cfg.epochs_per_lap, k,
-                     desc, progress)
+                     desc, progress, on_epoch_end=epoch_logger(run.log, k, lap))
             except Interrupted as it:
                 raise stopped(run, None, f"in {desc} after batch {it.position}",
                               resumable=False) from None

@@ -20,11 +20,13 @@ from edgetrain.config import RunConfig
 from edgetrain.data.splits import DataSplits, check_splits, load_splits
 from edgetrain.errors import Stopped, UserError
 from edgetrain.measure import PhaseRecorder, peak_rss_mib
+from edgetrain.method.heads import head_spec
 from edgetrain.method.loop import RawSource, evaluate_chain
 from edgetrain.method.split import build_stages, make_bounds
 from edgetrain.method.stage import Stage, init_orthogonal, whole_network
 from edgetrain.models import create_model
 from edgetrain.models.base import Network
+from edgetrain.regimes.finetune import apply_init, freeze_outside
 from edgetrain.storage.modules import load_module, module_path
 from edgetrain.storage.rundir import metrics_record, module_entry
 
@@ -57,7 +59,9 @@ class Run:
     step_check: Callable[[], None] | None = None  # called after every optimiser step (budget watchdog)
     memory: PhaseRecorder | None = None  # per-phase peaks (`with run.memory.phase("cache_write")`)
     checkpoint: object | None = None  # e2e/parallel epoch checkpoints (`edgetrain.regimes.checkpoint`)
+    finetune: dict | None = None  # metrics.json's `init` / `train_modules` (issue #16)
     stop: Callable[[], bool] | None = None  # a stop request (`edgetrain.signals.StopSignals`)
+    log: object | None = None  # RUN_DIR/log.jsonl (`edgetrain.storage.runlog.RunLog`)
 
     @property
     def n_modules(self) -> int:
@@ -83,30 +87,49 @@ def load_data(cfg: RunConfig) -> DataSplits:
     `edgetrain.data.splits.check_splits`)."""
     data = load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
                        test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
-                       synthetic_size=cfg.synthetic_size)
+                       synthetic_size=cfg.synthetic_size, classes=cfg.classes,
+                       classes_by=cfg.classes_by)
     check_splits(data, cfg.val_fraction)
     return data
 
 
 def build_run(cfg: RunConfig, data: DataSplits | None = None,
-              device: torch.device | None = None) -> Run:
-    """Deterministically (from cfg.seed) build data, network, split and heads."""
+              device: torch.device | None = None, init: bool = True) -> Run:
+    """Deterministically (from cfg.seed) build data, network, split and heads; then load
+    `cfg.init` (unless `init` is False: a finished run's module files replace it) and freeze
+    the modules outside `cfg.train_modules`. `cfg.head` is resolved in place (`auto` -> the
+    kinds built), so config.json records the heads."""
     device = device or resolve_device(cfg.device)
     data = data or load_data(cfg)
     seed_everything(cfg.seed)
     net = create_model(cfg.model, data.input_shape, data.num_classes, cfg.width, cfg.depth)
     sample = data.normalize(data.train.x[: min(8, len(data.train))])
-    if cfg.mode == "e2e":
-        bounds = [0, len(net.blocks)]
-    else:
-        bounds = make_bounds(net, cfg.modules, cfg.split, sample)
+    bounds = [0, len(net.blocks)]
+    if cfg.mode != "e2e" or cfg.train_modules is not None:  # e2e freezes by the K-module split
+        module_bounds = make_bounds(net, cfg.modules, cfg.split, sample)
+        bounds = bounds if cfg.mode == "e2e" else module_bounds
     stages = build_stages(net, bounds, cfg.head, data.num_classes, sample)
-    if cfg.init_gain is not None:
+    cfg.head = head_spec([st.head_kind for st in stages])  # config.json records what was built
+    finetune, loaded_heads = {}, False
+    if cfg.init is not None and init:
+        finetune["init"], loaded_heads = apply_init(cfg, net, stages, bounds, data.input_shape,
+                                                    data.class_names, source_data_info)
+    elif cfg.init_gain is not None:
         for st in stages:
             init_orthogonal(st, cfg.init_gain)
+    if cfg.train_modules is not None:
+        freeze_outside(cfg, net, stages, module_bounds, loaded_heads)
+        finetune["train_modules"] = list(cfg.train_modules)
     for st in stages:
-        st.to(device)
-    return Run(cfg, data, net, bounds, stages, device)
+        st.to(device).set_recompute(cfg.recompute)
+    return Run(cfg, data, net, bounds, stages, device, finetune=finetune or None)
+
+
+def source_data_info(run_dir: Path) -> tuple[tuple[int, int, int], list[str]]:
+    """(input shape, class names) an edgetrain run was trained on (its data, rebuilt from
+    its config.json)."""
+    data = load_data(RunConfig.load(Path(run_dir) / "config.json"))
+    return data.input_shape, data.class_names
 
 
 def evaluate(run: Run) -> list[dict]:
@@ -135,9 +158,9 @@ def load_run(run_dir: Path, device: torch.device | None = None, depth: int | Non
     if not run_dir.is_dir():
         raise UserError(f"no run directory {run_dir}")
     cfg = RunConfig.load(run_dir / "config.json")
-    run = build_run(cfg, device=device)
+    run = build_run(cfg, device=device, init=False)  # the module files hold the weights
     if cfg.mode == "e2e":  # one module: the whole network with the last head
-        run.stages = [whole_network(run.net, run.stages[-1].head)]
+        run.stages = [whole_network(run.net, run.stages[-1].head).set_recompute(cfg.recompute)]
     if bounds not in (None, run.bounds):
         raise UserError(f"{run_dir}: module bounds {bounds} in metrics.json differ from "
                         f"{run.bounds} rebuilt from config.json")
@@ -146,6 +169,12 @@ def load_run(run_dir: Path, device: torch.device | None = None, depth: int | Non
     for st in run.stages:
         st.eval()
     return run
+
+
+def step_seconds(records: list[dict]) -> float:
+    """Seconds spent in optimiser steps (forward, backward, update) over every module and
+    epoch: the training time without data loading, cache writes and evaluation."""
+    return sum(h.get("step_s", 0.0) for rec in records for h in rec["history"])
 
 
 def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float,
@@ -157,7 +186,8 @@ def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float
     return metrics_record(run.cfg.mode, run.bounds, modules,
                           max_resident=len(run.stages) if max_resident is None else max_resident,
                           peak_rss_mib=peak, memory=run.memory.metrics() if run.memory else {},
-                          timings={"train_s": seconds}, device=str(run.device))
+                          timings={"train_s": seconds, "step_s": step_seconds(records)},
+                          device=str(run.device), **(run.finetune or {}))
 
 
 # --------------------------------------------------------------------------- reading a run

@@ -18,10 +18,11 @@ from edgetrain.errors import UserError
 from edgetrain.measure import PhaseRecorder
 from edgetrain.regimes.out_of_core import train_stored
 from edgetrain.regimes.resident import train_in_memory, train_resident
-from edgetrain.regimes.run import build_run, evaluate, load_data, load_run
+from edgetrain.regimes.run import Run, build_run, evaluate, load_data, load_run
 from edgetrain.storage.cache import check_cache_dir
 from edgetrain.storage.lock import lock_run_dir
 from edgetrain.storage.rundir import best_depth, check_config, claim_out_dir, read_state
+from edgetrain.storage.runlog import LOG, RunLog
 
 
 def resume(run_dir: Path, progress: bool = False, stop=None, launch=None) -> dict | None:
@@ -67,12 +68,20 @@ def _resume(run_dir: Path, progress: bool, stop) -> dict:
         raise UserError(f"{run_dir} is an in-memory run; it does not checkpoint and cannot be "
                         "resumed")
     with out_of_memory_as_user_error(cfg, None, None):
-        run = build_run(cfg)
+        run = with_log(build_run(cfg), run_dir)
     run.stop, run.memory = stop, PhaseRecorder(run.device)
     with out_of_memory_as_user_error(cfg, run.memory, run_dir, run.device):
         if not cfg.out_of_core:
             return train_resident(run, run_dir, progress, state)
         return train_stored(run, run_dir, progress, state)
+
+
+def with_log(run: Run, out: Path) -> Run:
+    """Give `run` its RUN_DIR/log.jsonl (one line per epoch of every module it trains)."""
+    per_module = run.cfg.mode not in ("e2e", "parallel")
+    total = run.cfg.epochs * (run.n_modules if per_module else 1)
+    run.log = RunLog(Path(out) / LOG, total, len(run.data.train))
+    return run
 
 
 def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
@@ -111,6 +120,7 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
 def _train_locked(run, out: Path, progress: bool) -> dict:
     cfg = run.cfg
     cfg.save(out / "config.json")
+    with_log(run, out)
     if cfg.out_of_core:
         return train_stored(run, out, progress)
     if cfg.mode in ("e2e", "parallel"):

@@ -146,10 +146,11 @@ class ModuleStore:
         tensors = dict(self.stages[k].state_dict())
         meta = {"edgetrain_version": __version__, "index": str(k),
                 **(meta or {})}
-        if trainer is not None:
+        if trainer is not None and trainer.opt is not None:  # None: a wholly frozen module
             opt_tensors, opt_meta = optimizer_to_tensors(trainer.opt)
             tensors.update(opt_tensors)
             meta["optimizer"] = json.dumps(opt_meta)
+        if trainer is not None:
             meta["trainer"] = json.dumps({"step": trainer.step, "history": trainer.history,
                                           "weighting": trainer.weighting.state_dict()})
         save_tensors(path or self.path(k), tensors, meta)
@@ -165,6 +166,8 @@ class ModuleStore:
         t = json.loads(meta["trainer"])
         trainer.step, trainer.history = int(t["step"]), list(t["history"])
         trainer.weighting.load_state_dict(t["weighting"])
+        if trainer.opt is None or "optimizer" not in meta:  # a wholly frozen module
+            return
         opt = {n: v.to(self.device) for n, v in load_optimizer_tensors(self.path(k)).items()}
         trainer.opt.load_state_dict(optimizer_from_tensors(opt, json.loads(meta["optimizer"])))
 

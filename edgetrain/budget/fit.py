@@ -1,0 +1,142 @@
+"""`edgetrain train --fit`: plan what fits the budget around the options the user gave, then
+train it.
+
+What this file holds: `fit_config` (the options the user gave stay fixed; the planner
+chooses the rest among `planner.PLANNED`), the disk the plan needs against the free space of
+its directory (`free_bytes`, `bytes_written`), and the text printed before training
+(`format_fit`). The search rule and the memory margin are the planner's
+(`edgetrain.budget.planner.plan`); the budget is enforced during training by
+`edgetrain.budget.guard` as in any budgeted run. The chosen values are plain RunConfig
+fields, written to config.json, so `--resume`, eval and export need nothing from here.
+
+What it is not: a CLI (it never reads argv) or a trainer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+import shutil
+
+from edgetrain.budget.devices import load_profile
+from edgetrain.budget.guard import apply_budget_options
+from edgetrain.budget.planner import PLANNED, Plan, format_plan, plan
+from edgetrain.config import RunConfig, config_from_options
+from edgetrain.errors import UserError
+from edgetrain.regimes.run import load_data
+from edgetrain.units import fmt_bytes
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def free_bytes(directory: Path) -> int:
+    """Free bytes of the file system that will hold `directory` (its nearest existing parent)."""
+    d = Path(directory).resolve()
+    while not d.exists():
+        d = d.parent
+    return shutil.disk_usage(d).free
+
+
+def bytes_written(p: Plan, n_train: int, n_val: int, n_test: int) -> int:
+    """Bytes a run writes in all (SD cards wear by it): every cache of every lap (train rows
+    with their views each lap, validation and test rows in the last lap), and the module
+    files with optimizer state at every epoch checkpoint."""
+    cfg, mods = p.cfg, p.prediction.per_module
+    module_bytes = sum(m["params_bytes"] + m["optimizer_bytes"] for m in mods)
+    if cfg.mode in ("e2e", "parallel"):
+        return module_bytes * (cfg.epochs + 1)
+    rows = cfg.n_laps * n_train * cfg.cache_views + n_val + n_test
+    row = lambda m: m["output_batch_bytes"] // cfg.batch_size // 4 * _DTYPE_BYTES[cfg.cache_dtype]  # noqa: E731
+    caches = sum(row(m) * rows for m in mods[:-1])
+    return caches + module_bytes * (cfg.epochs + 1)
+
+
+def _base_options(opts: dict, given: set[str]) -> dict:
+    """The options the planner starts from: what was given, and defaults that cannot
+    contradict them (a multilap default of 2 laps with 1 epoch would be refused)."""
+    opts = dict(opts)
+    if "mode" not in given:
+        opts["mode"] = "e2e"  # a placeholder the planner replaces; valid with any epochs
+    elif opts["mode"] == "multilap" and "laps" not in given:
+        opts["laps"] = max(r for r in range(1, opts["laps"] + 1) if opts["epochs"] % r == 0)
+    return opts
+
+
+def fit_config(opts: dict, given: set[str], profile_name: str | None, budget_text: str | None,
+               out_dir: Path, root: Path | None = None) -> tuple[RunConfig, str]:
+    """The configuration `train --fit` trains, and the plan text to print before it.
+
+    Args:
+        opts: `edgetrain train`'s RunConfig options (as `config_from_options` takes them).
+        given: the RunConfig fields the user gave on the command line: kept as given.
+        profile_name, budget_text: `--device-profile` / `--memory-budget` (exactly one).
+        out_dir: the run directory (its file system holds the caches without --cache-dir).
+        root: the devices directory (default: the repository's `devices/`).
+    Returns:
+        (the chosen configuration with its budget, the text to print).
+    Raises:
+        UserError: no budget, a CUDA profile without CUDA, a bad option, or nothing fits
+            in memory or on disk (one line: the smallest budget that would fit and the
+            closest candidate).
+    """
+    if not (profile_name or budget_text):
+        raise UserError("--fit needs --device-profile NAME or --memory-budget SIZE")
+    opts = apply_budget_options(opts, profile_name, budget_text, root)
+    profile = load_profile(profile_name, root) if profile_name else None
+    base = config_from_options(_base_options(opts, given))
+    if profile is not None and "device" not in given:
+        base = dataclasses.replace(base, device=profile.train_device)
+    data = load_data(base)  # the data set's own shape and size, without --input
+    disk_dir = Path(base.cache_dir) if base.cache_dir else Path(out_dir)
+    p = plan(base, data.input_shape, data.num_classes, len(data.train), base.memory_budget,
+             profile, fixed=set(given) & set(PLANNED), disk_free=free_bytes(disk_dir))
+    if not p.fits:
+        raise UserError(nothing_fits(p, disk_dir))
+    written = bytes_written(p, len(data.train), len(data.val), len(data.test))
+    return with_plan_record(p, written), format_fit(p, base, given, disk_dir, written)
+
+
+def with_plan_record(p: Plan, written: int) -> RunConfig:
+    """The chosen configuration, with what was predicted in `extra["fit"]` (config.json
+    keeps it beside the run; nothing reads it to train)."""
+    pr = p.prediction
+    record = {"budget_bytes": p.budget_bytes, "needed_bytes": p.needed_bytes,
+              "runtime_baseline_bytes": p.baseline_bytes, "peak_tensor_bytes": pr.peak_bytes,
+              "train_step_bytes": pr.train_step_bytes, "cache_write_bytes": pr.cache_write_bytes,
+              "eval_bytes": pr.eval_bytes, "disk_bytes": p.disk_bytes, "written_bytes": written}
+    return dataclasses.replace(p.cfg, extra={**p.cfg.extra, "fit": record})
+
+
+def _describe(c: RunConfig) -> str:
+    laps = f", {c.laps} laps" if c.mode == "multilap" else ""
+    cache = f", cache {c.cache_dtype}" if c.mode in ("sequential", "multilap") else ""
+    return f"{c.mode}, K={c.modules}, split {c.split}, batch {c.batch_size}{laps}{cache}"
+
+
+def nothing_fits(p: Plan, disk_dir: Path) -> str:
+    """The one line of a refused `--fit`: memory first, then disk."""
+    if p.needed_bytes > p.budget_bytes:
+        return (f"nothing fits in {fmt_bytes(p.budget_bytes)}: the smallest budget that would "
+                f"fit is {fmt_bytes(p.needed_bytes)} ({p.needed_bytes} bytes), for the closest "
+                f"candidate ({_describe(p.cfg)}); fix fewer options or give a larger budget")
+    return (f"nothing fits on disk: the closest candidate ({_describe(p.cfg)}) needs "
+            f"{fmt_bytes(p.disk_bytes)} in {disk_dir}, which has {fmt_bytes(p.disk_free_bytes)} "
+            "free; give --cache-dir on a larger disk")
+
+
+def format_fit(p: Plan, base: RunConfig, given: set[str], disk_dir: Path, written: int) -> str:
+    """The plan as `train --fit` prints it: what was kept, what was chosen, the predicted
+    peak per phase (`format_plan`), the disk, and the learning-rate note."""
+    kept = sorted(set(given) & set(PLANNED))
+    used = {"laps": p.cfg.mode == "multilap", "split": p.cfg.mode != "e2e",
+            "cache_dtype": p.cfg.mode in ("sequential", "multilap")}
+    chosen = [f for f in PLANNED if f not in kept and used.get(f, True)]
+    lines = [format_plan(p),
+             f"disk        {fmt_bytes(p.disk_bytes)} at once in {disk_dir} "
+             f"({fmt_bytes(p.disk_free_bytes)} free); {fmt_bytes(written)} written in all",
+             "kept        " + (", ".join(f"{f}={getattr(p.cfg, f)}" for f in kept) or
+                               "nothing planned was given"),
+             "chosen      " + ", ".join(f"{f}={getattr(p.cfg, f)}" for f in chosen)]
+    if "batch_size" not in given and p.cfg.batch_size < base.batch_size:
+        lines.append(f"note        batch {p.cfg.batch_size} is below {base.batch_size}; the "
+                     f"learning rate stays {p.cfg.lr:g} as given (it is not scaled)")
+    return "\n".join(lines)

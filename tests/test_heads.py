@@ -1,0 +1,49 @@
+"""Auxiliary heads: the light DGL head for wide maps, `auto`'s per-module choice, and the
+resolved kinds recorded in config.json (never `auto`)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgetrain.config import RunConfig
+from edgetrain.errors import UserError
+from edgetrain.method.heads import LIGHT_ABOVE, head_spec, light_width, make_head, resolve_heads
+from edgetrain.regimes.schedule import train
+from tests.conftest import tiny_cfg
+
+
+def _params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_the_light_head_is_much_smaller_on_wide_maps_and_classifies():
+    shape = (2048, 2, 2)  # ResNet-50's last maps at 64x64 inputs
+    dgl, light = make_head("dgl", shape, 10), make_head("dgl-light", shape, 10)
+    assert _params(light) < _params(dgl) / 50
+    assert light(torch.randn(3, *shape)).shape == (3, 10)
+    assert light_width(2048) == 128 and light_width(64) == 16
+
+
+def test_auto_picks_the_light_head_only_above_the_threshold():
+    shapes = [(64, 8, 8), (LIGHT_ABOVE, 4, 4), (LIGHT_ABOVE + 1, 2, 2), (5, 96)]
+    kinds = resolve_heads("auto", shapes)
+    assert kinds == ["dgl", "dgl", "dgl-light", "dgl"]
+    assert head_spec(kinds) == "dgl,dgl,dgl-light,dgl" and head_spec(["dgl"] * 3) == "dgl"
+    assert resolve_heads("dgl,dgl-light", shapes[:2]) == ["dgl", "dgl-light"]
+    with pytest.raises(UserError, match="2 kinds for 3 modules"):
+        resolve_heads("dgl,dgl-light", shapes[:3])
+
+
+def test_config_json_records_the_resolved_head(tmp_path):
+    train(tiny_cfg(mode="parallel", epochs=1, train_size=100), tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["head"] == "dgl"  # width-8 maps: the DGL head, never "auto"
+    assert RunConfig.load(tmp_path / "run" / "config.json").head == "dgl"
+
+
+@pytest.mark.parametrize("bad", ["nope", "dgl,auto", "dgl,,linear"])
+def test_bad_head_values_are_user_errors(bad):
+    with pytest.raises(UserError, match="--head"):
+        RunConfig(head=bad)
