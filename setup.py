@@ -30,7 +30,7 @@ setup(
     extras_require={
         "export": ["onnx>=1.15", "onnxscript>=0.7", "onnxruntime>=1.17"],
         "plots": ["matplotlib>=3.7"],
-        "test": ["pytest>=7.4", "onnx>=1.15", "onnxscript>=0.7", "onnxruntime>=1.17", "matplotlib>=3.7"],
+        "test": ["pytest>=7.4", "hypothesis>=6.0", "onnx>=1.15", "onnxscript>=0.7", "onnxruntime>=1.17", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["edgetrain=edgetrain.cli:main"]},
 )

@@ -261,8 +261,14 @@ def resume_cmd(run_dir: Path, progress: bool) -> None:
         raise UserError(f"--resume takes the configuration from {run_dir}/config.json; "
                         f"do not combine it with {', '.join(given)}")
     from edgetrain.regimes.schedule import resume  # imports torch: deferred
+    launch = None
+    if os.environ.get("WORLD_SIZE"):  # under torchrun: a distributed run's rank
+        from edgetrain.regimes.distributed import launch_from_env  # imports torch: deferred
+        launch = launch_from_env(os.environ)
     with StopSignals() as stop:
-        metrics = resume(run_dir, progress=progress, stop=stop)
+        metrics = resume(run_dir, progress=progress, stop=stop, launch=launch)
+    if metrics is None:  # a distributed rank other than 0: rank 0 reports
+        return
     print_table(metrics["modules"], metrics["best_depth"])
     click.echo(f"best depth {metrics['best_depth']}: test accuracy {metrics['best_test_acc']:.4f}"
                f"  (run directory {run_dir})")

@@ -225,6 +225,7 @@ class PhaseRecorder:
     overall_peak_rss_bytes: int = 0
     start_rss_bytes: int = field(default_factory=current_rss_bytes)
     _stack: list = field(default_factory=list)
+    failed_in: list | None = None  # phase names open (outermost first) when an error left
 
     def _sample(self) -> None:
         """Fold the counters into the innermost open phase and the overall peak, then reset."""
@@ -251,6 +252,10 @@ class PhaseRecorder:
         self._stack.append(p)
         try:
             yield p
+        except BaseException:
+            if self.failed_in is None:  # the innermost phases an error left (out of memory)
+                self.failed_in = [q.name for q in self._stack]
+            raise
         finally:
             self._sample()
             self._stack.pop()
@@ -318,3 +323,16 @@ def peak_rss_mib() -> float:
     """The process's lifetime peak RSS in MiB (`ru_maxrss`, never reset; `peak_rss_bytes`
     is the resettable per-phase figure)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+OOM_MARKS = ("can't allocate memory", "out of memory", "cannot allocate memory",
+             "DefaultCPUAllocator")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for an allocation failure: Python's MemoryError, CUDA's OutOfMemoryError, or the
+    RuntimeError a CPU allocator raises (`[enforce fail at alloc_cpu.cpp] ... can't allocate
+    memory`)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MARKS)

@@ -147,3 +147,37 @@ def _holder_file(path: Path) -> subprocess.Popen:
                          text=True, env=child_env(), cwd=ROOT)
     assert p.stdout.readline().strip() == "held"
     return p
+
+
+# ------------------------------------------------------------------------- out of memory
+CAPPED = """
+import resource, sys
+import torch  # the runtime first: the cap is set above what the imports took
+from edgetrain.cli import main
+def vm_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+cap = vm_bytes() + 400 * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+main(sys.argv[1:])
+"""
+OOM_ARGS = ["--data", "synthetic", "--input", "3x64x64", "--synthetic-size", "80",
+            "--model", "resnet20", "--batch-size", "64", "--epochs", "1", "--no-augment",
+            "--device", "cpu", "--no-progress"]
+
+
+def test_out_of_memory_is_one_line_naming_phase_memory_and_plan_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-c", CAPPED, "train", *OOM_ARGS, "--mode", "e2e",
+                        "--out", str(out)], cwd=ROOT, env=child_env(),
+                       capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip()
+    assert p.returncode == 2, err[-3000:]
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: out of memory in phase train (the whole network) (e2e)"), err
+    assert "MiB (peak resident memory)" in err
+    assert "edgetrain plan --memory-budget" in err and "--model resnet20" in err
+    assert f"edgetrain train --resume {out}" in err
+    metrics = resume(out)  # without the cap, the run continues from its last checkpoint
+    assert (out / "metrics.json").is_file() and metrics["modules"][0]["steps"] == 2

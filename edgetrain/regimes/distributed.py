@@ -30,10 +30,10 @@ Not here: launching processes (torchrun), reading the environment (`cli.py` buil
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-import time
 from typing import Mapping
 
 import torch
@@ -41,18 +41,21 @@ import torch.distributed as dist
 
 from edgetrain import __version__
 from edgetrain.config import RunConfig
-from edgetrain.errors import UserError, first_line
+from edgetrain.errors import Stopped, UserError, first_line
 from edgetrain.measure import peak_rss_mib
 from edgetrain.method.loop import RawSource, Trainer, evaluate_chain, fit, make_trainer
 from edgetrain.method.split import block_activation_bytes, split_balanced
 from edgetrain.method.stage import Stage
+from edgetrain.regimes.dist_checkpoint import EpochStop, RankCheckpoint
 from edgetrain.regimes.p2p import (PHASE_TEST, PHASE_VAL, Inbox, Link, Outbox, OutputTap,
                                    StreamSource, all_gather_json, broadcast_json, comm,
                                    forward_stream, received)
 from edgetrain.regimes.run import build_run, resolve_device
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.modules import save_module
-from edgetrain.storage.rundir import claim_out_dir, metrics_record, module_entry
+from edgetrain.storage.lock import lock_run_dir
+from edgetrain.storage.rundir import (check_config, claim_out_dir, metrics_record, module_entry,
+                                      read_state)
 from edgetrain.storage.runlog import LOG, RunLog, epoch_logger
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -190,15 +193,16 @@ def make_rank_trainers(state: RankState) -> list[Trainer]:
 
 
 def train_rank(state: RankState, trainers: list[Trainer], progress: bool,
-               log: RunLog | None = None) -> None:
-    """This rank's share of the parallel regime: the shared `fit_module` on a stream;
-    `log` (rank 0's RUN_DIR/log.jsonl) gets a line per epoch for this rank's modules."""
+               log: RunLog | None = None, first_epoch: int = 0, checkpoint=None) -> None:
+    """This rank's share of the parallel regime: the shared `fit_module` on a stream, from
+    `first_epoch` (a resumed run); after every epoch `checkpoint(epoch, summary)`, then a
+    line in `log` (rank 0's RUN_DIR/log.jsonl) for this rank's modules."""
     cfg = state.cfg
     src = StreamSource(state.source if state.inbox is None else None, state.inbox,
                        state.source.steps_per_epoch(), state.tap, state.outbox)
-    fit(trainers, src, cfg.epochs, cfg, desc="parallel (rank 0)",
-        progress=progress and state.rank == 0,
-        on_epoch_end=epoch_logger(log, list(state.owned)))
+    fit(trainers, src, cfg.epochs - first_epoch, cfg, first_epoch=first_epoch,
+        desc="parallel (rank 0)", progress=progress and state.rank == 0,
+        on_epoch_end=epoch_logger(log, list(state.owned), then=checkpoint))
 
 
 def evaluate_rank(state: RankState) -> list[dict]:
@@ -267,45 +271,74 @@ def _init_group(launch: Launch, backend: str) -> None:
                         f"{launch.master_addr}:{launch.master_port} ({first_line(e)})") from None
 
 
-def _start_run_dir(state: RankState, out_dir: Path) -> Path:
-    """Rank 0 creates the run directory and writes config.json; every rank learns its path
-    (rank 0's) or rank 0's error, so a bad --out stops all ranks."""
-    msg = {"out": str(out_dir), "error": None}
+def _start_run_dir(state: RankState, out_dir: Path, resume: bool) -> tuple[Path, dict | None]:
+    """Rank 0 creates the run directory and writes config.json (or, resuming, takes its lock
+    and reads state.json); every rank learns the path and the state (rank 0's) or rank 0's
+    error, so a bad --out stops all ranks."""
+    msg = {"out": str(out_dir), "error": None, "state": None}
     if state.rank == 0:
         try:
-            state.lock = claim_out_dir(out_dir)  # rank 0 holds the run directory
-            state.cfg.save(Path(out_dir) / "config.json")
+            if resume:
+                msg["state"] = _resume_state(state, Path(out_dir))
+            else:
+                state.lock = claim_out_dir(out_dir)  # rank 0 holds the run directory
+                state.cfg.save(Path(out_dir) / "config.json")
         except UserError as e:
             msg["error"] = str(e)
     msg = broadcast_json(msg, state.device)
     if msg["error"] is not None:
         raise UserError(msg["error"] if state.rank == 0 else f"rank 0 could not start: {msg['error']}")
-    return Path(msg["out"])
+    return Path(msg["out"]), msg["state"]
 
 
-def _run_rank(state: RankState, out_dir: Path, backend: str, progress: bool) -> dict | None:
-    out = _start_run_dir(state, out_dir)
+def _resume_state(state: RankState, out: Path) -> dict:
+    """Rank 0: the lock and the checked state.json of the run to continue."""
+    state.lock = lock_run_dir(out)
+    saved = read_state(out)
+    if saved is None or saved.get("regime") != "distributed":
+        raise UserError(f"{out} holds no distributed checkpoint; cannot resume it under torchrun")
+    check_config(saved, state.cfg, out)
+    if saved.get("world_size") != state.launch.world_size:
+        raise UserError(f"{out} was trained by {saved.get('world_size')} processes; resume it "
+                        f"with torchrun --nproc_per_node {saved.get('world_size')}")
+    return saved
+
+
+def _run_rank(state: RankState, out_dir: Path, backend: str, progress: bool, resume: bool,
+              stop) -> dict | None:
+    out, resumed = _start_run_dir(state, out_dir, resume)
+    if resumed is not None and resumed.get("finished"):  # killed after the last commit
+        return json.loads((out / "metrics.json").read_text()) if state.rank == 0 else None
     open_links(state, backend)
     trainers = make_rank_trainers(state)
+    ck = RankCheckpoint(state, out, trainers, resumed, stop)
+    first = ck.begin()
     comm("the start barrier", dist.barrier)
-    t0 = time.perf_counter()
     log = RunLog(out / LOG, state.cfg.epochs, len(state.data.train)) if state.rank == 0 else None
-    train_rank(state, trainers, progress, log)
-    state.timings["train_s"] = time.perf_counter() - t0
+    try:
+        train_rank(state, trainers, progress, log, first, lambda e, _summary: ck.save(e + 1))
+    except EpochStop as s:
+        close_links(state)
+        name, code = getattr(stop, "name", "stop requested"), getattr(stop, "exit_code", 130)
+        raise Stopped(f"{name}: stopped after epoch {s.epoch}/{state.cfg.epochs}, checkpoint "
+                      f"written; resume with: torchrun --nproc_per_node "
+                      f"{state.launch.world_size} -m edgetrain.cli train --resume {out}", code) from None
+    state.timings["train_s"] = ck.seconds()
     evals = evaluate_rank(state)
     close_links(state)
+    reports = all_gather_json(rank_report(state, trainers, evals), state.device)
+    metrics = assemble_metrics(state, reports, backend) if state.rank == 0 else None
+    if state.rank == 0:
+        atomic_write_json(out / "metrics.json", metrics)
+        ck.write_state(state.cfg.epochs, None, finished=True)
+    comm("the final barrier", dist.barrier)  # finished: the optimizer state may leave the files
     for k, st in zip(state.owned, state.stages):
         save_module(out, k, st, {"edgetrain_version": __version__, "index": k})
-    reports = all_gather_json(rank_report(state, trainers, evals), state.device)
-    if state.rank != 0:
-        return None
-    metrics = assemble_metrics(state, reports, backend)
-    atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
 def train_distributed(cfg: RunConfig, out_dir: Path, launch: Launch | None,
-                      progress: bool = False, stop=None) -> dict | None:
+                      progress: bool = False, stop=None, resume: bool = False) -> dict | None:
     """Train this rank's modules of a parallel run launched by torchrun.
 
     Args:
@@ -313,6 +346,8 @@ def train_distributed(cfg: RunConfig, out_dir: Path, launch: Launch | None,
         out_dir: the run directory (rank 0's value is used by every rank).
         launch: this process's place in the launch (`launch_from_env`).
         progress: show a progress bar on rank 0.
+        stop: a stop request (`edgetrain.signals.StopSignals`), agreed on at epoch boundaries.
+        resume: continue the run in `out_dir` from its last epoch checkpoint.
 
     Returns:
         The metrics (as written to metrics.json) on rank 0; None on the other ranks.
@@ -327,7 +362,9 @@ def train_distributed(cfg: RunConfig, out_dir: Path, launch: Launch | None,
     state = plan_rank(cfg, launch, device)  # raises before any rank waits for another
     _init_group(launch, backend)
     try:
-        metrics = _run_rank(state, out_dir, backend, progress)
+        metrics = _run_rank(state, out_dir, backend, progress, resume, stop)
+    except Stopped:
+        raise
     except UserError as e:  # PeerLost included: this rank stops too
         raise UserError(f"rank {launch.rank}: {e}") from None
     finally:

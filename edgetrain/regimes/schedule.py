@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from edgetrain.budget.guard import check_fits
+from edgetrain.budget.oom import out_of_memory_as_user_error
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
 from edgetrain.measure import PhaseRecorder
@@ -24,8 +25,10 @@ from edgetrain.storage.rundir import best_depth, check_config, claim_out_dir, re
 from edgetrain.storage.runlog import LOG, RunLog
 
 
-def resume(run_dir: Path, progress: bool = False, stop=None) -> dict:
-    """Continue an interrupted run from its last checkpoint (`stop`: as in `train`).
+def resume(run_dir: Path, progress: bool = False, stop=None, launch=None) -> dict | None:
+    """Continue an interrupted run from its last checkpoint (`stop`: as in `train`). A
+    distributed run resumes under torchrun: `launch` is this rank's place (rank 0 holds the
+    lock and returns the metrics; the other ranks return None).
 
     Raises:
         UserError: no run there, another edgetrain version, a changed config.json, a run
@@ -34,6 +37,13 @@ def resume(run_dir: Path, progress: bool = False, stop=None) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"no run to resume in {run_dir} (no config.json)")
+    if launch is not None:
+        cfg = RunConfig.load(run_dir / "config.json")
+        if not cfg.distributed:
+            raise UserError(f"{run_dir} is not a distributed run: resume it without torchrun")
+        from edgetrain.regimes.distributed import train_distributed  # torch.distributed: deferred
+        with out_of_memory_as_user_error(cfg, None, run_dir, context="in a distributed rank"):
+            return train_distributed(cfg, run_dir, launch, progress, stop=stop, resume=True)
     lock = lock_run_dir(run_dir)  # a live holder is named; a dead one's lock is taken over
     try:
         return _resume(run_dir, progress, stop)
@@ -51,14 +61,19 @@ def _resume(run_dir: Path, progress: bool, stop) -> dict:
     if state is not None and state.get("finished"):
         raise UserError(f"{run_dir} finished training but its metrics.json is missing; "
                         f"`edgetrain eval {run_dir}` re-evaluates it")
-    if cfg.distributed or cfg.mode in ("sequential", "multilap") and not cfg.out_of_core:
-        raise UserError(f"{run_dir} is a distributed or in-memory run; it does not checkpoint "
-                        "and cannot be resumed")
-    run = with_log(build_run(cfg), run_dir)
-    run.stop = stop
-    if not cfg.out_of_core:
-        return train_resident(run, run_dir, progress, state)
-    return train_stored(run, run_dir, progress, state)
+    if cfg.distributed:
+        raise UserError(f"{run_dir} is a distributed run: resume it under torchrun with the "
+                        "same --nproc_per_node (torchrun ... -m edgetrain.cli train --resume DIR)")
+    if cfg.mode in ("sequential", "multilap") and not cfg.out_of_core:
+        raise UserError(f"{run_dir} is an in-memory run; it does not checkpoint and cannot be "
+                        "resumed")
+    with out_of_memory_as_user_error(cfg, None, None):
+        run = with_log(build_run(cfg), run_dir)
+    run.stop, run.memory = stop, PhaseRecorder(run.device)
+    with out_of_memory_as_user_error(cfg, run.memory, run_dir, run.device):
+        if not cfg.out_of_core:
+            return train_resident(run, run_dir, progress, state)
+        return train_stored(run, run_dir, progress, state)
 
 
 def with_log(run: Run, out: Path) -> Run:
@@ -85,16 +100,19 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
     """
     if cfg.distributed:
         from edgetrain.regimes.distributed import train_distributed  # torch.distributed: deferred
-        return train_distributed(cfg, out_dir, launch, progress, stop=stop)
+        with out_of_memory_as_user_error(cfg, None, Path(out_dir), context="in a distributed rank"):
+            return train_distributed(cfg, out_dir, launch, progress, stop=stop)
     if cfg.cache_dir is not None and cfg.out_of_core:
         check_cache_dir(Path(cfg.cache_dir))
-    data = load_data(cfg)
-    check_fits(cfg, data.input_shape, data.num_classes, len(data.train))  # before the model exists
-    run = build_run(cfg, data=data)  # every configuration error surfaces before the run dir exists
-    run.stop = stop
+    with out_of_memory_as_user_error(cfg, None, None):
+        data = load_data(cfg)
+        check_fits(cfg, data.input_shape, data.num_classes, len(data.train))  # before the model
+        run = build_run(cfg, data=data)  # every configuration error surfaces before the run dir
+    run.stop, run.memory = stop, PhaseRecorder(run.device)
     lock = claim_out_dir(out_dir)
     try:
-        return _train_locked(run, Path(out_dir), progress)
+        with out_of_memory_as_user_error(cfg, run.memory, Path(out_dir), run.device):
+            return _train_locked(run, Path(out_dir), progress)
     finally:
         lock.release()
 
@@ -102,7 +120,6 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
 def _train_locked(run, out: Path, progress: bool) -> dict:
     cfg = run.cfg
     cfg.save(out / "config.json")
-    run.memory = PhaseRecorder(run.device)
     with_log(run, out)
     if cfg.out_of_core:
         return train_stored(run, out, progress)
