@@ -56,7 +56,8 @@ def train_options(fn):
     """The options of `edgetrain train` that map one-to-one onto RunConfig fields."""
     d = RunConfig()
     opts = [
-        click.option("--data", default=d.data, show_default=True, help="dataset name"),
+        click.option("--data", default=d.data, show_default=True,
+                     help="dataset name, or an image folder (one sub-folder per class)"),
         click.option("--train-size", type=int, default=None, help="stratified subset of the training split"),
         click.option("--test-size", type=int, default=None,
                      help="fixed stratified subset of the test split (quick benchmarks)"),
@@ -102,6 +103,18 @@ def train_options(fn):
                      help="one rank per group of modules (--mode parallel, launched by torchrun)"),
         click.option("--buffer-size", type=int, default=d.buffer_size, show_default=True,
                      help="--distributed: activation batches buffered per direction; 0 = synchronous"),
+        # image folders (issue 15)
+        click.option("--data-cache", default=None,
+                     help="where data sets are packed (default ~/.cache/edgetrain/data)"),
+        click.option("--image-size", default=None,
+                     help="HxW for an image folder: resize the short side, centre crop"),
+        click.option("--channels", type=click.Choice(["1", "3"]), default=None,
+                     callback=lambda c, p, v: None if v is None else int(v),
+                     help="image folder channels (default 3 if any image is in colour)"),
+        click.option("--flip/--no-flip", default=None,
+                     help="horizontal flips preserve labels (default: off for folders)"),
+        click.option("--skip-bad-images", is_flag=True,
+                     help="skip and count corrupt images instead of stopping"),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

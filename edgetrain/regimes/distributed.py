@@ -161,7 +161,7 @@ def plan_rank(cfg: RunConfig, launch: Launch, device: torch.device) -> RankState
     """Build the whole run on CPU exactly as one process would (same seed, same init), keep
     this rank's modules on `device` and drop the rest."""
     run = build_run(cfg, device=torch.device("cpu"))
-    sample = run.data.normalize(run.data.train.x[: min(8, len(run.data.train))])
+    sample = run.data.normalize(run.data.train.rows(torch.arange(min(8, len(run.data.train)))))
     groups = rank_groups(module_costs(cfg.split, run.bounds, run.net, sample), launch.world_size)
     owned = groups[launch.rank]
     stages = [run.stages[k].to(device) for k in owned]

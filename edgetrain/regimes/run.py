@@ -27,6 +27,7 @@ from edgetrain.models import create_model
 from edgetrain.models.base import Network
 from edgetrain.storage.modules import load_module, module_path
 from edgetrain.storage.rundir import metrics_record, module_entry
+from edgetrain.units import MIB
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,14 +65,17 @@ class Run:
 
     def raw(self, split: str, train: bool = False) -> RawSource:
         return RawSource(self.data, getattr(self.data, split), self.cfg.batch_size, self.device,
-                         train=train, augment=self.cfg.augment, seed=self.cfg.seed)
+                         train=train, augment=self.cfg.augment, seed=self.cfg.seed,
+                         prefetch_bytes=int(self.cfg.prefetch_mib * MIB))
 
 
 def load_data(cfg: RunConfig) -> DataSplits:
     """The run's train / val / test splits, as its config describes them."""
     return load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
                        test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
-                       synthetic_size=cfg.synthetic_size)
+                       synthetic_size=cfg.synthetic_size, data_cache=cfg.data_cache,
+                       image_size=cfg.image_size, channels=cfg.channels,
+                       skip_bad_images=cfg.skip_bad_images, flip=cfg.flip)
 
 
 def build_run(cfg: RunConfig, data: DataSplits | None = None,
@@ -81,7 +85,7 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
     data = data or load_data(cfg)
     seed_everything(cfg.seed)
     net = create_model(cfg.model, data.input_shape, data.num_classes, cfg.width, cfg.depth)
-    sample = data.normalize(data.train.x[: min(8, len(data.train))])
+    sample = data.normalize(data.train.rows(torch.arange(min(8, len(data.train)))))
     if cfg.mode == "e2e":
         bounds = [0, len(net.blocks)]
     else:
