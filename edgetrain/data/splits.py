@@ -16,6 +16,7 @@ import torch
 
 from edgetrain.data import DATASETS
 from edgetrain.data.pack import Pack, open_builtin_pack, open_folder_pack, pack_summary
+from edgetrain.data.preprocess import Preprocessing
 from edgetrain.errors import UserError
 from edgetrain.storage.cache import CacheReader
 
@@ -106,9 +107,12 @@ class DataSplits:
 
     def normalize(self, xb: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32, scaled to [0, 1] and standardised per channel."""
-        mean = torch.tensor(self.mean, device=xb.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=xb.device).view(1, -1, 1, 1)
-        return (xb.float() / 255.0 - mean) / std
+        return self.preprocessing().normalize(xb)
+
+    def preprocessing(self) -> Preprocessing:
+        """What a run stores to turn an image file into its input (`preprocessing.json`)."""
+        return Preprocessing(self.name, self.input_shape, self.mean, self.std,
+                             list(self.class_names), self.flip, self.policy, self.source)
 
 
 # --------------------------------------------------------------------------- splitting
