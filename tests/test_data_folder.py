@@ -105,6 +105,7 @@ def test_pack_is_reused_repacked_when_changed_and_never_read_corrupt(tmp_path, d
         read_pack(p3.directory)
 
 
+@pytest.mark.slow
 def test_two_writers_of_one_pack(tmp_path, digits_folder):
     """Two processes packing the same folder at once: both end with one valid pack."""
     import subprocess  # two fresh writer processes
@@ -138,8 +139,8 @@ def test_streamed_batches_equal_the_in_memory_ones(tmp_path, digits_folder):
 
 @pytest.mark.parametrize("mode", ["e2e", "parallel", "sequential", "multilap"])
 def test_every_regime_trains_from_a_folder(mode, tmp_path, digits_folder):
-    cfg = tiny_cfg(data=str(digits_folder), train_size=None, mode=mode, epochs=2, laps=2,
-                   data_cache=str(tmp_path / "c"))
+    cfg = tiny_cfg(data=str(digits_folder), train_size=None, mode=mode, laps=2,
+                   epochs=2 if mode == "multilap" else 1, data_cache=str(tmp_path / "c"))
     m = train(cfg, tmp_path / "run")
     assert m["data"]["counts"] == {"train": 320, "test": 80}
     assert m["best_test_acc"] > 0.1  # above chance (10 classes)
@@ -215,7 +216,8 @@ def test_bad_folder_is_one_line_exit_2_nothing_written(kind, words, tmp_path):
     out = tmp_path / "run"
     arg = str(data) if kind != "missing" else "./" + os.path.relpath(data)
     r = CliRunner().invoke(cli, ["train", "--data", arg, "--data-cache", str(tmp_path / "c"),
-                                 "--out", str(out), "--epochs", "1", "--no-progress"])
+                                 "--out", str(out), "--mode", "e2e", "--epochs", "1",
+                                 "--no-progress"])
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], r.output
