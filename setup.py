@@ -23,6 +23,7 @@ setup(
         "click>=8.1",
         "psutil>=5.9",
         "tqdm>=4.64",
+        "Pillow>=9.1",  # image folders: decoding (Image.draft, Resampling) for packs and predict
         "scikit-learn>=1.2",
         "scipy>=1.9,<2",  # scipy.stats.t: the confidence intervals of the accuracy benchmark
         "tomli>=2.0; python_version < '3.11'",

@@ -4,6 +4,7 @@ Every mistake a user can make ends in one line on stderr and exit code 2 (`main`
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 import sys
@@ -57,7 +58,8 @@ def train_options(fn):
     """The options of `edgetrain train` that map one-to-one onto RunConfig fields."""
     d = RunConfig()
     opts = [
-        click.option("--data", default=d.data, show_default=True, help="dataset name"),
+        click.option("--data", default=d.data, show_default=True,
+                     help="dataset name, or an image folder (one sub-folder per class)"),
         click.option("--train-size", type=int, default=None, help="stratified subset of the training split"),
         click.option("--test-size", type=int, default=None,
                      help="fixed stratified subset of the test split (quick benchmarks)"),
@@ -118,6 +120,18 @@ def train_options(fn):
                      help="comma-separated classes to keep (names, or indices with --classes-by index)"),
         click.option("--classes-by", type=click.Choice(("name", "index")), default=d.classes_by,
                      show_default=True),
+        # image folders (issue 15)
+        click.option("--data-cache", default=None,
+                     help="where data sets are packed (default ~/.cache/edgetrain/data)"),
+        click.option("--image-size", default=None,
+                     help="HxW for an image folder: resize the short side, centre crop"),
+        click.option("--channels", type=click.Choice(["1", "3"]), default=None,
+                     callback=lambda c, p, v: None if v is None else int(v),
+                     help="image folder channels (default 3 if any image is in colour)"),
+        click.option("--flip/--no-flip", default=None,
+                     help="horizontal flips preserve labels (default: off for folders)"),
+        click.option("--skip-bad-images", is_flag=True,
+                     help="skip and count corrupt images instead of stopping"),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -178,6 +192,19 @@ def eval_cmd(run_dir):
     from edgetrain.regimes.schedule import evaluate_run  # imports torch: deferred
     res = evaluate_run(Path(run_dir))
     print_table(res["modules"], res["best_depth"])
+    print_per_class(res["test_per_class"])
+
+
+def print_per_class(pc: dict) -> None:
+    """Per-class test accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    names = pc["class_names"]
+    w = max(6, *(len(n) for n in names))
+    click.echo(f"test split at depth {pc['depth']}: per-class accuracy and confusion matrix "
+               "(rows true, columns predicted)")
+    click.echo(f"{'class':<{w}} {'n':>6} {'acc':>7}  " + " ".join(f"{i:>5}" for i in range(len(names))))
+    for i, (name, row) in enumerate(zip(names, pc["confusion"])):
+        acc = "-" if pc["accuracy"][i] is None else f"{pc['accuracy'][i]:.4f}"
+        click.echo(f"{name:<{w}} {pc['support'][i]:>6} {acc:>7}  " + " ".join(f"{v:>5}" for v in row))
 
 
 @cli.command("export")
@@ -196,6 +223,23 @@ def export_cmd(run_dir, depth, features_only, opset, out, atol):
     report = export_prefix(Path(run_dir), depth=depth, features_only=features_only, opset=opset,
                            out=Path(out) if out else None, atol=atol)
     click.echo(format_report(report))
+
+
+@cli.command("predict")
+@click.argument("run_dir", type=click.Path())
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--depth", default="best", show_default=True,
+              help="'best' (chosen on validation) or a depth 1..K")
+@click.option("--top-k", type=int, default=3, show_default=True, help="classes shown per image")
+@click.option("--json", "as_json", is_flag=True, help="one JSON document instead of lines")
+def predict_cmd(run_dir, paths, depth, top_k, as_json):
+    """Classify image files (or every image under folders) with a trained run."""
+    from edgetrain.export.predict import format_predictions, predict  # imports torch: deferred
+    k, preds = predict(Path(run_dir), list(paths), depth=depth, top_k=top_k)
+    if as_json:
+        click.echo(json.dumps({"depth": k, "predictions": [p.to_dict() for p in preds]}, indent=1))
+    else:
+        click.echo(format_predictions(preds))
 
 
 @cli.command("devices")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import json
 import math
 import numbers
+import os
 import re
 from pathlib import Path
 
@@ -99,10 +100,20 @@ class RunConfig:
     train_modules: tuple[int, int] | None = None  # (A, B), 1-based inclusive; None = all
     classes: tuple[str, ...] | None = None  # keep these classes (names, or indices by classes_by)
     classes_by: str = "name"
+    # image folders and the data pack (issue 15); `data` naming a directory is a folder
+    data_cache: str | None = None  # where packs live (default ~/.cache/edgetrain/data)
+    image_size: tuple[int, int] | None = None  # (H, W): resize short side, centre crop
+    channels: int | None = None  # 1 or 3; None: 3 when any image of the folder is in colour
+    flip: bool | None = None  # flips label-preserving; None: the data set's own (folders: off)
+    skip_bad_images: bool = False  # skip (and count) corrupt images instead of stopping
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_types(self)  # wrong types and non-finite floats first: the checks below compare
+        if os.path.isdir(self.data):  # config.json names the folder by its absolute path
+            self.data = str(Path(self.data).resolve())
+        self.image_size = parse_image_size(self.image_size)
+        _check(self.channels in (None, 1, 3), f"--channels must be 1 or 3 (got {self.channels})")
         if self.input_shape is not None:
             self.input_shape = tuple(int(v) for v in self.input_shape)
         _check_choice("--mode", self.mode, MODES)
@@ -294,6 +305,21 @@ def parse_shape(text: str | None) -> tuple[int, int, int] | None:
     return shape
 
 
+def parse_image_size(value) -> tuple[int, int] | None:
+    """'64x48' (HxW), '64' (square) or a pair -> (64, 48)."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(int(v) for v in (str(value).lower().split("x") if isinstance(value, str)
+                                       else value))
+    except (ValueError, TypeError):
+        raise UserError(f"--image-size must look like HxW, e.g. 64x64 (got {value!r})") from None
+    parts = parts * 2 if len(parts) == 1 else parts
+    if len(parts) != 2 or min(parts) < 1:
+        raise UserError(f"--image-size must look like HxW with positive sizes (got {value!r})")
+    return parts
+
+
 # ------------------------------------------------------------- the command line's spelling
 # How RunConfig fields are spelled as `edgetrain train` options: the one mapping, read both
 # ways (`config_from_options` for the CLI, `option_args` for the planner's printed command).
@@ -315,7 +341,7 @@ def option_args(name: str, value) -> list[str]:
         return [] if value else ["--no-transport"]
     if isinstance(value, bool):
         return [flag if value else f"--no-{name.replace('_', '-')}"]
-    if name == "input_shape":
+    if name in ("input_shape", "image_size"):
         return [flag, "x".join(str(v) for v in value)]
     if name == "train_modules":  # issue #16
         return [flag, f"{value[0]}:{value[1]}"]

@@ -146,7 +146,7 @@ def test_test_size_is_one_fixed_stratified_subset_for_every_seed():
     a = load_splits("digits", test_size=100, seed=0)
     b = load_splits("digits", test_size=100, seed=3)
     assert len(a.test) == 100 and bool((a.test.y == b.test.y).all())
-    assert bool((a.test.x == b.test.x).all())
+    assert bool((a.test.x[:] == b.test.x[:]).all())
     assert a.test.y.bincount().min() >= 9  # stratified: every digit about 10 times
     with pytest.raises(UserError, match="larger than"):
         load_splits("digits", test_size=10_000)

@@ -190,7 +190,10 @@ def _dataset_bytes(cfg, input_shape, n_train: int | None) -> int:
     if not n_train:
         return 0
     n_val = n_train * cfg.val_fraction / max(1e-9, 1 - cfg.val_fraction)
-    return int((n_train + n_val) * (math.prod(input_shape) + 8))  # uint8 pixels + int64 label
+    # images stream from the data pack (issue 15): resident are each split's int64 labels and
+    # row numbers, plus the raw uint8 batches the reader prefetches (at most --prefetch-mib)
+    raw_batches = min(cfg.prefetch_mib * 2**20, (n_train + n_val) * math.prod(input_shape))
+    return int((n_train + n_val) * 16 + raw_batches)
 
 
 def estimate_peak(cfg, input_shape: tuple[int, int, int], num_classes: int,

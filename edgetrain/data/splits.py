@@ -1,17 +1,24 @@
-"""Train / validation / test splits of a registered data set, carved deterministically.
+"""Train / validation / test splits of a data set, carved deterministically, read from its pack.
 
-Every data set is loaded into uint8 tensors (N, C, H, W) plus int64 labels, split into
-train / val / test (validation carved from the whole training split, stratified, before any
-`train_size` subset), and normalised per batch (so the raw set costs one byte per pixel).
+Every data set (a built-in one or an image folder) is packed once into uint8 shards
+(`edgetrain.data.pack`); a split is a list of row numbers into the pack plus the labels, and
+its images are read batch by batch (`Split.rows`), never held whole in memory. Splits are
+carved as train / val / test (validation from the whole training split, stratified, before
+any `train_size` subset) and normalised per batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import os
+from pathlib import Path
 
 import torch
 
 from edgetrain.data import DATASETS
+from edgetrain.data.pack import Pack, open_builtin_pack, open_folder_pack, pack_summary
+from edgetrain.data.preprocess import Preprocessing
 from edgetrain.errors import UserError
+from edgetrain.storage.cache import CacheReader
 
 TEST_SPLIT_SEED = 1234  # the carved test split never depends on the run's seed
 
@@ -29,11 +36,50 @@ class RawData:
 
 @dataclass
 class Split:
-    x: torch.Tensor  # (N, C, H, W) uint8
+    """Rows `index` of a pack split (uint8 (N, C, H, W), read on demand) and their labels."""
+
+    reader: CacheReader
+    index: torch.Tensor  # (N,) int64 row numbers in the pack split
     y: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 images (len(idx), C, H, W) of split positions `idx`, read by pread."""
+        return self.reader.raw_rows(self.index[idx])
+
+    def subset(self, idx: torch.Tensor) -> "Split":
+        return Split(self.reader, self.index[idx], self.y[idx])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.reader.shape)
+
+    @property
+    def x(self) -> "RowView":
+        """Index-style access to the images (`split.x[:8]`): each access reads from disk."""
+        return RowView(self)
+
+
+@dataclass
+class RowView:
+    """`split.x[key]` reads rows `key` (int, slice, index tensor or list) from the pack."""
+
+    split: Split
+
+    def __getitem__(self, key) -> torch.Tensor:
+        pos = torch.arange(len(self.split))[key]
+        if pos.ndim == 0:
+            return self.split.rows(pos.view(1))[0]
+        return self.split.rows(pos)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.split.shape)
 
 
 @dataclass
@@ -48,10 +94,12 @@ class DataSplits:
     mean: list[float]
     std: list[float]
     flip: bool
+    source: dict = field(default_factory=dict)  # the pack: directory, counts, skipped files
+    policy: dict | None = None  # the resize policy of an image folder
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.x.shape[1:])
+        return tuple(self.train.reader.shape)
 
     @property
     def num_classes(self) -> int:
@@ -59,9 +107,12 @@ class DataSplits:
 
     def normalize(self, xb: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32, scaled to [0, 1] and standardised per channel."""
-        mean = torch.tensor(self.mean, device=xb.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=xb.device).view(1, -1, 1, 1)
-        return (xb.float() / 255.0 - mean) / std
+        return self.preprocessing().normalize(xb)
+
+    def preprocessing(self) -> Preprocessing:
+        """What a run stores to turn an image file into its input (`preprocessing.json`)."""
+        return Preprocessing(self.name, self.input_shape, self.mean, self.std,
+                             list(self.class_names), self.flip, self.policy, self.source)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -85,60 +136,110 @@ def stratified_indices(y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor
     return picked, torch.nonzero(mask).flatten()
 
 
-def load_splits(name: str, *, train_size: int | None = None, val_fraction: float = 0.1,
-                test_size: int | None = None, seed: int = 0, input_shape=None,
-                synthetic_size: int = 512, root: str | None = None,
-                classes=None, classes_by: str = "name") -> DataSplits:
-    """Load data set `name` and carve validation (and, if absent, test) splits.
+def is_folder(name: str) -> bool:
+    """An existing directory is an image folder, even where its name is a built-in's."""
+    return os.path.isdir(name)
 
-    `test_size` keeps a fixed stratified subset of the test split, the same for every seed.
-    `classes` keeps those classes only (`select_classes`), before any split is carved.
+
+def open_data(name: str, *, input_shape=None, synthetic_size: int = 512, root: str | None = None,
+              data_cache: str | None = None, image_size=None, channels: int | None = None,
+              skip_bad_images: bool = False) -> Pack:
+    """The pack of data set `name` (a folder or a registered name), packed on first use.
 
     Raises:
-        UserError: unknown data set, or a train (test) size larger than the training (test) split.
+        UserError: unknown data set, a bad folder, options that do not apply.
     """
+    if is_folder(name):
+        if input_shape is not None:
+            raise UserError("--input applies to --data synthetic only")
+        return open_folder_pack(Path(name), data_cache, image_size, channels, skip_bad_images)
+    if image_size is not None or channels is not None or skip_bad_images:
+        raise UserError(f"--image-size, --channels and --skip-bad-images apply to image folders; "
+                        f"{name!r} is not a directory")
+    if name not in DATASETS.names() and (os.sep in name or name.startswith(".")):
+        raise UserError(f"no image folder {name} (not a directory)")
     loader = DATASETS.lookup(name)
     kw = dict(root=root, synthetic_size=synthetic_size)
     if input_shape is not None:
         if name != "synthetic":
             raise UserError("--input applies to --data synthetic only")
         kw["input_shape"] = tuple(input_shape)
-    raw = loader(**kw)
+    options = {"synthetic_size": synthetic_size, "input_shape": kw.get("input_shape")} \
+        if name == "synthetic" else {"root": root}
+    return open_builtin_pack(name, options, lambda: loader(**kw), data_cache)
+
+
+def load_splits(name: str, *, train_size: int | None = None, val_fraction: float = 0.1,
+                test_size: int | None = None, seed: int = 0, input_shape=None,
+                synthetic_size: int = 512, root: str | None = None,
+                data_cache: str | None = None, image_size=None, channels: int | None = None,
+                skip_bad_images: bool = False, flip: bool | None = None,
+                classes=None, classes_by: str = "name") -> DataSplits:
+    """Open data set `name`'s pack and carve validation (and, if absent, test) splits.
+
+    `test_size` keeps a fixed stratified subset of the test split, the same for every seed.
+    A folder's `val/` is its validation split; otherwise validation is carved from train.
+    `classes` keeps those classes only (`select_classes`), before any split is carved.
+
+    Raises:
+        UserError: unknown data set or bad folder, or a train (test) size larger than the
+            training (test) split.
+    """
+    pack = open_data(name, input_shape=input_shape, synthetic_size=synthetic_size, root=root,
+                     data_cache=data_cache, image_size=image_size, channels=channels,
+                     skip_bad_images=skip_bad_images)
+    # Here, and only here, a data set is whole before splitting: its images (pack rows), its
+    # labels and its class names. A selection of classes applies to `train`/`test` here.
+    class_names = pack.class_names
+    whole = {sp: _whole(pack, sp) for sp in pack.splits}
     if classes is not None:  # issue #16: a subset of the classes, relabelled 0..n-1
-        raw = select_classes(raw, classes, classes_by)
-    tx, ty = raw.train_x, raw.train_y
-    if raw.test_x is None:  # carve a fixed 20% test split
-        test_idx, rest = stratified_indices(ty, len(ty) // 5, TEST_SPLIT_SEED)
-        test = Split(tx[test_idx], ty[test_idx])
-        tx, ty = tx[rest], ty[rest]
+        class_names, whole = select_classes(class_names, whole, classes, classes_by)
+    train = whole["train"]
+    if "test" not in pack.splits:  # carve a fixed 20% test split
+        test_idx, rest = stratified_indices(train.y, len(train) // 5, TEST_SPLIT_SEED)
+        test, train = train.subset(test_idx), train.subset(rest)
     else:
-        test = Split(raw.test_x, raw.test_y)
+        test = whole["test"]
     if test_size is not None:  # the same fixed subset for every seed
         test = _test_subset(test, test_size, name)
-    n_val = int(round(len(ty) * val_fraction))
-    val_idx, rest = stratified_indices(ty, n_val, seed + 1)
-    val = Split(tx[val_idx], ty[val_idx])
-    tx, ty = tx[rest], ty[rest]
+    if "val" in pack.splits:
+        val = whole["val"]
+    else:
+        n_val = int(round(len(train) * val_fraction))
+        val_idx, rest = stratified_indices(train.y, n_val, seed + 1)
+        val, train = train.subset(val_idx), train.subset(rest)
     if train_size is not None:
-        if train_size > len(ty):
-            raise UserError(f"--train-size {train_size} is larger than the {len(ty)} training "
+        if train_size > len(train):
+            raise UserError(f"--train-size {train_size} is larger than the {len(train)} training "
                             f"samples of {name} left after the validation split")
-        keep, _ = stratified_indices(ty, train_size, seed + 2)
-        tx, ty = tx[keep], ty[keep]
-    mean, std = _channel_stats(tx)
-    return DataSplits(name, Split(tx, ty), val, test, raw.class_names, mean, std, raw.flip)
+        keep, _ = stratified_indices(train.y, train_size, seed + 2)
+        train = train.subset(keep)
+    mean, std = _channel_stats(train.rows(torch.arange(min(4096, len(train)))))
+    return DataSplits(name, train, val, test, class_names, mean, std,
+                      pack.info["flip"] if flip is None else flip, pack_summary(pack),
+                      pack.info.get("policy"))
 
 
-def select_classes(raw: RawData, classes, by: str = "name") -> RawData:
+def _whole(pack: Pack, split: str) -> Split:
+    ps = pack.splits[split]
+    return Split(ps.reader, torch.arange(len(ps)), ps.labels)
+
+
+def select_classes(class_names: list[str], splits: dict[str, Split], classes, by: str = "name"
+                   ) -> tuple[list[str], dict[str, Split]]:
     """Keep `classes` (names, or integer indices when `by` is "index"), relabelled 0..n-1 in
-    the order given; their names become the class names.
+    the order given; returns their names and the splits with only their rows.
 
     Raises:
         UserError: a name or index that the data set does not have (the error lists them).
     """
-    names = list(raw.class_names)
+    names = list(class_names)
     if by == "index":
-        idx = [int(c) for c in classes]
+        try:
+            idx = [int(c) for c in classes]
+        except ValueError:
+            raise UserError(f"--classes {','.join(map(str, classes))}: indices must be "
+                            "integers with --classes-by index") from None
         bad = [str(i) for i in idx if not 0 <= i < len(names)]
         if bad:
             raise UserError(f"--classes {','.join(bad)}: no such class index; the data set has "
@@ -151,22 +252,18 @@ def select_classes(raw: RawData, classes, by: str = "name") -> RawData:
         idx = [names.index(c) for c in classes]
     lut = torch.full((len(names),), -1, dtype=torch.long)
     lut[torch.tensor(idx)] = torch.arange(len(idx))
-
-    def keep(x, y):
-        if x is None:
-            return None, None
-        m = lut[y] >= 0
-        return x[m], lut[y[m]]
-    tx, ty = keep(raw.train_x, raw.train_y)
-    ex, ey = keep(raw.test_x, raw.test_y)
-    return RawData(tx, ty, ex, ey, [names[i] for i in idx], raw.flip)
+    kept = {}
+    for name, sp in splits.items():
+        m = lut[sp.y] >= 0
+        kept[name] = Split(sp.reader, sp.index[m], lut[sp.y[m]])
+    return [names[i] for i in idx], kept
 
 
 def _test_subset(test: Split, n: int, name: str) -> Split:
     if n > len(test):
         raise UserError(f"--test-size {n} is larger than the {len(test)} test samples of {name}")
     keep, _ = stratified_indices(test.y, n, TEST_SPLIT_SEED + 1)
-    return Split(test.x[keep], test.y[keep])
+    return test.subset(keep)
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -32,6 +32,8 @@ from edgetrain.errors import UserError
 from edgetrain.method.freeze import trainable_parameters
 from edgetrain.method.stage import Stage
 from edgetrain.method.transport import LossWeighting, tau_for_module
+from edgetrain.storage.cache import prefetch
+from edgetrain.units import MIB
 
 
 class BatchSource(Protocol):
@@ -42,7 +44,14 @@ class BatchSource(Protocol):
 
 @dataclass
 class RawSource:
-    """Batches of a data split, normalised, with live augmentation when `train`."""
+    """Batches of a data split, streamed from its pack, normalised, with live augmentation
+    when `train`.
+
+    The epoch's order (a seeded permutation of the split's rows) is drawn first; a background
+    thread reads the batches' uint8 rows by pread, at most `prefetch_bytes` ahead; the
+    consumer normalises and augments from the same generator, so the batches are those of
+    the in-memory path, bit for bit.
+    """
 
     data: DataSplits
     split: Split
@@ -51,14 +60,20 @@ class RawSource:
     train: bool = True
     augment: bool = True
     seed: int = 0
+    prefetch_bytes: int = 64 * MIB
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
 
+    def _max_batches(self) -> int:
+        return max(1, self.prefetch_bytes // max(1, self.batch_size * math.prod(self.data.input_shape)))
+
     def epoch(self, epoch: int = 0, salt: int = 0):
         gen = epoch_generator(self.seed, salt, epoch)
-        for idx in batch_indices(len(self.split), self.batch_size, self.train, gen):
-            x = self.data.normalize(self.split.x[idx].to(self.device))
+        order = list(batch_indices(len(self.split), self.batch_size, self.train, gen))
+        rows = ((self.split.rows(idx), idx) for idx in order)
+        for xb, idx in prefetch(rows, self._max_batches()):
+            x = self.data.normalize(xb.to(self.device))
             if self.train and self.augment:
                 x = augment(x, gen, self.data.flip)
             yield x, self.split.y[idx].to(self.device)

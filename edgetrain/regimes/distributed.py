@@ -50,7 +50,7 @@ from edgetrain.regimes.dist_checkpoint import EpochStop, RankCheckpoint
 from edgetrain.regimes.p2p import (PHASE_TEST, PHASE_VAL, Inbox, Link, Outbox, OutputTap,
                                    StreamSource, all_gather_json, broadcast_json, comm,
                                    forward_stream, received)
-from edgetrain.regimes.run import build_run, resolve_device
+from edgetrain.regimes.run import build_run, resolve_device, sample_inputs, write_preprocessing
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.modules import save_module
 from edgetrain.storage.lock import lock_run_dir
@@ -166,7 +166,7 @@ def plan_rank(cfg: RunConfig, launch: Launch, device: torch.device) -> RankState
     """Build the whole run on CPU exactly as one process would (same seed, same init), keep
     this rank's modules on `device` and drop the rest."""
     run = build_run(cfg, device=torch.device("cpu"))
-    sample = run.data.normalize(run.data.train.x[: min(8, len(run.data.train))])
+    sample = sample_inputs(run.data)
     groups = rank_groups(module_costs(cfg.split, run.bounds, run.net, sample), launch.world_size)
     owned = groups[launch.rank]
     stages = [run.stages[k].to(device) for k in owned]
@@ -283,6 +283,7 @@ def _start_run_dir(state: RankState, out_dir: Path, resume: bool) -> tuple[Path,
             else:
                 state.lock = claim_out_dir(out_dir)  # rank 0 holds the run directory
                 state.cfg.save(Path(out_dir) / "config.json")
+                write_preprocessing(Path(out_dir), state.data)
         except UserError as e:
             msg["error"] = str(e)
     msg = broadcast_json(msg, state.device)

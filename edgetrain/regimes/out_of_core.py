@@ -125,8 +125,9 @@ class OutOfCore:
 
     def _data_key(self, split: str) -> str:
         sp = getattr(self.run.data, split)
-        h = hashlib.sha256()
-        h.update(sp.x.contiguous().numpy().tobytes())
+        h = hashlib.sha256()  # the pack (its key names source and policy) and the rows taken
+        h.update(sp.reader.manifest["key"].encode())
+        h.update(sp.index.contiguous().numpy().tobytes())
         h.update(sp.y.contiguous().numpy().tobytes())
         views = self.views if split == "train" else 1
         return digest(h.hexdigest(), split, self.cfg.seed, self.cfg.augment and split == "train",
@@ -182,7 +183,7 @@ class OutOfCore:
         for v in range(views):
             gen = epoch_generator(self.cfg.seed, VIEW_SALT, v)
             for idx in batch_indices(len(sp), self.cfg.batch_size, False, None):
-                x = data.normalize(sp.x[idx])
+                x = data.normalize(sp.rows(idx))
                 yield augment(x, gen, data.flip) if v > 0 else x
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from edgetrain.config import RunConfig
+from edgetrain.data.preprocess import PREPROCESSING, Preprocessing, read_preprocessing
 from edgetrain.data.splits import DataSplits, check_splits, load_splits
 from edgetrain.errors import Stopped, UserError
 from edgetrain.measure import PhaseRecorder, peak_rss_mib
@@ -27,8 +28,10 @@ from edgetrain.method.stage import Stage, init_orthogonal, whole_network
 from edgetrain.models import create_model
 from edgetrain.models.base import Network
 from edgetrain.regimes.finetune import apply_init, freeze_outside
+from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.modules import load_module, module_path
 from edgetrain.storage.rundir import metrics_record, module_entry
+from edgetrain.units import MIB
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,7 +72,8 @@ class Run:
 
     def raw(self, split: str, train: bool = False) -> RawSource:
         return RawSource(self.data, getattr(self.data, split), self.cfg.batch_size, self.device,
-                         train=train, augment=self.cfg.augment, seed=self.cfg.seed)
+                         train=train, augment=self.cfg.augment, seed=self.cfg.seed,
+                         prefetch_bytes=int(self.cfg.prefetch_mib * MIB))
 
 
 def stopped(run: Run, out: Path, where: str, resumable: bool = True) -> Stopped:
@@ -87,8 +91,10 @@ def load_data(cfg: RunConfig) -> DataSplits:
     `edgetrain.data.splits.check_splits`)."""
     data = load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
                        test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
-                       synthetic_size=cfg.synthetic_size, classes=cfg.classes,
-                       classes_by=cfg.classes_by)
+                       synthetic_size=cfg.synthetic_size, data_cache=cfg.data_cache,
+                       image_size=cfg.image_size, channels=cfg.channels,
+                       skip_bad_images=cfg.skip_bad_images, flip=cfg.flip,
+                       classes=cfg.classes, classes_by=cfg.classes_by)
     check_splits(data, cfg.val_fraction)
     return data
 
@@ -103,7 +109,7 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
     data = data or load_data(cfg)
     seed_everything(cfg.seed)
     net = create_model(cfg.model, data.input_shape, data.num_classes, cfg.width, cfg.depth)
-    sample = data.normalize(data.train.x[: min(8, len(data.train))])
+    sample = sample_inputs(data)
     bounds = [0, len(net.blocks)]
     if cfg.mode != "e2e" or cfg.train_modules is not None:  # e2e freezes by the K-module split
         module_bounds = make_bounds(net, cfg.modules, cfg.split, sample)
@@ -132,6 +138,39 @@ def source_data_info(run_dir: Path) -> tuple[tuple[int, int, int], list[str]]:
     return data.input_shape, data.class_names
 
 
+def sample_inputs(data: DataSplits | Preprocessing) -> torch.Tensor:
+    """Up to 8 normalised training images, which size the split and the heads (only their
+    shape matters); zeros of the input shape when only the preprocessing is at hand."""
+    if isinstance(data, Preprocessing):
+        return torch.zeros(8, *data.input_shape)
+    return data.normalize(data.train.rows(torch.arange(min(8, len(data.train)))))
+
+
+def write_preprocessing(out: Path, data: DataSplits) -> None:
+    """RUN_DIR/preprocessing.json: what predict and export need besides the modules."""
+    atomic_write_json(Path(out) / PREPROCESSING, data.preprocessing().to_dict())
+
+
+@torch.no_grad()
+def confusion(model: torch.nn.Module, batches, num_classes: int) -> torch.Tensor:
+    """Confusion matrix (true class, predicted class) of `model` over `batches`."""
+    m = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for x, y in batches:
+        pred = model(x).argmax(1).cpu()
+        m += torch.bincount(y.cpu() * num_classes + pred, minlength=num_classes ** 2
+                            ).view(num_classes, num_classes)
+    return m
+
+
+def per_class_record(matrix: torch.Tensor, class_names: list[str], depth: int) -> dict:
+    """metrics.json's `test_per_class`: the confusion matrix and each class's accuracy."""
+    support = matrix.sum(1)
+    acc = [float(matrix[i, i]) / int(support[i]) if support[i] else None
+           for i in range(len(class_names))]
+    return {"depth": depth, "class_names": list(class_names), "confusion": matrix.tolist(),
+            "support": support.tolist(), "accuracy": acc}
+
+
 def evaluate(run: Run) -> list[dict]:
     """Validation and test accuracy of every prefix F_k o G_k."""
     val = evaluate_chain(run.stages, run.raw("val").epoch())
@@ -141,7 +180,7 @@ def evaluate(run: Run) -> list[dict]:
 
 
 def load_run(run_dir: Path, device: torch.device | None = None, depth: int | None = None,
-             bounds: list[int] | None = None) -> Run:
+             bounds: list[int] | None = None, with_data: bool = True) -> Run:
     """Rebuild a trained run from its config.json and module files, in eval mode.
 
     Args:
@@ -151,6 +190,8 @@ def load_run(run_dir: Path, device: torch.device | None = None, depth: int | Non
             initial weights).
         bounds: the module bounds the caller read from metrics.json, checked against the
             rebuilt split.
+        with_data: open the data set (eval); else `run.data` is the run's stored
+            `Preprocessing` and nothing but the run directory is read (predict).
     Raises:
         UserError: no run there, bounds that differ, module files that do not match.
     """
@@ -158,7 +199,10 @@ def load_run(run_dir: Path, device: torch.device | None = None, depth: int | Non
     if not run_dir.is_dir():
         raise UserError(f"no run directory {run_dir}")
     cfg = RunConfig.load(run_dir / "config.json")
-    run = build_run(cfg, device=device, init=False)  # the module files hold the weights
+    if with_data:
+        _check_data_present(cfg, run_dir)
+    run = build_run(cfg, data=None if with_data else read_preprocessing(run_dir), device=device,
+                    init=False)  # the module files hold the weights
     if cfg.mode == "e2e":  # one module: the whole network with the last head
         run.stages = [whole_network(run.net, run.stages[-1].head).set_recompute(cfg.recompute)]
     if bounds not in (None, run.bounds):
@@ -175,6 +219,10 @@ def step_seconds(records: list[dict]) -> float:
     """Seconds spent in optimiser steps (forward, backward, update) over every module and
     epoch: the training time without data loading, cache writes and evaluation."""
     return sum(h.get("step_s", 0.0) for rec in records for h in rec["history"])
+def _check_data_present(cfg: RunConfig, run_dir: Path) -> None:
+    if Path(cfg.data).is_absolute() and not Path(cfg.data).is_dir():
+        raise UserError(f"{run_dir} was trained on the image folder {cfg.data}, which is gone; "
+                        f"eval reads the data (predict and export need only the run directory)")
 
 
 def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float,
@@ -183,11 +231,15 @@ def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float
     (`Trainer.record()`), `evals` their validation and test figures."""
     modules = [module_entry(k, rec, ev) for k, (rec, ev) in enumerate(zip(records, evals))]
     peak = run.memory.peak_rss_mib() if run.memory else peak_rss_mib()
-    return metrics_record(run.cfg.mode, run.bounds, modules,
+    record = metrics_record(run.cfg.mode, run.bounds, modules,
                           max_resident=len(run.stages) if max_resident is None else max_resident,
                           peak_rss_mib=peak, memory=run.memory.metrics() if run.memory else {},
                           timings={"train_s": seconds, "step_s": step_seconds(records)},
                           device=str(run.device), **(run.finetune or {}))
+    if getattr(run.data, "policy", None) is not None:  # an image folder: what packing skipped
+        record["data"] = {k: run.data.source.get(k) for k in
+                          ("counts", "ignored_files", "skipped_bad_images", "skipped_files")}
+    return record
 
 
 # --------------------------------------------------------------------------- reading a run

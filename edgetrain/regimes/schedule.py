@@ -18,7 +18,10 @@ from edgetrain.errors import UserError
 from edgetrain.measure import PhaseRecorder
 from edgetrain.regimes.out_of_core import train_stored
 from edgetrain.regimes.resident import train_in_memory, train_resident
-from edgetrain.regimes.run import Run, build_run, evaluate, load_data, load_run
+from edgetrain.method.stage import Prefix
+from edgetrain.regimes.run import (Run, build_run, confusion, evaluate, load_data, load_run,
+                                   per_class_record, write_preprocessing)
+from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.cache import check_cache_dir
 from edgetrain.storage.lock import lock_run_dir
 from edgetrain.storage.rundir import best_depth, check_config, claim_out_dir, read_state
@@ -120,6 +123,7 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
 def _train_locked(run, out: Path, progress: bool) -> dict:
     cfg = run.cfg
     cfg.save(out / "config.json")
+    write_preprocessing(out, run.data)
     with_log(run, out)
     if cfg.out_of_core:
         return train_stored(run, out, progress)
@@ -129,11 +133,21 @@ def _train_locked(run, out: Path, progress: bool) -> dict:
 
 
 def evaluate_run(run_dir: Path) -> dict:
-    """Re-evaluate every depth of a finished run; returns per-module accuracies and best depth."""
+    """Re-evaluate every depth of a finished run; returns per-module accuracies, the best
+    depth and, at the best depth, the test split's per-class accuracy and confusion matrix
+    (also written into metrics.json as `test_per_class`)."""
     run = load_run(run_dir)
     evals = evaluate(run)
     for k, e in enumerate(evals):
         e["index"] = k
-    return {"modules": evals, "best_depth": best_depth(evals)}
+    best = best_depth(evals)
+    matrix = confusion(Prefix(run.stages[:best]).eval(), run.raw("test").epoch(),
+                       run.data.num_classes)
+    per_class = per_class_record(matrix, run.data.class_names, best)
+    path = Path(run_dir) / "metrics.json"
+    if path.is_file():
+        metrics = json.loads(path.read_text())
+        atomic_write_json(path, {**metrics, "test_per_class": per_class})
+    return {"modules": evals, "best_depth": best, "test_per_class": per_class}
 
 

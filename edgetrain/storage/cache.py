@@ -2,7 +2,9 @@
 
 A cache holds the outputs of a frozen prefix for one data split. Rows are stored view-major
 (row = view * n + sample) in safetensors shards of at most `shard_bytes`, each holding one
-tensor `x` of shape (rows, *shape) in the storage dtype (float32, float16 or bfloat16).
+tensor `x` of shape (rows, *shape) in the storage dtype (float32, float16 or bfloat16 for
+activations; uint8 for the packed images of `edgetrain.data.pack`, which adds its own fields
+to the manifest through `extra`).
 `manifest.json` is written last, atomically: a cache without it is incomplete. It records
 shape, storage dtype, counts, per-shard size and sha256, and the cache `key` (a hash of the
 producing prefix's weights, the data subset, the seed and the augmentation views).
@@ -41,7 +43,8 @@ from edgetrain.units import MIB
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "uint8": torch.uint8}
 
 
 class CacheInvalid(UserError):
@@ -108,10 +111,12 @@ class CacheWriter:
         dtype: storage dtype name, one of float32, float16, bfloat16.
         n: samples per view; views: number of views (rows = n * views).
         shard_bytes: the largest shard (rounded to whole rows, at least one row).
+        extra: more manifest fields (the data pack's labels, class names, sources).
     """
 
     def __init__(self, directory: Path, key: str, shape: tuple[int, ...], dtype: str, n: int,
-                 views: int = 1, shard_bytes: int = 8 * MIB):
+                 views: int = 1, shard_bytes: int = 8 * MIB, extra: dict | None = None):
+        self.extra = dict(extra or {})
         self.dir, self.key, self.shape, self.dtype = Path(directory), key, tuple(shape), dtype
         self.n, self.views = n, views
         self.row_bytes = planned_bytes(1, self.shape, dtype)
@@ -157,14 +162,18 @@ class CacheWriter:
         self.rows += self._buffered
         self._buf, self._buffered = [], 0
 
-    def close(self) -> dict:
-        """Write the last shard and then the manifest (the cache becomes valid); returns it."""
+    def close(self, n: int | None = None) -> dict:
+        """Write the last shard and then the manifest (the cache becomes valid); returns it.
+
+        `n` corrects the samples per view announced at construction (a data pack that
+        skipped unreadable images)."""
+        self.n = self.n if n is None else n
         self._flush()
         if self.rows != self.n * self.views:
             raise ValueError(f"cache got {self.rows} rows, expected {self.n * self.views}")
         manifest = {"format": FORMAT, "key": self.key, "shape": list(self.shape),
                     "dtype": self.dtype, "n": self.n, "views": self.views, "count": self.rows,
-                    "rows_per_shard": self.rows_per_shard, "shards": self.shards}
+                    "rows_per_shard": self.rows_per_shard, "shards": self.shards, **self.extra}
         atomic_write_json(self.dir / MANIFEST, manifest)
         return manifest
 
@@ -258,12 +267,24 @@ class CacheReader:
         return start + x["data_offsets"][0]
 
     def close(self) -> None:
-        for fd in self._fds:
+        for fd in getattr(self, "_fds", []):
             os.close(fd)
         self._fds = []
 
+    def __del__(self):
+        self.close()
+
+    def drop_page_cache(self) -> None:
+        """Ask the kernel to drop this cache's shards from the page cache (benchmarks)."""
+        for fd in self._fds:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows `idx` (global row numbers) as float32 (len(idx), *shape)."""
+        return self.raw_rows(idx).float()
+
+    def raw_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` (global row numbers) in the storage dtype (len(idx), *shape)."""
         idx = idx.tolist()
         buf = bytearray(len(idx) * self.row_bytes)
         view = memoryview(buf)
@@ -280,8 +301,8 @@ class CacheReader:
             if got != nbytes:
                 raise CacheInvalid(f"cache shard {shard} in {self.dir} is truncated")
             i = j
-        x = torch.frombuffer(buf, dtype=DTYPES[self.dtype]) if buf else torch.empty(0)
-        return x.view(len(idx), *self.shape).float()
+        x = torch.frombuffer(buf, dtype=DTYPES[self.dtype]) if buf else torch.empty(0, dtype=DTYPES[self.dtype])
+        return x.view(len(idx), *self.shape)
 
 
 def prefetch(items: Iterable, max_items: int) -> Iterator:

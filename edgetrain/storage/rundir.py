@@ -160,4 +160,5 @@ def metrics_record(mode: str, bounds: list[int], modules: list[dict], *, max_res
 def default_out_dir(cfg: RunConfig) -> Path:
     """runs/DATA-MODEL-MODE-STAMP-PID under the working directory."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.data}-{cfg.model}-{cfg.mode}-{stamp}-{os.getpid()}"
+    data = Path(cfg.data).name if os.path.isabs(cfg.data) else cfg.data  # a folder: its base name
+    return Path("runs") / f"{data}-{cfg.model}-{cfg.mode}-{stamp}-{os.getpid()}"

@@ -1,0 +1,205 @@
+"""Image folders in the ImageFolder layout: scanning, the resize policy, decoding one image.
+
+A folder holds one sub-folder per class (names sorted = class indices, as
+`torchvision.datasets.ImageFolder`), or `train/` and `test/` (and optionally `val/`) each in
+that layout. Files with an image extension (png, jpg, jpeg, bmp, webp, tif, tiff) are
+images; every other file is ignored and counted. Rows are in sorted relative-path order.
+
+The resize policy (`ResizePolicy`): with a size HxW, the image is scaled (bilinear, with
+JPEG draft decoding at a reduced size first) so that its short side covers the target, then
+centre-cropped to HxW; without a size, every image must already have one size. Channels are
+1 (Pillow mode "L") or 3 ("RGB"); the default is 3 when any image is in a colour mode.
+
+This file decodes; it does not store (that is `edgetrain.data.pack`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from edgetrain.errors import UserError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+SPLIT_NAMES = ("train", "val", "test")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+@dataclass(frozen=True)
+class ResizePolicy:
+    """How every image becomes a (C, H, W) uint8 row. Stored in the pack and the run."""
+
+    size: tuple[int, int] | None  # (H, W); None: every image keeps its (common) size
+    channels: int  # 1 or 3
+    method: str = "resize-short-side-bilinear-centre-crop"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size) if self.size else None
+        return d
+
+
+@dataclass
+class FolderSplit:
+    """The images of one split: relative paths (sorted), labels, (size, mtime_ns) per file."""
+
+    files: list[str]
+    labels: list[int]
+    stats: list[tuple[int, int]]
+
+
+@dataclass
+class FolderScan:
+    root: Path
+    class_names: list[str]
+    splits: dict[str, FolderSplit]  # "train", "test" and maybe "val"; or "all" to be carved
+    ignored: int  # non-image files
+
+    def sources(self) -> dict:
+        """What decides whether a pack is stale: every file with its size and mtime."""
+        return {name: [[f, *st] for f, st in zip(sp.files, sp.stats)]
+                for name, sp in self.splits.items()}
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTS)
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _scan_split(root: Path, class_names: list[str], where: str) -> tuple[FolderSplit, int]:
+    files, labels, stats, ignored = [], [], [], 0
+    for label, cls in enumerate(class_names):
+        found = 0
+        for dirpath, dirnames, names in os.walk(root / cls):
+            dirnames.sort()
+            for name in sorted(names):
+                p = Path(dirpath) / name
+                if not is_image_name(name) or name.startswith("."):
+                    ignored += 1
+                    continue
+                st = p.stat()
+                files.append(str(p.relative_to(root)))
+                labels.append(label)
+                stats.append((st.st_size, st.st_mtime_ns))
+                found += 1
+        if not found:
+            raise UserError(f"class folder {root / cls} holds no image ({where}); remove it or "
+                            f"add images ({', '.join(IMAGE_EXTS)})")
+    order = sorted(range(len(files)), key=lambda i: files[i])
+    return FolderSplit([files[i] for i in order], [labels[i] for i in order],
+                       [stats[i] for i in order]), ignored
+
+
+def scan_folder(root: Path) -> FolderScan:
+    """Scan an image folder (see the module docstring).
+
+    Raises:
+        UserError: missing path, no class sub-folders, one class, an empty class, classes in
+            test/ or val/ that train/ lacks.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise UserError(f"no image folder {root}")
+    subs = _class_dirs(root)
+    if "train" in subs and "test" in subs:
+        classes = _class_dirs(root / "train")
+        _check_classes(root / "train", classes)
+        splits, ignored = {}, 0
+        for name in [s for s in SPLIT_NAMES if s in subs]:
+            extra = sorted(set(_class_dirs(root / name)) - set(classes))
+            if extra:
+                raise UserError(f"{root / name} has classes that {root / 'train'} lacks: "
+                                f"{', '.join(extra[:5])}")
+            present = [c for c in classes if (root / name / c).is_dir()]
+            sp, ign = _scan_split(root / name, present, name)
+            sp.labels = [classes.index(present[i]) for i in sp.labels]
+            sp.files = [f"{name}/{f}" for f in sp.files]
+            splits[name], ignored = sp, ignored + ign
+        return FolderScan(root, classes, splits, ignored)
+    _check_classes(root, subs)
+    sp, ignored = _scan_split(root, subs, "all")
+    return FolderScan(root, subs, {"all": sp}, ignored)
+
+
+def _check_classes(root: Path, classes: list[str]) -> None:
+    if not classes:
+        raise UserError(f"{root} has no class sub-folders: put each class's images in "
+                        "ROOT/CLASS_NAME/ (the ImageFolder layout)")
+    if len(classes) < 2:
+        raise UserError(f"{root} has a single class ({classes[0]}); a classifier needs two or more")
+
+
+# --------------------------------------------------------------------------- decoding
+def open_image(path: Path) -> Image.Image:
+    """Open (lazily) one image file.
+
+    Raises:
+        UserError: not an image Pillow reads, or unreadable.
+    """
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not an image Pillow can read ({type(e).__name__})") from None
+
+
+def probe_policy(root: Path, files: list[str], size: tuple[int, int] | None,
+                 channels: int | None) -> ResizePolicy:
+    """The policy for these files: channels from their modes when not given; without `size`,
+    check that every image has one size (headers only, nothing decoded)."""
+    sizes, colour = {}, False
+    for f in files:
+        try:
+            with Image.open(root / f) as im:
+                colour = colour or im.mode not in GRAY_MODES
+                sizes.setdefault(im.size, f)
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue  # decoding names (or skips) it
+    if size is None and len(sizes) > 1:
+        (s1, f1), (s2, f2) = list(sizes.items())[:2]
+        raise UserError(f"images of different sizes ({f1} is {s1[0]}x{s1[1]}, {f2} is "
+                        f"{s2[0]}x{s2[1]}): give --image-size HxW")
+    if size is None and sizes:
+        w, h = next(iter(sizes))
+        size = (h, w)
+    return ResizePolicy(size, channels or (3 if colour else 1))
+
+
+def decode(path: Path, policy: ResizePolicy) -> np.ndarray:
+    """One image as uint8 (C, H, W) under `policy`.
+
+    Raises:
+        UserError: not an image, corrupt or truncated (the message names the file).
+    """
+    mode = "L" if policy.channels == 1 else "RGB"
+    h, w = policy.size
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":  # decode at a reduced scale that still covers the target
+                im.draft(mode, _cover(im.size, (w, h)))
+            im = im.convert(mode)
+            if im.size != (w, h):
+                im = _resize_crop(im, (w, h))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"corrupt or truncated image {path} ({type(e).__name__}: {e}); "
+                        "use --skip-bad-images to skip such files") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _cover(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(w, h) of `size` scaled so that both sides cover `target` (w, h)."""
+    scale = max(target[0] / size[0], target[1] / size[1])
+    return max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale))
+
+
+def _resize_crop(im: Image.Image, target: tuple[int, int]) -> Image.Image:
+    w, h = _cover(im.size, target)
+    im = im.resize((w, h), Image.Resampling.BILINEAR)
+    left, top = (w - target[0]) // 2, (h - target[1]) // 2
+    return im.crop((left, top, left + target[0], top + target[1]))

@@ -1,0 +1,312 @@
+"""The packed store every data split streams from: uint8 shards plus a manifest, per split.
+
+A pack is a directory `DATA_CACHE/NAME-KEY/` holding one activation-cache directory per
+split (`train/`, and `test/` and `val/` when the source has them), written with
+`edgetrain.storage.cache.CacheWriter` in storage dtype uint8: the same shards, checksums and
+pread reader as the activation cache, not a second format. Each split's manifest adds its
+labels; `pack.json` (written last) adds the class names, the resize policy, the per-channel
+mean and std of the training split, the source files with size and mtime, and the counts of
+ignored files and skipped bad images.
+
+Rows are in sorted relative-path order (folders) or the loader's order (built-in sets).
+The key is a hash of the source (absolute folder path, or built-in name and its options) and
+the policy. Atomicity: a pack is built in a temporary sibling directory and renamed into place
+when complete, so a pack without `pack.json` is never seen, and of two processes packing the
+same source the first rename wins and the other reads the winner's pack. A pack whose shards
+fail their checksums, or whose folder changed (a file added, removed, resized or touched), is
+rebuilt.
+
+This file does not split or batch (that is `edgetrain.data.splits` and the readers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+import shutil
+import time
+from typing import Callable, Iterable, Iterator
+import uuid
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edgetrain.data.folder import FolderScan, ResizePolicy, decode, probe_policy, scan_folder
+from edgetrain.errors import UserError
+from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.storage.cache import (CacheInvalid, CacheReader, CacheWriter, check_free_space,
+                                     digest, planned_bytes)
+from edgetrain.units import MIB
+
+PACK_FORMAT = 1
+PACK_JSON = "pack.json"
+DEFAULT_DATA_CACHE = Path.home() / ".cache" / "edgetrain" / "data"
+SHARD_BYTES = 16 * MIB
+DECODE_BATCH = 256
+log = logging.getLogger("edgetrain")
+
+
+@dataclass
+class PackedSplit:
+    """One split of a pack: the row reader (uint8 (N, C, H, W) by pread) and its labels."""
+
+    reader: CacheReader
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Pack:
+    """An opened, verified pack."""
+
+    directory: Path
+    info: dict  # pack.json
+    splits: dict[str, PackedSplit]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info["class_names"])
+
+
+def data_cache_dir(data_cache: str | Path | None) -> Path:
+    return Path(data_cache).expanduser() if data_cache else DEFAULT_DATA_CACHE
+
+
+# --------------------------------------------------------------------------- opening
+def open_folder_pack(root: Path, data_cache: str | Path | None = None,
+                     size: tuple[int, int] | None = None, channels: int | None = None,
+                     skip_bad: bool = False) -> Pack:
+    """The pack of image folder `root` under the policy, packed first if absent or stale.
+
+    Raises:
+        UserError: any bad folder (see `scan_folder`), a corrupt image without `skip_bad`,
+            images of different sizes without `size`, the folder changed while packing,
+            the disk full.
+    """
+    scan = scan_folder(root)
+    key = digest("folder", PACK_FORMAT, str(scan.root), list(size) if size else None, channels,
+                 skip_bad)
+    final = data_cache_dir(data_cache) / f"{scan.root.name}-{key[:16]}"
+    pack = _try_open(final, key, scan.sources())
+    if pack is not None:
+        return pack
+    return _publish(final, key, lambda tmp: _write_folder(tmp, key, scan, size, channels, skip_bad),
+                    scan.sources())
+
+
+def open_builtin_pack(name: str, options: dict, load: Callable[[], object],
+                      data_cache: str | Path | None = None) -> Pack:
+    """The pack of built-in data set `name` (loaded by `load()` only when it must be packed)."""
+    key = digest("builtin", PACK_FORMAT, name, options)
+    final = data_cache_dir(data_cache) / f"{name}-{key[:16]}"
+    pack = _try_open(final, key, None)
+    if pack is not None:
+        return pack
+    return _publish(final, key, lambda tmp: _write_raw(tmp, key, name, load()), None)
+
+
+def _try_open(final: Path, key: str, sources: dict | None) -> Pack | None:
+    """The pack in `final` when complete, of this key, verified and (folders) not stale."""
+    if not (final / PACK_JSON).is_file():
+        return None
+    try:
+        pack = read_pack(final, key)
+    except CacheInvalid as e:
+        log.warning("%s; repacking", e)
+        return None
+    if sources is not None and pack.info.get("sources") != sources:
+        log.warning("the folder changed since %s was packed; repacking", final)
+        return None
+    return pack
+
+
+def read_pack(directory: Path, key: str | None = None) -> Pack:
+    """Open a complete pack and verify its shards.
+
+    Raises:
+        CacheInvalid: incomplete (no pack.json), another key, corrupt or truncated shards.
+    """
+    directory = Path(directory)
+    try:
+        info = json.loads((directory / PACK_JSON).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise CacheInvalid(f"no complete data pack in {directory}") from None
+    if info.get("format") != PACK_FORMAT or (key is not None and info.get("key") != key):
+        raise CacheInvalid(f"data pack {directory} was made from another source or policy")
+    splits = {}
+    for name in info["splits"]:
+        reader = CacheReader(directory / name, info["key"])
+        labels = torch.tensor(reader.manifest["labels"], dtype=torch.int64)
+        if len(labels) != reader.count:
+            raise CacheInvalid(f"data pack {directory / name} has {len(labels)} labels for "
+                               f"{reader.count} rows")
+        splits[name] = PackedSplit(reader, labels)
+    return Pack(directory, info, splits)
+
+
+# --------------------------------------------------------------------------- writing
+def _publish(final: Path, key: str, write: Callable[[Path], dict], sources: dict | None) -> Pack:
+    """Build a pack in a temporary sibling of `final`, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        info = write(tmp)
+        atomic_write_json(tmp / PACK_JSON, info)
+        if final.exists() and _try_open(final, key, sources) is None:
+            remove_pack(final)  # stale, corrupt or half-removed: replaced by the new one
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.info("another process packed %s first; using its pack", final)  # ours goes
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left in {final.parent} while packing; nothing was kept: "
+                            "free space or use --data-cache DIR") from None
+        raise
+    except UserError as e:
+        if "no space left" in str(e):
+            raise UserError(f"no space left in {final.parent} while packing; nothing was kept: "
+                            "free space or use --data-cache DIR") from None
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return read_pack(final, key)
+
+
+def remove_pack(directory: Path) -> None:
+    """Delete a pack: pack.json first, so a half-removed pack is never read."""
+    directory = Path(directory)
+    if (directory / PACK_JSON).exists():
+        (directory / PACK_JSON).unlink()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+class _Stats:
+    """Per-channel sum and sum of squares of uint8 rows (float64), for mean and std."""
+
+    def __init__(self):
+        self.s = self.ss = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:  # (B, C, H, W) uint8
+        xf = x.double() / 255.0
+        s, ss = xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3))
+        self.s = s if self.s is None else self.s + s
+        self.ss = ss if self.ss is None else self.ss + ss
+        self.n += x.shape[0] * x.shape[2] * x.shape[3]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        mean = self.s / self.n
+        std = (self.ss / self.n - mean * mean).clamp_min(0).sqrt()
+        return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def _write_split(directory: Path, key: str, shape: tuple[int, ...], n: int,
+                 batches: Iterable[tuple[torch.Tensor, list[int]]], extra: dict,
+                 stats: _Stats | None = None) -> int:
+    """Write one split's shards and manifest from (uint8 rows, labels) batches; returns rows."""
+    writer = CacheWriter(directory, key, shape, "uint8", n, shard_bytes=SHARD_BYTES)
+    labels: list[int] = []
+    for x, y in batches:
+        writer.add(x)
+        labels.extend(int(v) for v in y)
+        if stats is not None:
+            stats.add(x)
+    writer.extra = {**extra, "labels": labels}
+    writer.close(n=len(labels))  # skipped images shrink the split
+    return len(labels)
+
+
+def _chunks(x: torch.Tensor, y: torch.Tensor, size: int = 4096) -> Iterator:
+    for i in range(0, len(y), size):
+        yield x[i:i + size].contiguous(), y[i:i + size].tolist()
+
+
+def _write_raw(tmp: Path, key: str, name: str, raw) -> dict:
+    """Pack a built-in data set's in-memory arrays (loaded once, then released)."""
+    parts = {"train": (raw.train_x, raw.train_y)}
+    if raw.test_x is not None:
+        parts["test"] = (raw.test_x, raw.test_y)
+    shape = tuple(raw.train_x.shape[1:])
+    check_free_space(tmp.parent, sum(planned_bytes(len(y), shape, "uint8")
+                                     for _, y in parts.values()), f"packing {name}")
+    stats, counts = _Stats(), {}
+    for split, (x, y) in parts.items():
+        counts[split] = _write_split(tmp / split, key, shape, len(y), _chunks(x, y), {},
+                                     stats if split == "train" else None)
+    mean, std = stats.result()
+    return {"format": PACK_FORMAT, "key": key, "source": name, "splits": list(parts),
+            "counts": counts, "shape": list(shape), "class_names": list(raw.class_names),
+            "flip": bool(raw.flip), "mean": mean, "std": std, "policy": None,
+            "ignored_files": 0, "skipped_bad_images": []}
+
+
+def _write_folder(tmp: Path, key: str, scan: FolderScan, size, channels, skip_bad: bool) -> dict:
+    """Decode every image of the folder once into the pack (progress bar with images/s)."""
+    every = [f for sp in scan.splits.values() for f in sp.files]
+    policy = probe_policy(scan.root, every, size, channels)
+    shape = (policy.channels, *policy.size)
+    check_free_space(tmp.parent, planned_bytes(len(every), shape, "uint8"),
+                     f"packing {scan.root}")
+    stats, counts, skipped = _Stats(), {}, []
+    t0 = time.perf_counter()
+    with tqdm(total=len(every), desc=f"packing {scan.root.name}", unit="img",
+              disable=None, leave=False) as bar:
+        for name, sp in scan.splits.items():
+            split = "train" if name == "all" else name
+            batches = _decode_batches(scan.root, sp.files, sp.labels, policy, skip_bad, skipped, bar)
+            counts[split] = _write_split(tmp / split, key, shape, len(sp.files), batches, {},
+                                         stats if split == "train" else None)
+    seconds = time.perf_counter() - t0
+    if scan_folder(scan.root).sources() != scan.sources():
+        raise UserError(f"{scan.root} changed while it was being packed; nothing was kept: "
+                        "run again when it is complete")
+    for split, n in counts.items():
+        if n == 0:
+            raise UserError(f"no readable image in the {split} split of {scan.root}")
+    mean, std = stats.result()
+    return {"format": PACK_FORMAT, "key": key, "source": str(scan.root), "splits": list(counts),
+            "counts": counts, "shape": list(shape), "class_names": scan.class_names,
+            "flip": False, "mean": mean, "std": std, "policy": policy.to_dict(),
+            "sources": scan.sources(), "ignored_files": scan.ignored,
+            "skipped_bad_images": skipped,
+            "pack_seconds": round(seconds, 3),
+            "images_per_s": round(len(every) / max(seconds, 1e-9), 1)}
+
+
+def _decode_batches(root: Path, files: list[str], labels: list[int], policy: ResizePolicy,
+                    skip_bad: bool, skipped: list[str], bar) -> Iterator:
+    xs, ys = [], []
+    for f, y in zip(files, labels):
+        try:
+            xs.append(decode(root / f, policy))
+            ys.append(y)
+        except UserError:
+            if not skip_bad:
+                raise
+            skipped.append(f)
+        bar.update(1)
+        if len(xs) == DECODE_BATCH:
+            yield torch.from_numpy(np.stack(xs)), ys
+            xs, ys = [], []
+    if xs:
+        yield torch.from_numpy(np.stack(xs)), ys
+
+
+def pack_summary(pack: Pack) -> dict:
+    """What a run records of its pack (metrics.json / data.json)."""
+    info = pack.info
+    return {"pack": str(pack.directory), "counts": info["counts"],
+            "ignored_files": info.get("ignored_files", 0),
+            "skipped_bad_images": len(info.get("skipped_bad_images", [])),
+            "skipped_files": info.get("skipped_bad_images", [])[:20]}
+

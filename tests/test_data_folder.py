@@ -1,0 +1,324 @@
+"""Image folders and the data pack: packing is exact and atomic, every regime trains from a
+folder through the streaming reader, predict and eval agree, bad folders fail in one line."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from click.testing import CliRunner
+import numpy as np
+from PIL import Image
+import pytest
+import torch
+
+from edgetrain.cli import cli
+from edgetrain.data.builtin import FASHION_DIR, _read_idx, fashion_available
+from edgetrain.data.pack import PACK_JSON, open_folder_pack, read_pack
+from edgetrain.data.splits import load_splits
+from edgetrain.errors import UserError
+from edgetrain.export.predict import predict
+from edgetrain.method.loop import RawSource
+from edgetrain.regimes.schedule import evaluate_run, train
+from tests.conftest import tiny_cfg
+
+
+def digits_arrays(n: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return x[:n], d.target[:n]
+
+
+def write_folder(root: Path, x: np.ndarray, y: np.ndarray, ext: str = "png",
+                 test_every: int | None = 5, mode: str = "L", size: int | None = None) -> Path:
+    """ImageFolder of images x (N, H, W) uint8 and labels y; train/ and test/ splits when
+    `test_every`, else one level of class folders. File names sort in index order."""
+    for i, (im, label) in enumerate(zip(x, y)):
+        split = ("test" if i % test_every == 0 else "train") if test_every else ""
+        d = root / split / f"class{int(label)}"
+        d.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(im)
+        if size:
+            img = img.resize((size, size), Image.Resampling.NEAREST)
+        img.convert(mode).save(d / f"{i:05d}.{ext}", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory) -> Path:
+    x, y = digits_arrays(400)
+    return write_folder(tmp_path_factory.mktemp("digits") / "digits", x, y, size=16)
+
+
+def test_png_folder_packs_back_exactly(tmp_path):
+    """PNG is lossless: the pack holds exactly the arrays and labels, rows in sorted path order."""
+    if fashion_available():
+        x = _read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz")[:240]
+        y = _read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")[:240].astype(np.int64)
+    else:
+        x, y = digits_arrays(240)
+    root = write_folder(tmp_path / "fm", x, y, test_every=None)
+    pack = open_folder_pack(root, tmp_path / "cache")
+    sp = pack.splits["train"]
+    order = sorted(range(len(y)), key=lambda i: f"class{y[i]}/{i:05d}.png")
+    got = sp.reader.raw_rows(torch.arange(sp.reader.count))
+    assert got.dtype == torch.uint8 and got.shape == (len(y), 1, *x.shape[1:])
+    assert torch.equal(got[:, 0], torch.from_numpy(x[order]))
+    assert sp.labels.tolist() == [int(y[i]) for i in order]
+    assert pack.info["policy"]["channels"] == 1  # every image grayscale
+    mean = x.astype(np.float64).mean() / 255
+    assert abs(pack.info["mean"][0] - float(mean)) < 1e-5
+
+
+def test_jpeg_colour_folder_resize_policy_and_channels(tmp_path):
+    x, y = digits_arrays(60)
+    root = write_folder(tmp_path / "jpg", x, y, ext="jpg", mode="RGB", size=40)
+    pack = open_folder_pack(root, tmp_path / "cache", size=(12, 20))
+    assert pack.info["shape"] == [3, 12, 20]  # colour mode -> 3 channels; HxW as asked
+    pack1 = open_folder_pack(root, tmp_path / "cache", size=(12, 20), channels=1)
+    assert pack1.info["shape"] == [1, 12, 20] and pack1.directory != pack.directory
+
+
+def test_pack_is_reused_repacked_when_changed_and_never_read_corrupt(tmp_path, digits_folder):
+    cache = tmp_path / "cache"
+    p1 = open_folder_pack(digits_folder, cache)
+    stamp = (p1.directory / PACK_JSON).stat().st_mtime_ns
+    assert (open_folder_pack(digits_folder, cache).directory / PACK_JSON).stat().st_mtime_ns == stamp
+    # a corrupt shard is never read: the pack is rebuilt
+    shard = next((p1.directory / "train").glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    p2 = open_folder_pack(digits_folder, cache)
+    assert (p2.directory / PACK_JSON).stat().st_mtime_ns != stamp
+    # a changed folder (one more image) is repacked
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(digits_folder / "train" / "class0" / "zz.png")
+    try:
+        p3 = open_folder_pack(digits_folder, cache)
+        assert p3.info["counts"]["train"] == p2.info["counts"]["train"] + 1
+    finally:
+        (digits_folder / "train" / "class0" / "zz.png").unlink()
+    # an incomplete pack (no pack.json) is refused by the reader
+    (p3.directory / PACK_JSON).unlink()
+    with pytest.raises(UserError):
+        read_pack(p3.directory)
+
+
+@pytest.mark.slow
+def test_two_writers_of_one_pack(tmp_path, digits_folder):
+    """Two processes packing the same folder at once: both end with one valid pack."""
+    import subprocess  # two fresh writer processes
+    import sys  # the interpreter running the tests
+    code = ("import sys; from edgetrain.data.pack import open_folder_pack; "
+            "print(open_folder_pack(sys.argv[1], sys.argv[2]).info['counts']['train'])")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(digits_folder), str(tmp_path / "c")],
+                              stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs == ["320", "320"]
+    packs = list((tmp_path / "c").iterdir())
+    assert len(packs) == 1 and read_pack(packs[0]).info["counts"]["train"] == 320
+
+
+def test_streamed_batches_equal_the_in_memory_ones(tmp_path, digits_folder):
+    """The pread reader with prefetch yields bit for bit the batches of an in-RAM split."""
+    data = load_splits(str(digits_folder), data_cache=str(tmp_path / "c"), seed=3)
+    whole = data.train.rows(torch.arange(len(data.train)))  # the baseline holds the split
+    src = RawSource(data, data.train, 32, torch.device("cpu"), train=True, seed=3,
+                    prefetch_bytes=4096)
+    gen_batches = list(src.epoch(2, salt=1))
+    from edgetrain.data.batches import augment, batch_indices, epoch_generator  # the reference
+    gen = epoch_generator(3, 1, 2)
+    ref = [(augment(data.normalize(whole[i]), gen, data.flip), data.train.y[i])
+           for i in list(batch_indices(len(data.train), 32, True, gen))]
+    assert len(gen_batches) == len(ref)
+    for (a, ya), (b, yb) in zip(gen_batches, ref):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("mode", ["e2e", "parallel", "sequential", "multilap"])
+def test_every_regime_trains_from_a_folder(mode, tmp_path, digits_folder):
+    cfg = tiny_cfg(data=str(digits_folder), train_size=None, mode=mode, laps=2,
+                   epochs=2 if mode == "multilap" else 1, data_cache=str(tmp_path / "c"))
+    m = train(cfg, tmp_path / "run")
+    assert m["data"]["counts"] == {"train": 320, "test": 80}
+    assert m["best_test_acc"] > 0.1  # above chance (10 classes)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"] == str(digits_folder.resolve())
+    prep = json.loads((tmp_path / "run" / "preprocessing.json").read_text())
+    assert prep["class_names"] == [f"class{i}" for i in range(10)]
+
+
+def test_predict_top1_equals_eval_test_accuracy(tmp_path, digits_folder):
+    cfg = tiny_cfg(data=str(digits_folder), train_size=None, mode="sequential", epochs=2,
+                   data_cache=str(tmp_path / "c"))
+    run = tmp_path / "run"
+    train(cfg, run)
+    res = evaluate_run(run)
+    k = res["best_depth"]
+    _, preds = predict(run, [digits_folder / "test"], depth="best", top_k=1)
+    hits = [Path(p.file).parent.name == p.top[0][0] for p in preds]
+    assert len(preds) == 80
+    assert sum(hits) / len(hits) == pytest.approx(res["modules"][k - 1]["test_acc"])
+    pc = json.loads((run / "metrics.json").read_text())["test_per_class"]
+    diag = sum(pc["confusion"][i][i] for i in range(10))
+    assert diag / sum(pc["support"]) == pytest.approx(res["modules"][k - 1]["test_acc"])
+    # predict needs only the run directory: the pack gone, the images given by path
+    import shutil  # only this test removes the pack
+    shutil.rmtree(tmp_path / "c")
+    out = CliRunner().invoke(cli, ["predict", str(run), str(digits_folder / "test" / "class3"),
+                                   "--json", "--top-k", "2"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["depth"] == k and len(doc["predictions"][0]["top"]) == 2
+
+
+# --------------------------------------------------------------------------- bad input
+def _bad(kind: str, root: Path) -> Path:
+    x, y = digits_arrays(40)
+    if kind == "missing":
+        return root / "nope"
+    if kind == "no-classes":
+        root.mkdir()
+        Image.fromarray(x[0]).save(root / "a.png")
+        return root
+    if kind == "one-class":
+        return write_folder(root, x, np.zeros_like(y), test_every=None)
+    if kind == "empty-class":
+        write_folder(root, x, y % 2, test_every=None)
+        (root / "class9").mkdir()
+        return root
+    if kind == "corrupt":
+        write_folder(root, x, y % 2, test_every=None)
+        (root / "class1" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+        return root
+    if kind == "test-class-missing-in-train":
+        write_folder(root, x, y % 2)
+        (root / "test" / "class7").mkdir()
+        Image.fromarray(x[0]).save(root / "test" / "class7" / "a.png")
+        return root
+    if kind == "mixed-sizes":
+        write_folder(root, x, y % 2, test_every=None)
+        Image.fromarray(np.zeros((9, 9), np.uint8)).save(root / "class0" / "big.png")
+        return root
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("missing", "no image folder"), ("no-classes", "no class sub-folders"),
+    ("one-class", "single class"), ("empty-class", "holds no image"),
+    ("corrupt", "bad.png"), ("test-class-missing-in-train", "train lacks"),
+    ("mixed-sizes", "--image-size"),
+])
+def test_bad_folder_is_one_line_exit_2_nothing_written(kind, words, tmp_path):
+    data = _bad(kind, tmp_path / "data")
+    out = tmp_path / "run"
+    arg = str(data) if kind != "missing" else "./" + os.path.relpath(data)
+    r = CliRunner().invoke(cli, ["train", "--data", arg, "--data-cache", str(tmp_path / "c"),
+                                 "--out", str(out), "--mode", "e2e", "--epochs", "1",
+                                 "--no-progress"])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], r.output
+    assert not out.exists()
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_skip_bad_images_counts_them_in_metrics(tmp_path):
+    data = _bad("corrupt", tmp_path / "data")
+    (data / "class0" / "README.txt").write_text("not an image")
+    cfg = tiny_cfg(data=str(data), train_size=None, mode="e2e", epochs=1, skip_bad_images=True,
+                   data_cache=str(tmp_path / "c"))
+    m = train(cfg, tmp_path / "run")
+    assert m["data"]["skipped_bad_images"] == 1 and m["data"]["skipped_files"] == ["class1/bad.png"]
+    assert m["data"]["ignored_files"] == 1
+
+
+def test_folder_changed_while_packing_is_refused(tmp_path, monkeypatch, digits_folder):
+    import edgetrain.data.pack as pack_mod  # the decode hook that changes the folder
+    real = pack_mod.decode
+    calls = []
+
+    def decode_and_touch(path, policy):
+        calls.append(path)
+        if len(calls) == 5:
+            (digits_folder / "train" / "class1" / "new.png").write_bytes(
+                (digits_folder / "test" / "class0" / "00000.png").read_bytes())
+        return real(path, policy)
+
+    monkeypatch.setattr(pack_mod, "decode", decode_and_touch)
+    try:
+        with pytest.raises(UserError, match="changed while it was being packed"):
+            open_folder_pack(digits_folder, tmp_path / "c")
+    finally:
+        (digits_folder / "train" / "class1" / "new.png").unlink()
+    assert not any((tmp_path / "c").iterdir())  # nothing half-written is left
+
+
+def test_disk_full_while_packing_leaves_nothing(tmp_path, monkeypatch, digits_folder):
+    import errno  # the injected failure
+
+    from edgetrain.storage import atomic
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "atomic_write", full)
+    with pytest.raises(UserError, match="no space left"):
+        open_folder_pack(digits_folder, tmp_path / "c")
+    assert not any((tmp_path / "c").iterdir())
+
+
+def test_predict_on_a_file_that_is_not_an_image(tmp_path, digits_folder):
+    cfg = tiny_cfg(data=str(digits_folder), train_size=None, mode="e2e", epochs=1,
+                   data_cache=str(tmp_path / "c"))
+    train(cfg, tmp_path / "run")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run"), str(txt)])
+    assert r.exit_code == 2 and "not an image" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run"), str(tmp_path / "missing.png")])
+    assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_eval_says_when_the_folder_is_gone(tmp_path):
+    x, y = digits_arrays(100)
+    data = write_folder(tmp_path / "gone", x, y % 3)
+    cfg = tiny_cfg(data=str(data), train_size=None, mode="e2e", epochs=1,
+                   data_cache=str(tmp_path / "c"))
+    train(cfg, tmp_path / "run")
+    import shutil  # only this test removes a folder
+    shutil.rmtree(data)
+    r = CliRunner().invoke(cli, ["eval", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "is gone" in r.output
+
+
+# --------------------------------------------------------------------------- README
+def readme_commands() -> list[list[str]]:
+    import re  # README parsing only
+    import shlex  # README parsing only
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Train on your own images", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [shlex.split(line)[1:] for line in block.strip().splitlines()]
+
+
+@pytest.mark.slow
+def test_readme_own_images_commands_run(tmp_path, monkeypatch):
+    """The README's pack / train / eval / predict / export commands, as written."""
+    pytest.importorskip("onnxruntime")
+    x, y = digits_arrays(300)
+    names = np.array(["cat", "dog", "owl"])
+    write_folder(tmp_path / "photos", x, y % 3, mode="RGB", size=40)
+    for d in (tmp_path / "photos").rglob("class*"):
+        d.rename(d.parent / names[int(d.name[5:])])
+    monkeypatch.chdir(tmp_path)
+    cmds = readme_commands()
+    assert [c[0] for c in cmds] == ["train", "eval", "predict", "export"]
+    for args in cmds:
+        if args[0] == "train":
+            args = [*args, "--data-cache", str(tmp_path / "c")]  # not the home cache
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0, (args, r.output)
+    assert (tmp_path / "runs" / "photos" / "prefix.onnx").is_file()
