@@ -104,10 +104,12 @@ def test_nothing_fits_is_one_line_naming_smallest_budget(fake, tmp_path):
 
 
 def test_nothing_fits_on_disk(fake, tmp_path, monkeypatch):
-    monkeypatch.setattr(fitmod, "free_bytes", lambda d: 1)
+    monkeypatch.setattr(fitmod, "free_bytes", lambda d: 2**30)
+    monkeypatch.setattr(planner, "disk_needed_bytes", lambda pred: 2**30 + 1)
     res = CliRunner().invoke(cli, ["train", "--fit", "--memory-budget", "2GiB", "--out",
                                    str(tmp_path / "run"), "--mode", "multilap"])
     assert "nothing fits on disk" in _one_line_exit_2(res)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args, match", [
