@@ -242,14 +242,34 @@ def predict_cmd(run_dir, paths, depth, top_k, as_json):
         click.echo(format_predictions(preds))
 
 
-@cli.command("devices")
-def devices_cmd():
+@cli.group("devices", invoke_without_command=True)
+@click.pass_context
+def devices_cmd(ctx):
     """List the device profiles in devices/ and the budget each leaves for training."""
+    if ctx.invoked_subcommand is not None:
+        return
     click.echo(f"{'name':<22} {'total':>10} {'reserved':>10} {'budget':>10} {'accel':>5}  cache")
     for p in list_profiles():
         click.echo(f"{p.name:<22} {fmt_bytes(p.total_memory_mib * 2**20):>10} "
                    f"{fmt_bytes(p.reserved_mib * 2**20):>10} {fmt_bytes(p.budget_bytes):>10} "
                    f"{p.accelerator:>5}  {p.cache_dtype}")
+
+
+@devices_cmd.command("calibrate")
+@click.argument("name")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="where the activation cache will live: its storage speed is measured")
+@click.option("--storage-mib", type=int, default=256, show_default=True,
+              help="size of the file written and read back")
+def calibrate_cmd(name, cache_dir, storage_mib):
+    """On the device itself: measure runtime, storage, bf16/fp16, cores; write devices/NAME.toml."""
+    from edgetrain.budget.calibrate import calibrate  # imports torch: deferred
+    if storage_mib < 1:
+        raise UserError(f"--storage-mib must be >= 1 (got {storage_mib})")
+    p, path = calibrate(name, Path(cache_dir), storage_mib=storage_mib)
+    click.echo(f"wrote {path}: runtime {p.runtime_baseline_mib} MiB, storage write "
+               f"{p.storage_write_mib_s} / read {p.storage_read_mib_s} MiB/s, bf16 {p.bf16}, "
+               f"fp16 {p.fp16}, {p.cpu_cores} cores, budget {fmt_bytes(p.budget_bytes)}")
 
 
 @cli.command("plan")

@@ -11,7 +11,8 @@ import pytest
 
 from edgetrain.budget import devices
 from edgetrain.budget import guard as budget
-from edgetrain.budget.devices import DEVICES_DIR, PROFILE_FIELDS, load_profile, read_profile
+from edgetrain.budget.devices import (DEVICES_DIR, OPTIONAL_FIELDS, PROFILE_FIELDS, load_profile,
+                                      read_profile)
 from edgetrain.budget.guard import MemoryBudgetExceeded, RssWatchdog
 from edgetrain.cli import cli
 from edgetrain.config import CACHE_DTYPES
@@ -34,7 +35,7 @@ def test_profile_fields(path: Path):
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     raw = tomllib.loads(path.read_text())
-    assert set(raw) == set(PROFILE_FIELDS)  # every field present, none unknown
+    assert set(PROFILE_FIELDS) <= set(raw) <= set(PROFILE_FIELDS) | set(OPTIONAL_FIELDS)  # none unknown
     p = read_profile(path)
     assert p.name == path.stem
     assert p.description and p.accelerator_name and p.storage and len(p.notes) > 40

@@ -9,7 +9,7 @@ The planner that searches for a configuration fitting a profile's budget is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import re
 
@@ -19,7 +19,7 @@ from edgetrain.units import MIB
 
 DEVICES_DIR = Path(__file__).resolve().parents[2] / "devices"
 ACCELERATORS = ("none", "cuda")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
 # field -> accepted types (bool is checked apart: it is a subclass of int)
 PROFILE_FIELDS: dict[str, tuple[type, ...]] = {
@@ -29,6 +29,12 @@ PROFILE_FIELDS: dict[str, tuple[type, ...]] = {
     "cache_dtype": (str,), "estimated": (list,), "sources": (list,), "notes": (str,),
 }
 NUMERIC_FIELDS = ("total_memory_mib", "reserved_mib", "storage_read_mib_s", "storage_write_mib_s")
+# written by `edgetrain devices calibrate` (edgetrain.budget.calibrate); a profile may omit them.
+# `measured` maps each measured field to how, where and when it was measured.
+OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
+    "runtime_baseline_mib": (int, float), "cpu_cores": (int,), "bf16": (bool,), "fp16": (bool,),
+    "measured": (dict,),
+}
 
 
 # --------------------------------------------------------------------------- profiles
@@ -50,6 +56,11 @@ class DeviceProfile:
     estimated: tuple[str, ...]  # fields whose values are estimates, not published figures
     sources: tuple[str, ...]
     notes: str
+    runtime_baseline_mib: float | None = None  # RSS after imports and one step (calibrated)
+    cpu_cores: int | None = None
+    bf16: bool | None = None  # native bfloat16 compute (CPU: oneDNN's check; CUDA: the GPU's)
+    fp16: bool | None = None
+    measured: dict = field(default_factory=dict)  # field -> how, where and when it was measured
 
     @property
     def budget_bytes(self) -> int:
@@ -76,11 +87,13 @@ def _load_toml(path: Path) -> dict:
 
 def _check_field_types(d: dict, path: Path) -> None:
     missing = [k for k in PROFILE_FIELDS if k not in d]
-    unknown = sorted(set(d) - set(PROFILE_FIELDS))
+    unknown = sorted(set(d) - set(PROFILE_FIELDS) - set(OPTIONAL_FIELDS))
     if missing or unknown:
         raise UserError(f"device profile {path}: missing fields {missing or 'none'}, "
                         f"unknown fields {unknown or 'none'}")
-    for key, types in PROFILE_FIELDS.items():
+    for key, types in {**PROFILE_FIELDS, **OPTIONAL_FIELDS}.items():
+        if key not in d:
+            continue
         v = d[key]
         if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
             raise UserError(f"device profile {path}: {key} must be "
@@ -107,6 +120,12 @@ def _check_field_values(d: dict, path: Path) -> None:
         raise bad(f"estimated may name only {', '.join(NUMERIC_FIELDS)}")
     if not all(s.startswith("https://") for s in d["sources"]):
         raise bad("sources must be https:// addresses")
+    measured = d.get("measured", {})
+    if not set(measured) <= set(d) or not all(isinstance(v, str) for v in measured.values()):
+        raise bad("measured must map fields of the profile to how they were measured")
+    if set(measured) & set(d["estimated"]):
+        raise bad(f"{', '.join(sorted(set(measured) & set(d['estimated'])))} cannot be both "
+                  "estimated and measured")
 
 
 def read_profile(path: Path) -> DeviceProfile:
@@ -137,7 +156,7 @@ def load_profile(name: str, root: Path | None = None) -> DeviceProfile:
     """
     root = Path(root or DEVICES_DIR)
     path = root / f"{name}.toml"
-    if not _NAME_RE.match(name) or not path.is_file():
+    if not NAME_RE.match(name) or not path.is_file():
         known = ", ".join(profile_names(root)) or f"none in {root}"
         raise UserError(f"unknown device profile {name!r}; known profiles: {known}")
     return read_profile(path)

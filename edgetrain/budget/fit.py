@@ -80,6 +80,9 @@ def fit_config(opts: dict, given: set[str], profile_name: str | None, budget_tex
     """
     if not (profile_name or budget_text):
         raise UserError("--fit needs --device-profile NAME or --memory-budget SIZE")
+    if "train_modules" in given and "modules" not in given:  # the range names modules of a K
+        raise UserError("--fit with --train-modules needs -K too: the range counts modules of "
+                        "a split the planner would otherwise choose")
     opts = apply_budget_options(opts, profile_name, budget_text, root)
     profile = load_profile(profile_name, root) if profile_name else None
     base = config_from_options(_base_options(opts, given))

@@ -104,9 +104,11 @@ def _groups(base: RunConfig, n_blocks: int, cache_dtype: str, fixed=frozenset())
     for mode in ("e2e", "parallel", "multilap"):
         if "mode" in fixed and _family(base.mode) != mode:
             continue
+        if mode == "multilap" and "laps" in fixed and base.epochs % base.laps:
+            continue  # the laps given do not divide the epochs: only one-lap regimes remain
         if mode == "e2e":
             if "modules" not in fixed or base.modules == 1 or "mode" in fixed:
-                yield "e2e", 1, [("depth", base.cache_dtype)]
+                yield "e2e", 1, [(base.split if "split" in fixed else "depth", base.cache_dtype)]
             continue
         dts = ([dtype] if "cache_dtype" in fixed else _dtypes(dtype)) if mode == "multilap" \
             else [base.cache_dtype]

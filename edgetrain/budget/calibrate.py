@@ -1,0 +1,214 @@
+"""`edgetrain devices calibrate NAME`: measure this device and write `devices/NAME.toml`.
+
+Run on the device itself. What is measured (each figure's method, host and date go to the
+profile's `measured` table, and a measured field leaves `estimated`):
+- the runtime baseline: RSS of a fresh Python after importing torch and edgetrain and one
+  tiny training step (`edgetrain.measure.runtime_rss_bytes`);
+- storage write and read MiB/s in the cache directory: one file written in 4 MiB blocks and
+  fsync'd, its pages dropped from the page cache (`posix_fadvise(DONTNEED)`), read back;
+- bf16 / fp16 compute: the GPU's (CUDA) or the CPU's flags (`/proc/cpuinfo`) and oneDNN's check;
+- cores available to this process; total and available memory (`psutil`, the cgroup limit
+  when lower). `reserved_mib` = total - available, as devices/README.md asks, on an idle board.
+
+An existing profile keeps every figure that was not measured (its published sizes, sources,
+notes); calibrating refuses when this machine's memory differs from the profile's by more
+than `TOTAL_TOLERANCE` (not that device). No TOML writer is installed here (tomllib only
+reads), so `profile_toml` writes the flat format by hand; `read_profile` checks the result.
+
+What it is not: the profile format and its validation (`edgetrain.budget.devices`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import platform
+import socket
+import time
+
+import psutil
+import torch
+
+from edgetrain.budget import devices
+from edgetrain.budget.devices import (NAME_RE, OPTIONAL_FIELDS, PROFILE_FIELDS, DeviceProfile,
+                                      read_profile)
+from edgetrain.errors import UserError
+from edgetrain.measure import runtime_rss_bytes
+from edgetrain.units import MIB
+
+TOTAL_TOLERANCE = 0.125
+BLOCK = 4 * MIB
+
+
+def _stamp(what: str) -> str:
+    return (f"edgetrain devices calibrate on {socket.gethostname()} ({platform.machine()}), "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {what}")
+
+
+def storage_speed(directory: Path, size_mib: int = 256) -> tuple[float, float]:
+    """(write, read) MiB/s of one `size_mib` file in `directory`, written in 4 MiB blocks
+    with fsync, dropped from the page cache, read back; the file is removed."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f".edgetrain-calibrate-{os.getpid()}"
+        block = os.urandom(BLOCK)
+        n = max(1, size_mib * MIB // BLOCK)
+        t0 = time.perf_counter()
+        with open(path, "wb") as f:
+            for _ in range(n):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        write_s = time.perf_counter() - t0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            while os.read(fd, BLOCK):
+                pass
+            read_s = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot measure storage in {directory}: {e.strerror or e}") from None
+    mib = n * BLOCK / MIB
+    return mib / max(write_s, 1e-9), mib / max(read_s, 1e-9)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags = set()
+    for line in text.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags |= set(line.split(":", 1)[1].split())
+    return flags
+
+
+def half_support() -> dict:
+    """{"bf16": bool, "fp16": bool, "how": str}: native half-precision compute here."""
+    if torch.cuda.is_available():
+        return {"bf16": bool(torch.cuda.is_bf16_supported()), "fp16": True,
+                "how": f"torch.cuda on {torch.cuda.get_device_name(0)}"}
+    flags = _cpu_flags()
+    onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return {"bf16": bool(onednn or flags & {"avx512_bf16", "amx_bf16", "bf16"}),
+            "fp16": bool(flags & {"avx512_fp16", "amx_fp16", "fphp", "asimdhp"}),
+            "how": "CPU flags in /proc/cpuinfo (avx512_bf16/amx_bf16/bf16, avx512_fp16/amx_fp16/"
+                   f"fphp/asimdhp) and oneDNN's bf16 check ({onednn})"}
+
+
+def memory_mib() -> tuple[int, int]:
+    """(total, available) MiB of this machine, or of its cgroup when that is lower."""
+    vm = psutil.virtual_memory()
+    total, avail = vm.total, vm.available
+    try:
+        limit = int(Path("/sys/fs/cgroup/memory.max").read_text().strip())
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit < total:
+            total, avail = limit, min(avail, limit - used)
+    except (OSError, ValueError):
+        pass
+    return total // MIB, avail // MIB
+
+
+def measure_device(cache_dir: Path, storage_mib: int = 256) -> tuple[dict, dict]:
+    """(values, how each was measured) of this device."""
+    rt = runtime_rss_bytes()
+    write, read = storage_speed(cache_dir, storage_mib)
+    half = half_support()
+    total, avail = memory_mib()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    values = {"total_memory_mib": total, "reserved_mib": max(1, total - avail),
+              "runtime_baseline_mib": round(rt["warm_rss_bytes"] / MIB, 1),
+              "storage_write_mib_s": round(write, 1), "storage_read_mib_s": round(read, 1),
+              "bf16": half["bf16"], "fp16": half["fp16"], "cpu_cores": int(cores)}
+    how = {"total_memory_mib": _stamp("psutil total (cgroup limit when lower)"),
+           "reserved_mib": _stamp(f"total - available ({avail} MiB available at calibration)"),
+           "runtime_baseline_mib": _stamp("peak RSS of a fresh Python after imports and one "
+                                          f"tiny step ({rt['import_rss_bytes'] // MIB} MiB after imports)"),
+           "storage_write_mib_s": _stamp(f"{storage_mib} MiB in 4 MiB blocks + fsync in {cache_dir}"),
+           "storage_read_mib_s": _stamp(f"the same file read back after posix_fadvise(DONTNEED) "
+                                        f"in {cache_dir}"),
+           "bf16": _stamp(half["how"]), "fp16": _stamp(half["how"]),
+           "cpu_cores": _stamp("CPUs this process may run on (sched_getaffinity)")}
+    return values, how
+
+
+def _new_profile(name: str) -> dict:
+    cuda = torch.cuda.is_available()
+    return {"name": name, "description": f"{platform.node()} ({platform.machine()}), calibrated",
+            "total_memory_mib": 0, "reserved_mib": 0, "shared_cpu_gpu_memory": False,
+            "accelerator": "cuda" if cuda else "none",
+            "accelerator_name": torch.cuda.get_device_name(0) if cuda else "none",
+            "storage": "the cache directory's disk", "storage_read_mib_s": 0,
+            "storage_write_mib_s": 0, "cache_dtype": "float16", "estimated": [],
+            "sources": [], "notes": "Written by `edgetrain devices calibrate`; every figure is "
+                                    "measured on this device (see the measured table)."}
+
+
+def _existing(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    p = read_profile(path)
+    return {k: getattr(p, k) for k in {**PROFILE_FIELDS, **OPTIONAL_FIELDS}}
+
+
+def calibrate(name: str, cache_dir: Path, root: Path | None = None,
+              storage_mib: int = 256) -> tuple[DeviceProfile, Path]:
+    """Measure this device and write or update `root/NAME.toml`.
+
+    Returns:
+        (the profile as read back, its path).
+    Raises:
+        UserError: a bad name, an unusable cache directory, or an existing profile whose
+            memory is not this machine's (not that device).
+    """
+    if not NAME_RE.match(name):
+        raise UserError(f"profile name {name!r} must be lower-case letters, digits, '.' and '-'")
+    path = Path(root or devices.DEVICES_DIR) / f"{name}.toml"
+    old = _existing(path)
+    values, how = measure_device(Path(cache_dir), storage_mib)
+    d = old or _new_profile(name)
+    if old is not None:
+        off = abs(values["total_memory_mib"] - old["total_memory_mib"]) / old["total_memory_mib"]
+        if off > TOTAL_TOLERANCE:
+            raise UserError(f"this machine has {values['total_memory_mib']} MiB, profile {name} "
+                            f"{old['total_memory_mib']} MiB: calibrate {name} on that device, "
+                            "or give a new name")
+        del values["total_memory_mib"], how["total_memory_mib"]  # the published size stays
+    d.update(values)
+    d["estimated"] = [f for f in d["estimated"] if f not in values]
+    d["measured"] = {**(d.get("measured") or {}), **how}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(profile_toml(d), encoding="utf-8")
+    os.replace(tmp, path)
+    return read_profile(path), path
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a TOML basic string (no "\/" is emitted)
+
+
+def profile_toml(d: dict) -> str:
+    """A profile dict as TOML: the fields in `PROFILE_FIELDS` order, then the calibrated
+    ones, then the `[measured]` table."""
+    keys = [k for k in {**PROFILE_FIELDS, **OPTIONAL_FIELDS} if k != "measured" and
+            d.get(k) is not None]
+    lines = [f"# Device profile {d['name']} (edgetrain devices calibrate keeps the source of "
+             "every measured figure in [measured])."]
+    lines += [f"{k} = {_toml_value(d[k])}" for k in keys]
+    lines += ["", "[measured]"] + [f"{k} = {_toml_value(v)}"
+                                   for k, v in sorted((d.get("measured") or {}).items())]
+    return "\n".join(lines) + "\n"

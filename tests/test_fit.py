@@ -1,0 +1,170 @@
+"""`edgetrain train --fit`: the options the user gave are never changed, nothing-fits is one
+line, the chosen configuration round-trips through `--resume`, a CUDA profile without CUDA
+is refused."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+import pytest
+import torch
+
+from edgetrain.budget import fit as fitmod
+from edgetrain.budget import guard, planner
+from edgetrain.budget.planner import PLANNED
+from edgetrain.cli import cli
+from edgetrain.config import RunConfig
+import edgetrain.regimes.out_of_core as ooc
+from edgetrain.units import MIB
+from tests.test_plan import fake_predict
+
+FIXABLE = ("mode", "modules", "split", "batch_size", "cache_dtype")
+# a run whose every planned field differs from what the planner would pick unconstrained
+GIVEN = dict(mode="multilap", modules=4, split="memory", batch_size=16, cache_dtype="float32")
+BASE = dict(data="digits", train_size=200, model="kmresnet", width=4, depth=8, epochs=4,
+            laps=2, lr=0.07, seed=3)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setattr(planner, "estimate_peak", fake_predict)
+    for mod in (planner, guard):
+        monkeypatch.setattr(mod, "runtime_baseline_bytes", lambda: 100 * MIB)
+
+
+def _opts(**kw) -> dict:
+    d = RunConfig()
+    opts = {f.name: getattr(d, f.name) for f in dataclasses.fields(d)
+            if f.name not in ("extra", "memory_budget", "transport")}
+    return {**opts, "no_transport": False, **BASE, **kw}
+
+
+@pytest.mark.parametrize("fixed", [set(c) for r in range(len(FIXABLE) + 1)
+                                   for c in itertools.combinations(FIXABLE, r)],
+                         ids=lambda s: "+".join(sorted(s)) or "none")
+def test_given_options_are_never_changed(fake, tmp_path, fixed):
+    """Every subset of the planned fields, given: each keeps its value; fields the planner
+    never chooses (data, model, epochs, seed, lr, ...) keep theirs whatever was given."""
+    given = set(BASE) | fixed
+    opts = _opts(**{k: GIVEN[k] for k in fixed})
+    cfg, text = fitmod.fit_config(opts, given, None, "2GiB", tmp_path)
+    for k in fixed:
+        assert getattr(cfg, k) == GIVEN[k], (k, text)
+    for k in BASE:
+        assert getattr(cfg, k) == BASE[k]
+    assert cfg.memory_budget == 2 * 2**30 and cfg.extra["fit"]["needed_bytes"] <= 2 * 2**30
+    assert not ({f.name for f in dataclasses.fields(cfg)} - set(PLANNED) - {"extra"}) & {
+        k for k in opts if k in RunConfig.__dataclass_fields__ and getattr(cfg, k) != opts[k]
+        and k not in PLANNED and k != "memory_budget"}
+    if not fixed:  # unconstrained, the rule picks e2e at the largest batch for this budget
+        assert (cfg.mode, cfg.batch_size) == ("e2e", 64)
+    if cfg.batch_size < 64 and "batch_size" not in fixed:
+        assert "learning rate stays 0.07" in text
+
+
+def test_one_epoch_plans_sequential_not_two_laps(fake, tmp_path):
+    given = set(BASE) - {"laps"}
+    for budget in ("300MiB", "200MiB"):
+        cfg, _ = fitmod.fit_config(_opts(epochs=1), given, None, budget, tmp_path)
+        assert cfg.mode != "multilap" and cfg.epochs == 1
+    one = RunConfig(mode="e2e", epochs=1, laps=2)
+    assert planner._laps(one, "multilap", set()) == ("sequential", 1)
+    assert planner._laps(RunConfig(mode="e2e", epochs=4, laps=3), "multilap", set()) == (
+        "multilap", 2)
+    cfg, _ = fitmod.fit_config(_opts(epochs=1, mode="multilap"), given | {"mode"}, None,
+                               "300MiB", tmp_path)
+    assert (cfg.mode, cfg.laps) == ("multilap", 1)
+    cfg, _ = fitmod.fit_config(_opts(epochs=1), given | {"laps"}, None, "200MiB", tmp_path)
+    assert cfg.mode in ("e2e", "parallel")  # 2 laps given with 1 epoch: no multilap
+
+
+def _one_line_exit_2(res) -> str:
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1, res.output
+    return lines[0]
+
+
+def test_nothing_fits_is_one_line_naming_smallest_budget(fake, tmp_path):
+    out = tmp_path / "run"
+    base = [a for k, v in BASE.items() for a in ("--" + k.replace("_", "-"), str(v))]
+    res = CliRunner().invoke(cli, ["train", "--fit", "--memory-budget", "120MiB", "--out", str(out),
+                                   *base])
+    line = _one_line_exit_2(res)
+    assert "nothing fits in 120.00 MiB: the smallest budget that would fit is" in line
+    assert re.search(r"closest candidate \((e2e|parallel|sequential|multilap), K=\d+", line)
+    assert not out.exists()
+    needed = int(line.split("(")[1].split()[0])  # the exact byte count it names
+    cfg, _ = fitmod.fit_config(_opts(), set(BASE), None, str(needed), tmp_path)
+    assert cfg.extra["fit"]["needed_bytes"] == needed  # that budget does fit
+
+
+def test_nothing_fits_on_disk(fake, tmp_path, monkeypatch):
+    monkeypatch.setattr(fitmod, "free_bytes", lambda d: 2**30)
+    monkeypatch.setattr(planner, "disk_needed_bytes", lambda pred: 2**30 + 1)
+    res = CliRunner().invoke(cli, ["train", "--fit", "--memory-budget", "2GiB", "--out",
+                                   str(tmp_path / "run"), "--mode", "multilap"])
+    assert "nothing fits on disk" in _one_line_exit_2(res)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    ([], "--fit needs --device-profile NAME or --memory-budget SIZE"),
+    (["--memory-budget", "2GiB", "--device-profile", "cpu-2gb"], "not both"),
+])
+def test_fit_errors_one_line(tmp_path, args, match):
+    res = CliRunner().invoke(cli, ["train", "--fit", "--out", str(tmp_path / "r"), *args])
+    assert match in _one_line_exit_2(res)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("fit", [["--fit"], []])
+def test_cuda_profile_without_cuda_is_refused(tmp_path, fit):
+    res = CliRunner().invoke(cli, ["train", *fit, "--device-profile", "jetson-orin-nano-8gb",
+                                   "--out", str(tmp_path / "r")])
+    assert "trains on CUDA, which is not available" in _one_line_exit_2(res)
+    assert not (tmp_path / "r").exists()
+
+
+def test_fit_run_round_trips_through_resume(tmp_path, monkeypatch):
+    """A real --fit run (kept: mode multilap, epochs 2; chosen: K, split, batch, laps, cache
+    dtype) is stopped after its first module; `--resume` finishes it from config.json alone."""
+    out = tmp_path / "run"
+    args = ["train", "--fit", "--memory-budget", "6GiB", "--out", str(out), "--no-progress",
+            "--data", "digits", "--train-size", "160", "--model", "kmresnet", "--width", "4",
+            "--depth", "2", "--mode", "multilap", "--epochs", "2", "--batch-size", "64"]
+    real = ooc.OutOfCore.write_state
+
+    def stop(self, lap, module, epoch):
+        real(self, lap, module, epoch)
+        if (lap, module, epoch) == (0, 1, 0):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ooc.OutOfCore, "write_state", stop)
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 130, res.output
+    assert "kept        batch_size=64, mode=multilap" in res.output
+    chosen = json.loads((out / "config.json").read_text())
+    assert (chosen["mode"], chosen["epochs"], chosen["batch_size"]) == ("multilap", 2, 64)
+    assert chosen["laps"] == 2 and chosen["memory_budget"] == 6 * 2**30
+    assert chosen["extra"]["fit"]["needed_bytes"] <= 6 * 2**30
+    monkeypatch.setattr(ooc.OutOfCore, "write_state", real)
+    res = CliRunner().invoke(cli, ["train", "--resume", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text()) == chosen
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_modules"] == chosen["modules"] and metrics["max_resident_modules"] == 1
+    assert len((out / "log.jsonl").read_text().splitlines()) == chosen["modules"] * 2
+
+
+def test_fit_with_train_modules_needs_k(tmp_path):
+    from click.testing import CliRunner
+
+    from edgetrain.cli import cli
+    r = CliRunner().invoke(cli, ["train", "--fit", "--memory-budget", "2GiB", "--train-modules",
+                                 "2:2", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert r.exit_code == 2 and "needs -K" in r.output and len(r.output.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
