@@ -311,3 +311,17 @@ def test_verdicts_read_the_interval():
     assert verdict({"mean": -0.02, "ci95": 0.01}) == "contradicted"
     assert verdict({"mean": 0.02, "ci95": 0.03}).startswith("not shown")
     assert verdict({"mean": 0.02, "ci95": None}) == "not measured"
+
+
+def test_investigation_runs_vary_one_thing_each():
+    from edgetrain.bench.investigate import investigation_gridset
+    tuned = {"paper-cpu-t13-digits": {"parallel-trgl": {"lr": 0.05, "tau": 0.1}}}
+    parts = {p.name: p for p in investigation_gridset(tuned).parts}
+    t13 = _paper_parts()["t13-digits"]
+    for k in (10, 40):
+        g = parts[f"investigate-k{k}"]
+        assert g.base == {**t13.base, "depth": k, "modules": k}
+        assert g.datasets == {"digits": {150: t13.datasets["digits"][150]}}
+    s = parts["investigate-sample"]
+    assert s.base == {**t13.base, "transport_scaling": "sample"}
+    assert s.arm_overrides["parallel-trgl"] == {"lr": 0.05, "tau": 0.1 * 32 * 8 * 8}
