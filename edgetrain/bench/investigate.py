@@ -23,6 +23,7 @@ from edgetrain.bench.paper_cpu import SEEDS, TUNED, part_grid, run_traced
 
 INV_SIZE = 150
 INV_SEEDS = SEEDS[:3]
+E2E_LONG = 3  # e2e's training loss had not plateaued at the compute-matched epochs
 
 
 def investigation_gridset(tuned: dict | None = None) -> GridSet:
@@ -30,7 +31,9 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
     `k10` / `k40`: parallel VanGL and TRGL with 10 and 40 one-block modules (depth = K);
     `sample`: parallel TRGL with `transport_scaling="sample"` and tau multiplied by the
     first half's feature size C*H*W (32*8*8 = 2,048), which gives the first half the same
-    weight as the `mean` scaling and the second half (64*4*4 = 1,024 numbers) twice it."""
+    weight as the `mean` scaling and the second half (64*4*4 = 1,024 numbers) twice it;
+    `e2e-long`: e2e with `E2E_LONG` times the compute-matched epochs (is e2e's accuracy
+    limited by its budget?)."""
     t13 = part_grid("t13", "digits", tuned)
     over = {**TUNED, **(tuned or {})}.get(t13.name, {})
     parts = []
@@ -48,6 +51,12 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
         seeds=list(INV_SEEDS), base={**t13.base, "transport_scaling": "sample"},
         arm_overrides={"parallel-trgl": trgl},
         notes="t13-digits TRGL with per-sample transport scaling"))
+    e2e = dict(over.get("e2e", {}))
+    parts.append(dataclasses.replace(
+        t13, name="investigate-e2e-long", arms=["e2e"],
+        datasets={"digits": {INV_SIZE: E2E_LONG * t13.datasets["digits"][INV_SIZE]}},
+        seeds=list(INV_SEEDS), arm_overrides={"e2e": e2e},
+        notes=f"t13-digits e2e with {E2E_LONG}x the compute-matched epochs"))
     return GridSet(name="investigate", parts=parts, runner=run_traced,
                    report=lambda res, prefix, plots: write_investigation(Path(prefix).parent))
 
@@ -203,7 +212,7 @@ def numbers(out_dir: Path, parts: dict[str, dict | None]) -> dict:
     """Per part and size: each arm's last-module and best-depth test accuracy, its drop
     from best to last, its final CE and transport per module; plus the K and scaling runs."""
     out = {}
-    extra = {n: _load(out_dir, f"investigate-{n}") for n in ("k10", "k40", "sample")}
+    extra = {n: _load(out_dir, f"investigate-{n}") for n in ("k10", "k40", "sample", "e2e-long")}
     for name, res in {**parts, **extra}.items():
         if not res:
             continue
