@@ -57,6 +57,7 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
         datasets={"digits": {INV_SIZE: E2E_LONG * t13.datasets["digits"][INV_SIZE]}},
         seeds=list(INV_SEEDS), arm_overrides={"e2e": e2e},
         notes=f"t13-digits e2e with {E2E_LONG}x the compute-matched epochs"))
+    parts = [parts[i] for i in (0, 2, 3, 1)]  # the 40-module runs, the longest, last
     return GridSet(name="investigate", parts=parts, runner=run_traced,
                    report=lambda res, prefix, plots: write_investigation(Path(prefix).parent))
 
