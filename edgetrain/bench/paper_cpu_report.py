@@ -147,7 +147,11 @@ def markdown(parts: dict[str, dict], claims: list[dict]) -> str:
         lines += _part_section(name, res)
     lines += ["## Claims: paired differences over seeds (percentage points, 95% CI)", "",
               "Shown: the whole interval above 0; contradicted: below 0; not shown: it "
-              "contains 0.", "",
+              "contains 0. The intervals are per claim, not corrected for the number of "
+              "claims: at 95%, about one claim in twenty comes out shown or contradicted by "
+              "chance alone, so a verdict that does not repeat across sizes and data sets is "
+              "weak evidence. Drops compare the best depth (chosen on validation) with the "
+              "last module.", "",
               "| part | size | claim | difference (pp) | verdict |", "|---|---:|---|---:|---|"]
     lines += [f"| {c['part'].removeprefix('paper-cpu-')} | {c['train_size']} | {c['claim']} | "
               f"{_fmt(c['diff'], sign='+')} (n={c['diff']['n']}) | {c['verdict']} |"
