@@ -33,7 +33,8 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
     first half's feature size C*H*W (32*8*8 = 2,048), which gives the first half the same
     weight as the `mean` scaling and the second half (64*4*4 = 1,024 numbers) twice it;
     `e2e-long`: e2e with `E2E_LONG` times the compute-matched epochs (is e2e's accuracy
-    limited by its budget?)."""
+    limited by its budget?); `vangl-lr`: VanGL at TRGL's tuned lr (does TRGL's edge come
+    from the transport term or from its smaller lr?)."""
     t13 = part_grid("t13", "digits", tuned)
     over = {**TUNED, **(tuned or {})}.get(t13.name, {})
     parts = []
@@ -57,7 +58,13 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
         datasets={"digits": {INV_SIZE: E2E_LONG * t13.datasets["digits"][INV_SIZE]}},
         seeds=list(INV_SEEDS), arm_overrides={"e2e": e2e},
         notes=f"t13-digits e2e with {E2E_LONG}x the compute-matched epochs"))
-    parts = [parts[i] for i in (0, 2, 3, 1)]  # the 40-module runs, the longest, last
+    van = dict(over.get("parallel-vangl", {}), lr=trgl.get("lr", t13.base["lr"]))
+    parts.append(dataclasses.replace(
+        t13, name="investigate-vangl-lr", arms=["parallel-vangl"],
+        datasets={"digits": {INV_SIZE: t13.datasets["digits"][INV_SIZE]}},
+        seeds=list(INV_SEEDS), arm_overrides={"parallel-vangl": van},
+        notes="t13-digits VanGL at TRGL's learning rate"))
+    parts = [parts[i] for i in (0, 2, 3, 4, 1)]  # the 40-module runs, the longest, last
     return GridSet(name="investigate", parts=parts, runner=run_traced,
                    report=lambda res, prefix, plots: write_investigation(Path(prefix).parent))
 
@@ -209,11 +216,41 @@ def write_investigation(out_dir: Path) -> list[Path]:
     return paths + [js]
 
 
+def halves(res: dict, n: int) -> dict:
+    """Per arm, per seed: mean test accuracy of the modules before the midpoint block (the
+    one that downsamples) and from it on, and the drop between them; and the paired
+    TRGL - VanGL difference of each half (mean and 95% CI over seeds, in [0, 1])."""
+    def split(r):
+        accs = [m["test_acc"] for m in r["modules"]]
+        h = len(accs) // 2
+        return statistics.fmean(accs[:h]), statistics.fmean(accs[h:])
+    out, per = {}, {}
+    for arm in ("parallel-vangl", "parallel-trgl", "sequential-vangl", "sequential-trgl",
+                "multilap-vangl", "multilap-trgl"):
+        rs = _runs(res, arm, n)
+        if not rs or len(rs[0]["modules"]) < 2:
+            continue
+        per[arm] = {r["seed"]: split(r) for r in rs}
+        v = list(per[arm].values())
+        out[arm] = {"first_half": mean_ci95([a for a, _ in v]),
+                    "second_half": mean_ci95([b for _, b in v]),
+                    "drop": mean_ci95([a - b for a, b in v])}
+    for m in ("parallel", "sequential", "multilap"):
+        t, v = per.get(f"{m}-trgl"), per.get(f"{m}-vangl")
+        if t and v:
+            seeds = sorted(set(t) & set(v))
+            for i, half in enumerate(("first_half", "second_half")):
+                out[f"{m}_trgl_minus_vangl_{half}"] = mean_ci95(
+                    [t[s][i] - v[s][i] for s in seeds])
+    return out
+
+
 def numbers(out_dir: Path, parts: dict[str, dict | None]) -> dict:
     """Per part and size: each arm's last-module and best-depth test accuracy, its drop
     from best to last, its final CE and transport per module; plus the K and scaling runs."""
     out = {}
-    extra = {n: _load(out_dir, f"investigate-{n}") for n in ("k10", "k40", "sample", "e2e-long")}
+    extra = {n: _load(out_dir, f"investigate-{n}") for n in ("k10", "k40", "sample", "e2e-long",
+                                                            "vangl-lr")}
     for name, res in {**parts, **extra}.items():
         if not res:
             continue
@@ -223,7 +260,8 @@ def numbers(out_dir: Path, parts: dict[str, dict | None]) -> dict:
                 if not rs:
                     continue
                 K = len(rs[0]["modules"])
-                out.setdefault(name, {}).setdefault(str(n), {})[arm] = {
+                out.setdefault(name, {}).setdefault(str(n), {})["halves"] = halves(res, n)
+                out[name][str(n)][arm] = {
                     "seeds": [r["seed"] for r in rs],
                     "last_test_acc": mean_ci95([r["last_test_acc"] for r in rs]),
                     "best_test_acc": mean_ci95([r["best_test_acc"] for r in rs]),
