@@ -30,8 +30,10 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
     """Runs beyond the preset, on digits at 150 samples (t13-digits' lr / tau, 3 seeds):
     `k10` / `k40`: parallel VanGL and TRGL with 10 and 40 one-block modules (depth = K);
     `sample`: parallel TRGL with `transport_scaling="sample"` and tau multiplied by the
-    first half's feature size C*H*W (32*8*8 = 2,048), which gives the first half the same
-    weight as the `mean` scaling and the second half (64*4*4 = 1,024 numbers) twice it;
+    first half's feature size C*H*W (32*8*8 = 2,048), which gives the first half exactly
+    the loss of the `mean` scaling (W_sample = C*H*W * W_mean) and the second half
+    (64*4*4 = 1,024 numbers) half its weight: per-sample scaling differs from per-element
+    scaling only in how it weighs feature maps of different sizes;
     `e2e-long`: e2e with `E2E_LONG` times the compute-matched epochs (is e2e's accuracy
     limited by its budget?); `vangl-lr`: VanGL at TRGL's tuned lr (does TRGL's edge come
     from the transport term or from its smaller lr?)."""
