@@ -66,7 +66,7 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
         datasets={"digits": {INV_SIZE: t13.datasets["digits"][INV_SIZE]}},
         seeds=list(INV_SEEDS), arm_overrides={"parallel-vangl": van},
         notes="t13-digits VanGL at TRGL's learning rate"))
-    parts = [parts[i] for i in (0, 2, 3, 4, 1)]  # the 40-module runs, the longest, last
+    parts = [parts[i] for i in (0, 2, 4, 3, 1)]  # the 40-module runs, the longest, last
     return GridSet(name="investigate", parts=parts, runner=run_traced,
                    report=lambda res, prefix, plots: write_investigation(Path(prefix).parent))
 
