@@ -135,12 +135,13 @@ def plot_transport_vs_ce(res: dict, n: int, path: Path) -> Path | None:
 
 def plot_residues(parts: dict[str, dict], path: Path) -> Path | None:
     """Residue energy per block after training (validation split, mean over seeds): mean
-    r**2 per element and ||r|| / ||x||, for every arm of every part at its smaller size."""
+    r**2 per element, ||r|| / ||x|| and the block input's mean x**2 (the residual stream's
+    size), for every arm of every part at its smaller size."""
     panels = [(name, res) for name, res in parts.items() if res and res["runs"]]
     if not panels:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(2, len(panels), squeeze=False, figsize=(4.3 * len(panels), 6))
+    fig, axes = plt.subplots(3, len(panels), squeeze=False, figsize=(4.3 * len(panels), 8.5))
     for j, (name, res) in enumerate(panels):
         n = min(r["train_size"] for r in res["runs"])
         for arm in res["grid"]["arms"]:
@@ -150,7 +151,12 @@ def plot_residues(parts: dict[str, dict], path: Path) -> Path | None:
             for i, key in enumerate(("mean", "relative")):
                 ys = _mean_curve([r["residue_energy"][key] for r in rs])
                 axes[i][j].plot(range(1, len(ys) + 1), ys, "-o", ms=2, label=arm)
-        for i, lab in enumerate(("mean r^2 per element", "||r|| / ||x||")):
+            e = _mean_curve([r["residue_energy"]["mean"] for r in rs])
+            rel = _mean_curve([r["residue_energy"]["relative"] for r in rs])
+            x2 = [a / max(b * b, 1e-30) for a, b in zip(e, rel)]  # mean x**2 = r**2 / rel**2
+            axes[2][j].plot(range(1, len(x2) + 1), x2, "-o", ms=2, label=arm)
+        for i, lab in enumerate(("mean r^2 per element", "||r|| / ||x||",
+                                 "block input: mean x^2 per element")):
             axes[i][j].set_yscale("log")
             axes[i][j].set_ylabel(lab, fontsize=8)
             axes[i][j].set_xlabel("block", fontsize=8)
