@@ -168,12 +168,17 @@ def _part_section(name: str, res: dict) -> list[str]:
              f"Runs {len(res['runs'])}/{n_all} ({'complete' if res['complete'] else 'PARTIAL'}), "
              f"{res['wall_s'] / 60:.0f} min; epochs per size `{json.dumps(g['datasets'])}`; "
              f"per-arm lr / tau `{json.dumps(g['arm_overrides'], sort_keys=True)}`.", "",
+             "Train CE: the last module's training cross-entropy over the last 10% of the "
+             "epochs, and its ratio to the CE over 70-80% of the epochs (near 1: the loss has "
+             "plateaued; well below 1: still falling; the cosine schedule ends at lr 0), mean "
+             "over seeds.", "",
              f"| size | arm | seeds | last (ours) | best depth (ours) | depths chosen | "
-             f"mean run time (s) |", "|---:|---|---:|---:|---:|---|---:|"]
+             f"train CE (last 10%, ratio to 70-80%) | mean run time (s) |",
+             "|---:|---|---:|---:|---:|---|---:|---:|"]
     for (n, a), c in sorted(cells.items(), key=lambda kv: (kv[0][0], g["arms"].index(kv[0][1]))):
         lines.append(f"| {n} | {a} | {c['n_seeds']} | {_fmt(c['last_test_acc'])} | "
                      f"{_fmt(c['best_test_acc'])} | {c['best_depths']} | "
-                     f"{c['run_s']['mean']:.0f} |")
+                     f"{_plateau(res['runs'], n, a)} | {c['run_s']['mean']:.0f} |")
     lines += ["", f"Paper, {paper['table']}, last block:", "",
               "| size | " + " | ".join(g["arms"]) + " |",
               "|---:|" + "---:|" * len(g["arms"])]
@@ -181,6 +186,18 @@ def _part_section(name: str, res: dict) -> list[str]:
         lines.append(f"| {n} | " + " | ".join(
             f"{row[a][0]:.2f} ± {row[a][1]:.2f}" if a in row else "—" for a in g["arms"]) + " |")
     return lines + [""]
+
+
+def _plateau(runs: list[dict], n: int, arm: str) -> str:
+    curves = [r["modules"][-1]["curve"]["ce"] for r in runs
+              if r["train_size"] == n and r["arm"] == arm and "curve" in r["modules"][-1]]
+    if not curves:
+        return "—"
+    def window(c, lo, hi):
+        return statistics.fmean(c[int(lo * len(c)):max(int(hi * len(c)), int(lo * len(c)) + 1)])
+    last = statistics.fmean(window(c, 0.9, 1.0) for c in curves)
+    before = statistics.fmean(window(c, 0.7, 0.8) for c in curves)
+    return f"{last:.3f} ({last / before:.2f})"
 
 
 # --------------------------------------------------------------------------- figures
