@@ -325,3 +325,12 @@ def test_investigation_runs_vary_one_thing_each():
     s = parts["investigate-sample"]
     assert s.base == {**t13.base, "transport_scaling": "sample"}
     assert s.arm_overrides["parallel-trgl"] == {"lr": 0.05, "tau": 0.1 * 32 * 8 * 8}
+
+
+def test_paper_cpu_multilap_takes_sequentials_tuned_values(tmp_path):
+    from edgetrain.bench import paper_cpu as pc
+    g = _paper_parts()["t12-digits"]
+    t = pc.tune_part(g, 300, tmp_path / "t.json", seeds=[100, 101], runner=_fake_runner)
+    assert not [r for r in t["runs"] if r["arm"].startswith("multilap")]
+    assert t["best"]["multilap-trgl"] == t["best"]["sequential-trgl"] == {"lr": 0.05, "tau": 10.0}
+    assert t["best"]["multilap-vangl"] == t["best"]["sequential-vangl"]
