@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", action="append", default=[],
                     help="only this part, e.g. t13-digits (repeatable; default: all, in order)")
     ap.add_argument("--seeds", type=int, default=None, help="number of grid seeds (default 5)")
-    ap.add_argument("--no-tune", action="store_true", help="use the preset's TUNED values")
+    ap.add_argument("--no-tune", action="store_true",
+                    help="use the preset's TUNED values (parts in TUNED are never re-tuned)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"no part among {a.part}")
         tuned: dict = {}
         for g in parts:
-            if not a.no_tune:
+            if not a.no_tune and g.name not in pc.TUNED:  # TUNED: the record of parts run
                 size = min(g.datasets[pc.only_dataset(g)])
                 t = pc.tune_part(g, size, out / f"accuracy-paper-cpu-tuning-{g.name.removeprefix('paper-cpu-')}.json",
                                  threads=a.threads, log=log)

@@ -270,6 +270,8 @@ def test_paper_cpu_tuning_chooses_on_validation_and_stores_no_test(tmp_path):
     assert "test" not in text  # nothing of the test split is even stored
     taus = {r["overrides"]["tau"] for r in t["runs"] if r["arm"] == "parallel-trgl"}
     assert taus == set(pc.TAU_SWEEP)  # swept over decades
+    lrs = {r["overrides"]["lr"] for r in t["runs"] if r["arm"] == "parallel-trgl"}
+    assert lrs == {t["best"]["parallel-vangl"]["lr"]}  # TRGL at VanGL's lr: no lr confound
     assert {r["seed"] for r in t["runs"]}.isdisjoint(g.seeds)  # tuning seeds are not grid seeds
     n = len(t["runs"])
     again = pc.tune_part(g, 150, path, seeds=[100, 101],

@@ -85,6 +85,26 @@ def claim_rows(name: str, res: dict) -> list[dict]:
     return out
 
 
+def same_lr_claims(parts: dict[str, dict], out_dir: Path) -> list[dict]:
+    """t13-digits was tuned per arm (VanGL lr 0.05, TRGL 0.02); the investigation's
+    `investigate-vangl-lr` reran VanGL at TRGL's lr: TRGL > VanGL at the same lr."""
+    path = Path(out_dir) / "accuracy-investigate-vangl-lr.json"
+    t13 = parts.get("paper-cpu-t13-digits")
+    if t13 is None or not path.is_file():
+        return []
+    van = [dict(r, arm="vangl-same-lr") for r in json.loads(path.read_text())["runs"]]
+    runs = t13["runs"] + van
+    out = []
+    for n in sorted({r["train_size"] for r in van}):
+        for metric in ("last_test_acc", "best_test_acc"):
+            s = paired(runs, n, "parallel-trgl", "vangl-same-lr", metric)
+            out.append({"part": "paper-cpu-t13-digits", "train_size": n,
+                        "claim": f"parallel TRGL > VanGL at TRGL's lr (investigate-vangl-lr), "
+                                 f"{'last block' if metric == 'last_test_acc' else 'best depth'}",
+                        "diff": s, "verdict": verdict(s)})
+    return out
+
+
 def _single(runs: list[dict], n: int, arm: str) -> dict:
     return mean_ci95([drop(r) for r in runs if r["train_size"] == n and r["arm"] == arm])
 
@@ -107,6 +127,7 @@ def write_paper_report(results: dict, prefix: Path, plots: bool = True) -> list[
     prefix = Path(prefix)
     parts = load_parts(results, prefix.parent)
     claims = [c for name, res in parts.items() for c in claim_rows(name, res)]
+    claims += same_lr_claims(parts, prefix.parent)
     summary = {"preset": "paper-cpu", "paper": _paper_json(),
                "parts": {n: {"grid": r["grid"], "cells": r["cells"], "complete": r["complete"],
                              "n_runs": len(r["runs"]), "wall_s": r["wall_s"]}
