@@ -193,7 +193,7 @@ def _part_section(name: str, res: dict) -> list[str]:
              "epochs, and its ratio to the CE over 70-80% of the epochs (near 1: the loss has "
              "plateaued; well below 1: still falling; the cosine schedule ends at lr 0), mean "
              "over seeds.", "",
-             f"| size | arm | seeds | last (ours) | best depth (ours) | depths chosen | "
+             "| size | arm | seeds | last (ours) | best depth (ours) | depths chosen | "
              f"train CE (last 10%, ratio to 70-80%) | mean run time (s) |",
              "|---:|---|---:|---:|---:|---|---:|---:|"]
     for (n, a), c in sorted(cells.items(), key=lambda kv: (kv[0][0], g["arms"].index(kv[0][1]))):
