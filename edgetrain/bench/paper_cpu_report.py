@@ -194,7 +194,7 @@ def _part_section(name: str, res: dict) -> list[str]:
              "plateaued; well below 1: still falling; the cosine schedule ends at lr 0), mean "
              "over seeds.", "",
              "| size | arm | seeds | last (ours) | best depth (ours) | depths chosen | "
-             f"train CE (last 10%, ratio to 70-80%) | mean run time (s) |",
+             "train CE (last 10%, ratio to 70-80%) | mean run time (s) |",
              "|---:|---|---:|---:|---:|---|---:|---:|"]
     for (n, a), c in sorted(cells.items(), key=lambda kv: (kv[0][0], g["arms"].index(kv[0][1]))):
         lines.append(f"| {n} | {a} | {c['n_seeds']} | {_fmt(c['last_test_acc'])} | "
