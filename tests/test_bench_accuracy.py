@@ -336,3 +336,12 @@ def test_paper_cpu_multilap_takes_sequentials_tuned_values(tmp_path):
     assert not [r for r in t["runs"] if r["arm"].startswith("multilap")]
     assert t["best"]["multilap-trgl"] == t["best"]["sequential-trgl"] == {"lr": 0.05, "tau": 10.0}
     assert t["best"]["multilap-vangl"] == t["best"]["sequential-vangl"]
+
+
+def test_plots_of_an_e2e_only_grid(tmp_path):
+    """A grid of e2e alone has no per-module panels (it once raised in matplotlib)."""
+    import dataclasses
+    grid = dataclasses.replace(acc.smoke_grid(("digits",)), arms=["e2e"])
+    out = acc.run_benchmark(grid, tmp_path)
+    assert sorted(p.name for p in out["paths"]) == [
+        "accuracy-smoke-size.png", "accuracy-smoke.json", "accuracy-smoke.md"]
