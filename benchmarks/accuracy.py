@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 import sys
 
-from edgetrain.bench.accuracy import PRESETS, narrow_grid, run_benchmark
+from edgetrain.bench.accuracy import run_benchmark
+from edgetrain.bench.presets import PRESETS, narrow_grid
 from edgetrain.errors import UserError
 
 

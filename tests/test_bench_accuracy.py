@@ -8,6 +8,7 @@ from click.testing import CliRunner
 import pytest
 
 from edgetrain.bench import accuracy as acc
+from edgetrain.bench import presets
 from edgetrain.bench.accuracy_report import mean_ci95
 from edgetrain.cli import cli
 from edgetrain.data.builtin import fashion_available
@@ -153,13 +154,14 @@ def test_test_size_is_one_fixed_stratified_subset_for_every_seed():
 
 
 def test_presets_are_valid_configurations():
-    for name in acc.PRESETS:
-        grid = acc.preset(name)
-        assert len(grid.seeds) >= 2
-        for d, n, a, s in acc.grid_points(grid)[: len(grid.arms) * 8]:
-            cfg = acc.run_config(grid, d, n, a, s)  # RunConfig validates (epochs % laps, ...)
-            assert cfg.transport == a.endswith("-trgl")
-    cpu = acc.preset("cpu")
+    for name in presets.PRESETS:
+        p = presets.preset(name)
+        for grid in p.parts if isinstance(p, acc.GridSet) else [p]:
+            assert len(grid.seeds) >= 2
+            for d, n, a, s in acc.grid_points(grid)[: len(grid.arms) * 8]:
+                cfg = acc.run_config(grid, d, n, a, s)  # RunConfig validates (epochs % laps, ...)
+                assert cfg.transport == a.endswith("-trgl")
+    cpu = presets.preset("cpu")
     assert len(cpu.seeds) >= 5 and set(cpu.datasets) == {"fashion-mnist", "digits"}
     assert set(cpu.arms) == set(acc.ARMS)
 
@@ -190,3 +192,157 @@ def test_smoke_grid_on_fashion_mnist_via_cli(tmp_path):
     _check_results(res, grid)
     _check_table((tmp_path / "accuracy-smoke.md").read_text(), grid)
     assert (tmp_path / "accuracy-smoke-modules-fashion-mnist.png").is_file()
+
+
+# --------------------------------------------------------------------------- paper-cpu
+def _paper_parts() -> dict[str, acc.AccuracyGrid]:
+    gs = presets.preset("paper-cpu")
+    assert isinstance(gs, acc.GridSet) and gs.name == "paper-cpu"
+    return {p.name.removeprefix("paper-cpu-"): p for p in gs.parts}
+
+
+def test_paper_cpu_has_the_tables_the_issue_names():
+    """Table 13 analogue: 20-1 K-M ResNet in parallel at 150 / 600 samples; Table 12
+    analogue: 10-1 sequential and multilap at 300 / 1000; digits first, >= 3 seeds."""
+    parts = _paper_parts()
+    assert list(parts) == ["t13-digits", "t12-digits", "t13-fashion-mnist", "t12-fashion-mnist"]
+    for name, g in parts.items():
+        table, d = name.split("-", 1)
+        assert list(g.datasets) == [d] and len(g.seeds) >= 3
+        assert g.base["model"] == "kmresnet" and g.base["width"] in (16, 32)
+        assert g.base["width"] == (32 if d == "digits" else 16)
+        depth = 20 if table == "t13" else 10
+        assert g.base["depth"] == g.base["modules"] == depth  # one block per module
+        if table == "t13":
+            assert g.arms == ["e2e", "parallel-vangl", "parallel-trgl"]
+            assert set(g.datasets[d]) == {150, 600}
+        else:
+            assert g.arms == ["e2e", "sequential-vangl", "sequential-trgl", "multilap-vangl",
+                              "multilap-trgl"]
+            assert set(g.datasets[d]) == {300, 1000}
+
+
+def test_paper_cpu_e2e_is_compute_matched():
+    """Every arm of a cell trains every sample through every block the same number of
+    times (RunConfig's epochs: per module for sequential/multilap, in all for e2e/parallel)."""
+    from edgetrain.bench.paper_cpu import block_passes
+    assert block_passes("e2e", 40) == block_passes("parallel-trgl", 40) == 40
+    assert block_passes("sequential-vangl", 40) == 40
+    assert block_passes("multilap-trgl", 40, laps=2) == 40  # 2 laps of 20 epochs
+    with pytest.raises(UserError, match="multiple of laps"):
+        block_passes("multilap-vangl", 41, laps=2)
+    for g in _paper_parts().values():
+        for d, n, _, s in acc.grid_points(g):
+            cfgs = [acc.run_config(g, d, n, a, s) for a in g.arms]
+            passes = {block_passes(a, c.epochs, c.laps) for a, c in zip(g.arms, cfgs)}
+            assert len(passes) == 1, (g.name, n)
+            e2e = cfgs[0]
+            assert e2e.mode == "e2e" and not e2e.transport
+            assert all(c.depth == e2e.depth and c.width == e2e.width for c in cfgs)
+
+
+def test_paper_cpu_validation_is_not_carved_from_the_small_subset():
+    from edgetrain.data.splits import load_splits
+    g = _paper_parts()["t13-digits"]
+    cfg = acc.run_config(g, "digits", 150, "parallel-trgl", 0)
+    small = load_splits("digits", train_size=150, val_fraction=cfg.val_fraction, seed=0)
+    full = load_splits("digits", train_size=None, val_fraction=cfg.val_fraction, seed=0)
+    assert len(small.train) == 150 and len(small.val) == len(full.val) >= 250
+    assert bool((small.val.y == full.val.y).all())  # the same validation set at any size
+
+
+def _fake_runner(cfg):
+    """Validation accuracy peaks at lr 0.05 / tau 10; test accuracy the opposite way."""
+    score = 0.9 - abs(cfg.lr - 0.05) - (0.01 * abs(math.log10(cfg.tau) - 1) if cfg.transport
+                                         else 0.0)
+    mods = [{"val_acc": score, "test_acc": 1.0 - score, "curve": {"ce": [1.0, 0.5]}}] * 2
+    return {"modules": mods, "best_val_acc": score, "best_test_acc": 1.0 - score,
+            "last_test_acc": 1.0 - score, "run_s": 0.0}
+
+
+def test_paper_cpu_tuning_chooses_on_validation_and_stores_no_test(tmp_path):
+    from edgetrain.bench import paper_cpu as pc
+    g = _paper_parts()["t13-digits"]
+    path = tmp_path / "tune.json"
+    t = pc.tune_part(g, 150, path, seeds=[100, 101], runner=_fake_runner)
+    assert t["best"] == {"e2e": {"lr": 0.05}, "parallel-vangl": {"lr": 0.05},
+                         "parallel-trgl": {"lr": 0.05, "tau": 10.0}}
+    text = path.read_text()
+    assert "test" not in text  # nothing of the test split is even stored
+    taus = {r["overrides"]["tau"] for r in t["runs"] if r["arm"] == "parallel-trgl"}
+    assert taus == set(pc.TAU_SWEEP)  # swept over decades
+    lrs = {r["overrides"]["lr"] for r in t["runs"] if r["arm"] == "parallel-trgl"}
+    assert lrs == {t["best"]["parallel-vangl"]["lr"]}  # TRGL at VanGL's lr: no lr confound
+    assert {r["seed"] for r in t["runs"]}.isdisjoint(g.seeds)  # tuning seeds are not grid seeds
+    n = len(t["runs"])
+    again = pc.tune_part(g, 150, path, seeds=[100, 101],
+                         runner=lambda cfg: pytest.fail("tuning resumed by retraining"))
+    assert len(again["runs"]) == n and again["best"] == t["best"]
+
+
+def test_paper_cpu_gridset_runs_and_reports(tmp_path):
+    """A tiny GridSet through run_traced: per-part JSON with curves and residue energies,
+    then the combined page with a verdict per claim."""
+    import dataclasses
+    from edgetrain.bench import paper_cpu_report as rep
+    parts = []
+    for name, arms in (("paper-cpu-t13-digits", ["e2e", "parallel-vangl", "parallel-trgl"]),
+                       ("paper-cpu-t12-digits", ["e2e", "sequential-vangl", "sequential-trgl"])):
+        g = acc.smoke_grid(("digits",))
+        parts.append(dataclasses.replace(g, name=name, arms=arms,
+                                         base={**g.base, "depth": 3, "modules": 3}))
+    gs = acc.GridSet("paper-cpu", parts, runner=rep.run_traced, report=rep.write_paper_report)
+    out = acc.run_benchmark(gs, tmp_path, plots=True)
+    names = {p.name for p in out["paths"]}
+    assert {"accuracy-paper-cpu.json", "accuracy-paper-cpu.md", "accuracy-paper-cpu.png",
+            "accuracy-paper-cpu-curves.png", "accuracy-paper-cpu-t13-digits.json"} <= names
+    res = json.loads((tmp_path / "accuracy-paper-cpu-t12-digits.json").read_text())
+    for r in res["runs"]:
+        k = 1 if r["arm"] == "e2e" else 3
+        assert len(r["modules"]) == k and len(r["residue_energy"]["mean"]) == 3
+        assert all(len(m["curve"]["ce"]) == r["epochs"] for m in r["modules"])
+    summary = json.loads((tmp_path / "accuracy-paper-cpu.json").read_text())
+    assert {c["verdict"].split(" ")[0] for c in summary["claims"]} <= {
+        "shown", "not", "contradicted"}
+    md = (tmp_path / "accuracy-paper-cpu.md").read_text()
+    assert "81.84" in md and "45.67" in md  # the paper's numbers beside ours
+
+
+def test_verdicts_read_the_interval():
+    from edgetrain.bench.paper_cpu_report import verdict
+    assert verdict({"mean": 0.02, "ci95": 0.01}) == "shown"
+    assert verdict({"mean": -0.02, "ci95": 0.01}) == "contradicted"
+    assert verdict({"mean": 0.02, "ci95": 0.03}).startswith("not shown")
+    assert verdict({"mean": 0.02, "ci95": None}) == "not measured"
+
+
+def test_investigation_runs_vary_one_thing_each():
+    from edgetrain.bench.investigate import investigation_gridset
+    tuned = {"paper-cpu-t13-digits": {"parallel-trgl": {"lr": 0.05, "tau": 0.1}}}
+    parts = {p.name: p for p in investigation_gridset(tuned).parts}
+    t13 = _paper_parts()["t13-digits"]
+    for k in (10, 40):
+        g = parts[f"investigate-k{k}"]
+        assert g.base == {**t13.base, "depth": k, "modules": k}
+        assert g.datasets == {"digits": {150: t13.datasets["digits"][150]}}
+    s = parts["investigate-sample"]
+    assert s.base == {**t13.base, "transport_scaling": "sample"}
+    assert s.arm_overrides["parallel-trgl"] == {"lr": 0.05, "tau": 0.1 * 32 * 8 * 8}
+
+
+def test_paper_cpu_multilap_takes_sequentials_tuned_values(tmp_path):
+    from edgetrain.bench import paper_cpu as pc
+    g = _paper_parts()["t12-digits"]
+    t = pc.tune_part(g, 300, tmp_path / "t.json", seeds=[100, 101], runner=_fake_runner)
+    assert not [r for r in t["runs"] if r["arm"].startswith("multilap")]
+    assert t["best"]["multilap-trgl"] == t["best"]["sequential-trgl"] == {"lr": 0.05, "tau": 10.0}
+    assert t["best"]["multilap-vangl"] == t["best"]["sequential-vangl"]
+
+
+def test_plots_of_an_e2e_only_grid(tmp_path):
+    """A grid of e2e alone has no per-module panels (it once raised in matplotlib)."""
+    import dataclasses
+    grid = dataclasses.replace(acc.smoke_grid(("digits",)), arms=["e2e"])
+    out = acc.run_benchmark(grid, tmp_path)
+    assert sorted(p.name for p in out["paths"]) == [
+        "accuracy-smoke-size.png", "accuracy-smoke.json", "accuracy-smoke.md"]

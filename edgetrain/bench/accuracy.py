@@ -75,6 +75,29 @@ class AccuracyGrid:
         return d
 
 
+@dataclass
+class GridSet:
+    """A preset made of several grids (different depths, regimes or data sets), run one
+    after another, each into its own `accuracy-<part name>.json` (so each resumes on its
+    own); `runner` trains one configuration (default `run_one`) and `report`, given
+    {part name: results} and the output prefix, writes the combined pages."""
+
+    name: str
+    parts: list[AccuracyGrid]
+    notes: str = ""
+    runner: Callable[..., dict] | None = None
+    report: Callable[[dict, Path, bool], list[Path]] | None = None
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.parts]
+        if len(set(names)) != len(names):
+            raise UserError(f"grid set {self.name} has duplicate part names: {names}")
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(dict.fromkeys(d for p in self.parts for d in p.datasets))
+
+
 def arm_fields(arm: str) -> dict:
     """RunConfig fields of an arm: mode and transport (e2e never has transport)."""
     if arm == "e2e":
@@ -140,42 +163,6 @@ def paper_grid() -> AccuracyGrid:
         arm_overrides={"e2e": {"lr": 0.1}, "parallel-vangl": {"lr": 0.003},
                        "parallel-trgl": {"lr": 0.003}},
         notes="paper-sized 10-1 K-M ResNet (Appendix G); run with --device cuda")
-
-
-PRESETS: dict[str, Callable[[], AccuracyGrid]] = {
-    "smoke": smoke_grid, "cpu": cpu_grid, "paper": paper_grid}
-
-
-def preset(name: str) -> AccuracyGrid:
-    """The named grid (smoke, cpu, paper).
-
-    Raises:
-        UserError: unknown preset name.
-    """
-    if name not in PRESETS:
-        raise UserError(f"unknown accuracy preset {name!r}; choose from {', '.join(PRESETS)}")
-    return PRESETS[name]()
-
-
-def narrow_grid(name: str, datasets: list[str] | None = None,
-                n_seeds: int | None = None) -> AccuracyGrid:
-    """Preset `name`, restricted to `datasets` and to its first `n_seeds` seeds (or more).
-
-    Raises:
-        UserError: unknown preset, a data set the preset does not hold, fewer than 2 seeds.
-    """
-    grid = preset(name)
-    if datasets:
-        bad = sorted(set(datasets) - set(grid.datasets))
-        if bad:
-            raise UserError(f"preset {name} has no data set {', '.join(bad)} "
-                            f"(it has {', '.join(grid.datasets)})")
-        grid.datasets = {d: s for d, s in grid.datasets.items() if d in datasets}
-    if n_seeds is not None:
-        if n_seeds < 2:
-            raise UserError(f"--seeds must be >= 2 for a confidence interval (got {n_seeds})")
-        grid.seeds = list(range(n_seeds))
-    return grid
 
 
 # --------------------------------------------------------------------------- running
@@ -259,7 +246,8 @@ def _same_settings(old: dict | None, new: dict) -> bool:
 
 def run_grid(grid: AccuracyGrid, json_path: Path, *, device: str = "auto",
              threads: int | None = 1, resume: bool = True,
-             log: Callable[[str], None] | None = None) -> dict:
+             log: Callable[[str], None] | None = None,
+             runner: Callable[..., dict] | None = None) -> dict:
     """Train every point of `grid`, rewriting `json_path` after each run; returns the results.
 
     Args:
@@ -269,10 +257,13 @@ def run_grid(grid: AccuracyGrid, json_path: Path, *, device: str = "auto",
         threads: torch intra-op threads while training (None leaves torch's setting).
         resume: reuse the runs of an interrupted invocation of the same grid.
         log: called with one line per finished run.
+        runner: trains one RunConfig and returns its record (default `run_one`; the
+            `paper-cpu` preset passes one that also records training curves).
 
     Raises:
         UserError: a data set that cannot be loaded, a results file of another grid.
     """
+    runner = runner or run_one
     json_path = Path(json_path)
     done = _load_previous(json_path, grid) if resume else {}
     res = _header(grid, device, threads)
@@ -284,7 +275,7 @@ def run_grid(grid: AccuracyGrid, json_path: Path, *, device: str = "auto",
                 continue
             cfg = run_config(grid, d, n, a, s, device)
             rec = {"dataset": d, "train_size": n, "arm": a, "seed": s, "epochs": cfg.epochs,
-                   **cache_fields(cfg), **run_one(cfg)}
+                   **cache_fields(cfg), **runner(cfg)}
             res["runs"].append(rec)
             res["wall_s"] = time.perf_counter() - t0
             _save(json_path, res)
@@ -323,16 +314,43 @@ def _save(path: Path, res: dict) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
-def run_benchmark(grid: AccuracyGrid, out_dir: Path, *, device: str = "auto",
+def run_benchmark(grid: AccuracyGrid | GridSet, out_dir: Path, *, device: str = "auto",
                   threads: int | None = 1, resume: bool = True, plots: bool = True,
                   log: Callable[[str], None] | None = None) -> dict:
     """Run `grid` and write `out_dir/accuracy-<name>.json`, `.md` and the PNG plots.
 
+    A `GridSet` runs its parts in order, each into `accuracy-<part>.json` with its own
+    pages, and has its `report` rewrite the combined pages after every part (and once
+    more at the end), so a set that is stopped half way still has its pages.
+
     Returns:
-        {"results": the results dict, "paths": the files written}.
+        {"results": the results dict ({part: results} for a GridSet), "paths": the files
+        written}.
     Raises:
         UserError: see `run_grid`; an unwritable `out_dir`.
     """
+    if isinstance(grid, GridSet):
+        return _run_set(grid, out_dir, device=device, threads=threads, resume=resume,
+                        plots=plots, log=log)
+    return _run_single(grid, out_dir, device=device, threads=threads, resume=resume,
+                       plots=plots, log=log)
+
+
+def _run_set(gs: GridSet, out_dir: Path, **kw) -> dict:
+    results, paths = {}, []
+    for part in gs.parts:
+        out = _run_single(part, out_dir, runner=gs.runner, **kw)
+        results[part.name] = out["results"]
+        paths += out["paths"]
+        if gs.report:
+            paths += gs.report(results, Path(out_dir) / f"accuracy-{gs.name}", kw["plots"])
+    return {"results": results, "paths": list(dict.fromkeys(paths))}
+
+
+def _run_single(grid: AccuracyGrid, out_dir: Path, *, device: str = "auto",
+                threads: int | None = 1, resume: bool = True, plots: bool = True,
+                log: Callable[[str], None] | None = None,
+                runner: Callable[..., dict] | None = None) -> dict:
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 0 (0: torch's default; got {threads})")
     out_dir = Path(out_dir)
@@ -342,7 +360,8 @@ def run_benchmark(grid: AccuracyGrid, out_dir: Path, *, device: str = "auto",
         raise UserError(f"cannot create {out_dir}: {e.strerror or e}") from None
     prefix = out_dir / f"accuracy-{grid.name}"
     json_path = Path(f"{prefix}.json")
-    res = run_grid(grid, json_path, device=device, threads=threads, resume=resume, log=log)
+    res = run_grid(grid, json_path, device=device, threads=threads, resume=resume, log=log,
+                   runner=runner)
     return {"results": res, "paths": [json_path] + write_reports(res, prefix, plots)}
 
 

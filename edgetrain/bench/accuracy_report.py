@@ -143,6 +143,8 @@ def write_plots(res: dict, prefix: Path) -> list[Path]:
     cells = {(c["dataset"], c["train_size"], c["arm"]): c for c in res["cells"]}
     paths = []
     for d, sizes in res["grid"]["datasets"].items():
+        if not _regimes(res["grid"]["arms"]):  # e2e alone: no per-module curves to draw
+            break
         paths.append(_plot_modules(plt, cells, d, sorted(int(n) for n in sizes),
                                    res["grid"]["arms"], Path(f"{prefix}-modules-{d}.png")))
     paths.append(_plot_sizes(plt, cells, res["grid"], Path(f"{prefix}-size.png")))

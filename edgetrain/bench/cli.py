@@ -19,8 +19,9 @@ def bench() -> None:
 
 
 @bench.command("accuracy")
-@click.option("--preset", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu",
-              show_default=True, help="grid: smoke (tests), cpu (< 1 h on 2 cores), paper (GPU)")
+@click.option("--preset", type=click.Choice(["smoke", "cpu", "paper", "paper-cpu"]), default="cpu",
+              show_default=True, help="grid: smoke (tests), cpu (< 1 h on 2 cores), paper (GPU), "
+                                      "paper-cpu (the paper's Tables 12/13 at CPU scale, ~4 h)")
 @click.option("--data", "datasets", multiple=True, help="only these data sets (repeatable)")
 @click.option("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results",
@@ -32,7 +33,8 @@ def bench() -> None:
 @click.option("--plots/--no-plots", default=True, show_default=True)
 def bench_accuracy(preset, datasets, seeds, out_dir, device, threads, resume, plots):
     """TRGL vs VanGL vs end-to-end accuracy over regimes, train sizes and seeds."""
-    from edgetrain.bench.accuracy import narrow_grid, run_benchmark  # imports torch: deferred
+    from edgetrain.bench.accuracy import run_benchmark  # imports torch: deferred
+    from edgetrain.bench.presets import narrow_grid  # imports torch: deferred
     grid = narrow_grid(preset, list(datasets), seeds)
     out = run_benchmark(grid, Path(out_dir), device=device, threads=threads or None,
                         resume=resume, plots=plots, log=click.echo)
@@ -49,8 +51,8 @@ def bench_accuracy(preset, datasets, seeds, out_dir, device, threads, resume, pl
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def bench_distributed(repeats, nproc, buffer_size, out_dir, train_args):
     """Images/s of 1 process vs torchrun P processes (one thread each; TRAIN_ARGS after --)."""
-    from edgetrain.bench.distributed import (  # imports torch: deferred
-        DEFAULT_TRAIN_ARGS, ScalingSetup, run_benchmark)
+    from edgetrain.bench.distributed import (DEFAULT_TRAIN_ARGS,  # imports torch: deferred
+                                             ScalingSetup, run_benchmark)
     setup = ScalingSetup(list(train_args) or list(DEFAULT_TRAIN_ARGS), list(nproc) or [2],
                          list(buffer_size) or [0, 4], repeats)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}

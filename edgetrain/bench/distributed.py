@@ -83,7 +83,7 @@ def train_images(run_dir: Path, env: dict) -> int:
     Read in a fresh process, whose RunConfig is the one that wrote the run (the tree may
     change while a long benchmark runs)."""
     code = ("import sys; from pathlib import Path; from edgetrain.config import RunConfig; "
-            "from edgetrain.schedule import load_data; "
+            "from edgetrain.regimes.run import load_data; "
             "c = RunConfig.load(Path(sys.argv[1]) / 'config.json'); "
             "print(c.epochs * len(load_data(c).train))")
     p = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True,

@@ -1,0 +1,287 @@
+"""Investigation of TRGL against VanGL where the paper's advantage does not show at CPU scale.
+
+What this file holds: the extra runs (`investigation_gridset`: the Table 13 analogue on
+digits at 150 samples with 10 and 40 one-block modules instead of 20, and TRGL with the
+per-sample transport scaling instead of the per-element one) and the figures and page
+(`write_investigation`) built from those runs and from the `paper-cpu` parts' records
+(training curves, residue energies, per-module accuracies, recorded by
+`edgetrain.bench.paper_cpu.run_traced`). It trains nothing itself; `run_benchmark` runs the
+grid set, resumable like every accuracy grid.
+
+Files: benchmarks/results/investigate-paper-cpu-*.png and investigate-paper-cpu.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+import statistics
+
+from edgetrain.bench.accuracy import GridSet
+from edgetrain.bench.accuracy_report import mean_ci95
+from edgetrain.bench.paper_cpu import SEEDS, TUNED, part_grid, run_traced
+from edgetrain.storage.atomic import atomic_write_json
+
+INV_SIZE = 150
+INV_SEEDS = SEEDS[:3]
+E2E_LONG = 3  # e2e's training loss had not plateaued at the compute-matched epochs
+
+
+def investigation_gridset(tuned: dict | None = None) -> GridSet:
+    """Runs beyond the preset, on digits at 150 samples (t13-digits' lr / tau, 3 seeds):
+    `k10` / `k40`: parallel VanGL and TRGL with 10 and 40 one-block modules (depth = K);
+    `sample`: parallel TRGL with `transport_scaling="sample"` and tau multiplied by the
+    first half's feature size C*H*W (32*8*8 = 2,048), which gives the first half exactly
+    the loss of the `mean` scaling (W_sample = C*H*W * W_mean) and the second half
+    (64*4*4 = 1,024 numbers) half its weight: per-sample scaling differs from per-element
+    scaling only in how it weighs feature maps of different sizes;
+    `e2e-long`: e2e with `E2E_LONG` times the compute-matched epochs (is e2e's accuracy
+    limited by its budget?); `vangl-lr`: VanGL at TRGL's tuned lr (does TRGL's edge come
+    from the transport term or from its smaller lr?)."""
+    t13 = part_grid("t13", "digits", tuned)
+    over = {**TUNED, **(tuned or {})}.get(t13.name, {})
+    parts = []
+    for k in (10, 40):
+        parts.append(dataclasses.replace(
+            t13, name=f"investigate-k{k}", arms=["parallel-vangl", "parallel-trgl"],
+            datasets={"digits": {INV_SIZE: t13.datasets["digits"][INV_SIZE]}},
+            seeds=list(INV_SEEDS), base={**t13.base, "depth": k, "modules": k},
+            notes=f"t13-digits with {k} one-block modules"))
+    trgl = dict(over.get("parallel-trgl", {}))
+    trgl["tau"] = trgl.get("tau", t13.base["tau"]) * 32 * 8 * 8
+    parts.append(dataclasses.replace(
+        t13, name="investigate-sample", arms=["parallel-trgl"],
+        datasets={"digits": {INV_SIZE: t13.datasets["digits"][INV_SIZE]}},
+        seeds=list(INV_SEEDS), base={**t13.base, "transport_scaling": "sample"},
+        arm_overrides={"parallel-trgl": trgl},
+        notes="t13-digits TRGL with per-sample transport scaling"))
+    e2e = dict(over.get("e2e", {}))
+    parts.append(dataclasses.replace(
+        t13, name="investigate-e2e-long", arms=["e2e"],
+        datasets={"digits": {INV_SIZE: E2E_LONG * t13.datasets["digits"][INV_SIZE]}},
+        seeds=list(INV_SEEDS), arm_overrides={"e2e": e2e},
+        notes=f"t13-digits e2e with {E2E_LONG}x the compute-matched epochs"))
+    van = dict(over.get("parallel-vangl", {}), lr=trgl.get("lr", t13.base["lr"]))
+    parts.append(dataclasses.replace(
+        t13, name="investigate-vangl-lr", arms=["parallel-vangl"],
+        datasets={"digits": {INV_SIZE: t13.datasets["digits"][INV_SIZE]}},
+        seeds=list(INV_SEEDS), arm_overrides={"parallel-vangl": van},
+        notes="t13-digits VanGL at TRGL's learning rate"))
+    parts = [parts[i] for i in (0, 2, 4, 3, 1)]  # the 40-module runs, the longest, last
+    return GridSet(name="investigate", parts=parts, runner=run_traced,
+                   report=lambda res, prefix, plots: write_investigation(Path(prefix).parent))
+
+
+# --------------------------------------------------------------------------- loading
+def _load(out_dir: Path, name: str) -> dict | None:
+    p = Path(out_dir) / f"accuracy-{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _runs(res: dict | None, arm: str, n: int) -> list[dict]:
+    return [r for r in (res or {}).get("runs", []) if r["arm"] == arm and r["train_size"] == n]
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    k = min(len(c) for c in curves)
+    return [statistics.fmean(c[i] for c in curves) for i in range(k)]
+
+
+# --------------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_transport_vs_ce(res: dict, n: int, path: Path) -> Path | None:
+    """Per module, over training (mean over seeds): TRGL's cross-entropy and its transport
+    term W / (2 tau_k), and VanGL's cross-entropy and (unpenalised) W / (2 tau_k) at TRGL's
+    tau, for a few modules; right: the end-of-training values for every module."""
+    trgl, van = _runs(res, "parallel-trgl", n), _runs(res, "parallel-vangl", n)
+    if not trgl or not van:
+        return None
+    plt = _plt()
+    K = len(trgl[0]["modules"])
+    taus = [m["tau"] for m in trgl[0]["modules"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for k, color in zip(sorted({0, K // 4, K // 2, 3 * K // 4, K - 1}), plt.cm.viridis(
+            [i / 4 for i in range(5)])):
+        ce = _mean_curve([r["modules"][k]["curve"]["ce"] for r in trgl])
+        w = _mean_curve([r["modules"][k]["curve"]["transport"] for r in trgl])
+        a1.plot(range(1, len(ce) + 1), ce, "-", color=color, label=f"module {k + 1} CE")
+        a1.plot(range(1, len(w) + 1), [v / (2 * taus[k]) for v in w], "--", color=color,
+                label=f"module {k + 1} W/2tau")
+    a1.set_yscale("log")
+    a1.set_xlabel("epoch")
+    a1.set_title(f"TRGL, n={n}: CE (solid) vs transport term (dashed)", fontsize=9)
+    a1.legend(fontsize=6, ncol=2)
+    xs = list(range(1, K + 1))
+    for runs, kind, color in ((trgl, "TRGL", "tab:red"), (van, "VanGL", "tab:blue")):
+        ce = [statistics.fmean(r["modules"][k]["curve"]["ce"][-1] for r in runs) for k in range(K)]
+        w = [statistics.fmean(r["modules"][k]["curve"]["transport"][-1] for r in runs)
+             / (2 * taus[k]) for k in range(K)]
+        a2.plot(xs, ce, "-o", ms=3, color=color, label=f"{kind} CE")
+        a2.plot(xs, w, "--s", ms=3, color=color, label=f"{kind} W/2tau (TRGL's tau)")
+    a2.set_yscale("log")
+    a2.set_xlabel("module")
+    a2.set_title("last epoch, per module", fontsize=9)
+    a2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_residues(parts: dict[str, dict], path: Path) -> Path | None:
+    """Residue energy per block after training (validation split, mean over seeds): mean
+    r**2 per element, ||r|| / ||x|| and the block input's mean x**2 (the residual stream's
+    size), for every arm of every part at its smaller size."""
+    panels = [(name, res) for name, res in parts.items() if res and res["runs"]]
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(3, len(panels), squeeze=False, figsize=(4.3 * len(panels), 8.5))
+    for j, (name, res) in enumerate(panels):
+        n = min(r["train_size"] for r in res["runs"])
+        for arm in res["grid"]["arms"]:
+            rs = [r for r in _runs(res, arm, n) if "residue_energy" in r]
+            if not rs:
+                continue
+            for i, key in enumerate(("mean", "relative")):
+                ys = _mean_curve([r["residue_energy"][key] for r in rs])
+                axes[i][j].plot(range(1, len(ys) + 1), ys, "-o", ms=2, label=arm)
+            e = _mean_curve([r["residue_energy"]["mean"] for r in rs])
+            rel = _mean_curve([r["residue_energy"]["relative"] for r in rs])
+            x2 = [a / max(b * b, 1e-30) for a, b in zip(e, rel)]  # mean x**2 = r**2 / rel**2
+            axes[2][j].plot(range(1, len(x2) + 1), x2, "-o", ms=2, label=arm)
+        for i, lab in enumerate(("mean r^2 per element", "||r|| / ||x||",
+                                 "block input: mean x^2 per element")):
+            axes[i][j].set_yscale("log")
+            axes[i][j].set_ylabel(lab, fontsize=8)
+            axes[i][j].set_xlabel("block", fontsize=8)
+            axes[i][j].legend(fontsize=6)
+        axes[0][j].set_title(f"{name.removeprefix('paper-cpu-')}, n={n}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_modules_and_sizes(out_dir: Path, t13: dict | None, path: Path) -> Path | None:
+    """Per-module test accuracy (mean, 95% CI) of parallel VanGL / TRGL with K = 10, 20, 40
+    one-block modules at 150 samples, and with K = 20 at 150 and 600 samples."""
+    series = []
+    for k, res in ((10, _load(out_dir, "investigate-k10")), (20, t13),
+                   (40, _load(out_dir, "investigate-k40"))):
+        series.append((f"K={k}, n={INV_SIZE}", res, INV_SIZE))
+    series.append(("K=20, n=600", t13, 600))
+    series = [s for s in series if _runs(s[1], "parallel-trgl", s[2])]
+    if not series:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(series), squeeze=False, figsize=(4 * len(series), 3.4))
+    for ax, (title, res, n) in zip(axes[0], series):
+        for arm, color in (("parallel-vangl", "tab:blue"), ("parallel-trgl", "tab:red")):
+            rs = _runs(res, arm, n)
+            if not rs:
+                continue
+            K = len(rs[0]["modules"])
+            st = [mean_ci95([r["modules"][k]["test_acc"] for r in rs]) for k in range(K)]
+            m = [100 * s["mean"] for s in st]
+            c = [100 * (s["ci95"] or 0) for s in st]
+            ax.plot(range(1, K + 1), m, "-o", ms=2, color=color, label=arm)
+            ax.fill_between(range(1, K + 1), [a - b for a, b in zip(m, c)],
+                            [a + b for a, b in zip(m, c)], color=color, alpha=0.15)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("module", fontsize=8)
+        ax.set_ylabel("test accuracy (%)", fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- page
+def write_investigation(out_dir: Path) -> list[Path]:
+    """The figures, and investigate-paper-cpu-numbers.json with the numbers they show (the
+    prose is written by hand in investigate-paper-cpu.md from these)."""
+    out_dir = Path(out_dir)
+    parts = {n: _load(out_dir, f"paper-cpu-{n}") for n in
+             ("t13-digits", "t12-digits", "t13-fashion-mnist", "t12-fashion-mnist")}
+    t13 = parts["t13-digits"]
+    paths = []
+    for n in (150, 600):
+        p = plot_transport_vs_ce(t13, n, out_dir / f"investigate-paper-cpu-transport-n{n}.png")
+        paths += [p] if p else []
+    for p in (plot_residues(parts, out_dir / "investigate-paper-cpu-residues.png"),
+              plot_modules_and_sizes(out_dir, t13, out_dir / "investigate-paper-cpu-modules.png")):
+        paths += [p] if p else []
+    js = out_dir / "investigate-paper-cpu-numbers.json"
+    atomic_write_json(js, numbers(out_dir, parts))
+    return paths + [js]
+
+
+def halves(res: dict, n: int) -> dict:
+    """Per arm, per seed: mean test accuracy of the modules before the midpoint block (the
+    one that downsamples) and from it on, and the drop between them; and the paired
+    TRGL - VanGL difference of each half (mean and 95% CI over seeds, in [0, 1])."""
+    def split(r):
+        accs = [m["test_acc"] for m in r["modules"]]
+        h = len(accs) // 2
+        return statistics.fmean(accs[:h]), statistics.fmean(accs[h:])
+    out, per = {}, {}
+    for arm in ("parallel-vangl", "parallel-trgl", "sequential-vangl", "sequential-trgl",
+                "multilap-vangl", "multilap-trgl"):
+        rs = _runs(res, arm, n)
+        if not rs or len(rs[0]["modules"]) < 2:
+            continue
+        per[arm] = {r["seed"]: split(r) for r in rs}
+        v = list(per[arm].values())
+        out[arm] = {"first_half": mean_ci95([a for a, _ in v]),
+                    "second_half": mean_ci95([b for _, b in v]),
+                    "drop": mean_ci95([a - b for a, b in v])}
+    for m in ("parallel", "sequential", "multilap"):
+        t, v = per.get(f"{m}-trgl"), per.get(f"{m}-vangl")
+        if t and v:
+            seeds = sorted(set(t) & set(v))
+            for i, half in enumerate(("first_half", "second_half")):
+                out[f"{m}_trgl_minus_vangl_{half}"] = mean_ci95(
+                    [t[s][i] - v[s][i] for s in seeds])
+    return out
+
+
+def numbers(out_dir: Path, parts: dict[str, dict | None]) -> dict:
+    """Per part and size: each arm's last-module and best-depth test accuracy, its drop
+    from best to last, its final CE and transport per module; plus the K and scaling runs."""
+    out = {}
+    extra = {n: _load(out_dir, f"investigate-{n}") for n in ("k10", "k40", "sample", "e2e-long",
+                                                            "vangl-lr")}
+    for name, res in {**parts, **extra}.items():
+        if not res:
+            continue
+        for n in sorted({r["train_size"] for r in res["runs"]}):
+            for arm in res["grid"]["arms"]:
+                rs = _runs(res, arm, n)
+                if not rs:
+                    continue
+                K = len(rs[0]["modules"])
+                out.setdefault(name, {}).setdefault(str(n), {})["halves"] = halves(res, n)
+                out[name][str(n)][arm] = {
+                    "seeds": [r["seed"] for r in rs],
+                    "last_test_acc": mean_ci95([r["last_test_acc"] for r in rs]),
+                    "best_test_acc": mean_ci95([r["best_test_acc"] for r in rs]),
+                    "max_module_mean_test_acc": max(statistics.fmean(
+                        r["modules"][k]["test_acc"] for r in rs) for k in range(K)),
+                    "first_module_test_acc": mean_ci95([r["modules"][0]["test_acc"] for r in rs]),
+                    "final_ce": [statistics.fmean(r["modules"][k]["curve"]["ce"][-1] for r in rs)
+                                 for k in range(K)] if "curve" in rs[0]["modules"][0] else None,
+                    "final_transport": [statistics.fmean(
+                        r["modules"][k]["curve"]["transport"][-1] for r in rs)
+                        for k in range(K)] if "curve" in rs[0]["modules"][0] else None,
+                    "tau": [m.get("tau") for m in rs[0]["modules"]],
+                    "residue_relative": _mean_curve([r["residue_energy"]["relative"] for r in rs])
+                    if "residue_energy" in rs[0] else None}
+    return out
