@@ -1,4 +1,4 @@
-"""Tensor accounting, per-phase peaks and the analytic predictor of edgetrain.memory."""
+"""Tensor accounting, per-phase peaks (edgetrain.measure) and the peak estimator (edgetrain.budget.estimate)."""
 from __future__ import annotations
 
 import json

@@ -51,7 +51,7 @@ class Plan:
     """A configuration that fits (or, when `fits` is False, the least demanding one)."""
 
     cfg: RunConfig
-    prediction: object  # edgetrain.predict.PeakEstimate
+    prediction: object  # edgetrain.budget.estimate.PeakEstimate
     baseline_bytes: int
     needed_bytes: int  # baseline + SAFETY * predicted tensor peak + HEADROOM_BYTES
     budget_bytes: int
