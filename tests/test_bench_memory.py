@@ -11,13 +11,13 @@ from edgetrain.cli import cli
 def test_bench_memory_tiny_writes_every_requested_row(tmp_path):
     out = tmp_path / "results"
     args = ["bench", "memory", "--model", "kmresnet", "--width", "4", "--depth", "2",
-            "--input", "1x16x16", "--batch", "16", "--steps", "1", "--modules", "2",
+            "--input", "1x16x16", "--batch", "32", "--steps", "1", "--modules", "2",
             "--modes", "e2e", "sequential", "--no-vangl", "--recompute", "blocks",
             "--out", str(out)]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["memory_kmresnet_1x16x16_b16_cpu.json", "memory_kmresnet_1x16x16_b16_cpu.png"]
+    assert files == ["memory_kmresnet_1x16x16_b32_cpu.json", "memory_kmresnet_1x16x16_b32_cpu.png"]
     res = json.loads((out / files[0]).read_text())
     got = [(row["mode"], row["modules"], row["method"], row["recompute"]) for row in res["rows"]]
     # 2 blocks: sqrt checkpointing gives S = 1, K gives S = 2

@@ -64,6 +64,8 @@ import tempfile
 import time
 from typing import Callable
 
+import torch
+
 from edgetrain.bench.accuracy import AccuracyGrid, run_config, torch_threads
 from edgetrain.errors import UserError
 from edgetrain.regimes.resident import REGIMES
@@ -207,7 +209,6 @@ def residue_energies(run) -> dict:
     """Per block, on the validation split in eval mode: the mean over elements of r**2
     (the `mean` transport scaling), the mean over samples of ||r||**2 (`sample`), and
     ||r|| / ||x|| (the block's relative displacement), for every block of every stage."""
-    import torch
     sums: list[list[float]] = []
     n = 0
     with torch.no_grad():
