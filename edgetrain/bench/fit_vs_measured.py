@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from edgetrain import __version__
+from edgetrain.bench.results import write_json_and_markdown
 from edgetrain.budget.devices import load_profile
-from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
 from edgetrain.units import MIB
 
 PROFILES = ("cpu-2gb", "raspberry-pi-4-4gb", "raspberry-pi-5-8gb")
@@ -130,12 +130,8 @@ def _result(rows: list[dict], todo: int) -> dict:
 
 
 def write_result(result: dict, out_dir: Path) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {**result, "json_path": str(out_dir / "fit_vs_measured.json"),
-              "md_path": str(out_dir / "fit_vs_measured.md")}
-    atomic_write_json(Path(result["json_path"]), result)
-    atomic_write_text(Path(result["md_path"]), format_markdown(result))
-    return result
+    """Write `fit_vs_measured.json` and `fit_vs_measured.md` into `out_dir`."""
+    return write_json_and_markdown(result, out_dir, "fit_vs_measured", format_markdown)
 
 
 HEADER = ("| profile | model | input | budget MiB | plan | predicted MiB | planned need MiB | "

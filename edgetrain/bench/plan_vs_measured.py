@@ -26,9 +26,9 @@ import torch
 
 from edgetrain import __version__
 from edgetrain.bench.memory import bench_config, run_child
+from edgetrain.bench.results import write_json_and_markdown
 from edgetrain.budget.estimate import estimate_peak
 from edgetrain.measure import runtime_baseline_bytes, runtime_rss_bytes
-from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
 from edgetrain.units import MIB
 
 TOLERANCE = 0.15
@@ -137,12 +137,7 @@ def bench_plan_vs_measured(configs: list[dict] | None = None, threads: int = 2,
 
 def write_result(result: dict, out_dir: Path) -> dict:
     """Write `plan_vs_measured.json` and `plan_vs_measured.md` into `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {**result, "json_path": str(out_dir / "plan_vs_measured.json"),
-              "md_path": str(out_dir / "plan_vs_measured.md")}
-    atomic_write_json(Path(result["json_path"]), result)
-    atomic_write_text(Path(result["md_path"]), format_markdown(result))
-    return result
+    return write_json_and_markdown(result, out_dir, "plan_vs_measured", format_markdown)
 
 
 HEADER = ("| model | input | mode | K | batch | split | tensors pred. MiB | tensors meas. MiB | "
