@@ -33,13 +33,22 @@ class PeerLost(UserError):
     """Another rank stopped, or did not answer within the timeout."""
 
 
-def comm(what: str, fn, *args, **kw):
+def other_ranks() -> str:
+    """'rank 1' or 'one of ranks 1, 2, 3': who a collective on this rank waits for."""
+    me, n = dist.get_rank(), dist.get_world_size()
+    others = [str(r) for r in range(n) if r != me]
+    return f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(others)}"
+
+
+def comm(what: str, fn, *args, peer: int | None = None, **kw):
     """Run one torch.distributed call; its failure (gloo and NCCL raise RuntimeError
-    subclasses) becomes `PeerLost`, while errors elsewhere keep their traceback."""
+    subclasses) becomes `PeerLost` naming the rank lost (`peer`, or for a collective every
+    other rank), while errors elsewhere keep their traceback."""
     try:
         return fn(*args, **kw)
     except RuntimeError as e:
-        raise PeerLost(f"lost contact with another rank during {what} ({first_line(e)})") from None
+        who = f"rank {peer}" if peer is not None else other_ranks()
+        raise PeerLost(f"lost contact with {who} during {what} ({first_line(e)})") from None
 
 
 def encode_header(phase: int, index: int, z: torch.Tensor | None) -> torch.Tensor:
@@ -65,25 +74,25 @@ class Link:
     def __init__(self, peer: int, group, device: torch.device):
         self.peer, self.group, self.device = peer, group, device
 
+    def _p2p(self, what: str, fn, t: torch.Tensor) -> None:
+        comm(what, fn, t, self.peer, group=self.group, peer=self.peer)
+
     def send(self, phase: int, index: int, z: torch.Tensor | None, y: torch.Tensor | None) -> None:
-        what = f"send to rank {self.peer}"
-        comm(what, dist.send, encode_header(phase, index, z).to(self.device), self.peer, group=self.group)
+        self._p2p("a send", dist.send, encode_header(phase, index, z).to(self.device))
         if z is not None:
-            comm(what, dist.send, z.contiguous().to(self.device), self.peer, group=self.group)
-            comm(what, dist.send, y.to(self.device, torch.int64).contiguous(), self.peer,
-                  group=self.group)
+            self._p2p("a send", dist.send, z.contiguous().to(self.device))
+            self._p2p("a send", dist.send, y.to(self.device, torch.int64).contiguous())
 
     def recv(self) -> tuple[int, int, torch.Tensor | None, torch.Tensor | None]:
         h = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        what = f"receive from rank {self.peer}"
-        comm(what, dist.recv, h, self.peer, group=self.group)
+        self._p2p("a receive", dist.recv, h)
         phase, index, dtype, shape = decode_header(h)
         if phase == END:
             return phase, index, None, None
         z = torch.empty(shape, dtype=dtype, device=self.device)  # (B, C, H, W)
-        comm(what, dist.recv, z, self.peer, group=self.group)
+        self._p2p("a receive", dist.recv, z)
         y = torch.empty(shape[0], dtype=torch.int64, device=self.device)
-        comm(what, dist.recv, y, self.peer, group=self.group)
+        self._p2p("a receive", dist.recv, y)
         return phase, index, z, y
 
 
@@ -250,7 +259,7 @@ def all_gather_json(obj, device: torch.device) -> list:
     data = _tensor_from_json(obj, device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
     comm("all_gather", dist.all_gather, sizes,
-          torch.tensor([len(data)], dtype=torch.int64, device=device))
+         torch.tensor([len(data)], dtype=torch.int64, device=device))
     longest = int(max(s.item() for s in sizes))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: len(data)] = data
