@@ -2,11 +2,12 @@
 
 usage: python benchmarks/speed.py [--out benchmarks/results] [--ks 4,8] [--epochs 3]
        [--synthetic-size 512] [--cache-dtype float16] [--no-accuracy] [--no-rss]
+       [--parts regimes,cache_vs_recompute,disk_vs_ram,rss,accuracy]
 """
 import argparse
 from pathlib import Path
 
-from edgetrain.bench.speed import run_speed
+from edgetrain.bench.speed import PARTS, run_speed
 
 
 def main() -> None:
@@ -18,10 +19,13 @@ def main() -> None:
     ap.add_argument("--cache-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma-separated parts to run; the others keep their earlier figures")
     a = ap.parse_args()
     res = run_speed(Path(a.out), ks=[int(v) for v in a.ks.split(",")], epochs=a.epochs,
                     synthetic_size=a.synthetic_size, cache_dtype=a.cache_dtype,
-                    accuracy=not a.no_accuracy, rss=not a.no_rss)
+                    accuracy=not a.no_accuracy, rss=not a.no_rss,
+                    parts=tuple(a.parts.split(",")))
     print(res["table_md"])
 
 

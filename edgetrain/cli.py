@@ -49,9 +49,30 @@ def _fail(message: str, code: int) -> None:
 @click.version_option(__version__, prog_name="edgetrain")
 def cli() -> None:
     """Module-wise (TRGL) training for devices that cannot hold end-to-end backprop."""
-    from edgetrain.measure import compact_malloc  # imports torch: deferred
-    if os.environ.get("EDGETRAIN_MALLOC", "compact") != "system":  # README: the allocator
-        compact_malloc()  # freed feature maps go back to the OS at once
+    from edgetrain.measure import apply_malloc_policy, default_threads  # imports torch: deferred
+    policy = malloc_policy()
+    if policy != "auto":  # auto: chosen per job, once its memory budget is known
+        apply_malloc_policy(policy)
+    default_threads()  # no more intra-op threads than the CPUs this process may use
+
+
+def malloc_policy() -> str:
+    """EDGETRAIN_MALLOC (README: the allocator), checked: a bad value stops with exit 2."""
+    from edgetrain.measure import MALLOC_DEFAULT, resolve_malloc_policy  # imports torch: deferred
+    spec = os.environ.get("EDGETRAIN_MALLOC", MALLOC_DEFAULT)
+    try:
+        resolve_malloc_policy(spec, False)
+    except ValueError as e:
+        _fail(str(e), 2)
+    return spec
+
+
+def job_malloc(budgeted: bool) -> None:
+    """Apply the allocator policy for a training job (EDGETRAIN_MALLOC=auto: by its budget)."""
+    from edgetrain import measure  # imports torch: deferred
+    spec = malloc_policy()
+    if spec == "auto":
+        measure.apply_malloc_policy(measure.resolve_malloc_policy(spec, budgeted))
 
 
 def train_options(fn):
@@ -172,6 +193,7 @@ def train(out, progress, device_profile, memory_budget, resume_dir, fit, **opts)
     else:
         cfg = config_from_options(apply_budget_options(opts, device_profile, memory_budget))
     out_dir = Path(out) if out else default_out_dir(cfg)
+    job_malloc(cfg.memory_budget is not None)
     launch = None
     if cfg.distributed:  # the library never reads the environment: torchrun's variables, here
         from edgetrain.regimes.distributed import launch_from_env  # imports torch: deferred
@@ -325,6 +347,11 @@ def resume_cmd(run_dir: Path, progress: bool) -> None:
         raise UserError(f"--resume takes the configuration from {run_dir}/config.json; "
                         f"do not combine it with {', '.join(given)}")
     from edgetrain.regimes.schedule import resume  # imports torch: deferred
+    try:  # a budgeted run resumes under the same allocator policy (an unreadable file: resume says)
+        budgeted = json.loads((run_dir / "config.json").read_text()).get("memory_budget") is not None
+    except (OSError, ValueError, AttributeError):
+        budgeted = False
+    job_malloc(budgeted)
     launch = None
     if os.environ.get("WORLD_SIZE"):  # under torchrun: a distributed run's rank
         from edgetrain.regimes.distributed import launch_from_env  # imports torch: deferred

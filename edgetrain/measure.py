@@ -19,6 +19,8 @@ import ctypes
 import ctypes.util
 from dataclasses import dataclass, field
 import functools
+import math
+import os
 import resource
 import subprocess
 import sys
@@ -130,6 +132,9 @@ def account_training_step(model: torch.nn.Module, opt: torch.optim.Optimizer,
 
 
 # --------------------------------------------------------------------------- process memory
+MALLOC_DEFAULT = "auto"  # what the CLI applies when EDGETRAIN_MALLOC is unset
+
+
 def compact_malloc(threshold_bytes: int = MIB) -> bool:
     """Serve every allocation of `threshold_bytes` or more with its own mmap, so a freed
     tensor goes back to the operating system at once. Returns False outside glibc.
@@ -155,6 +160,69 @@ def compact_malloc(threshold_bytes: int = MIB) -> bool:
         return bool(libc.mallopt(-3, int(threshold_bytes)))  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
+
+
+def parse_malloc_policy(spec: str) -> int | None:
+    """EDGETRAIN_MALLOC: "system" (glibc untouched: None), "compact" (1 MiB) or "mmap:N"
+    (a fixed mmap threshold of N MiB, 0 < N <= 32): the threshold in bytes. ("auto" is
+    resolved per job first: `resolve_malloc_policy`.)"""
+    if spec == "system":
+        return None
+    if spec == "compact":
+        return MIB
+    head, _, n = spec.partition(":")
+    try:
+        mib = float(n)
+    except ValueError:
+        mib = -1.0
+    if head != "mmap" or not 0 < mib <= 32:  # glibc caps M_MMAP_THRESHOLD at 32 MiB
+        raise ValueError(f"EDGETRAIN_MALLOC={spec!r}: use auto, system, compact or mmap:N "
+                         "(N MiB, 0 < N <= 32)")
+    return int(mib * MIB)
+
+
+def resolve_malloc_policy(spec: str, budgeted: bool) -> str:
+    """EDGETRAIN_MALLOC's "auto" (the CLI's default) for a job: "compact" under a memory budget
+    (a device profile, --memory-budget, --fit: the planner's figures assume freed feature maps
+    leave the process), else "system" (glibc's default: on a ResNet-110 3x96x96 job compact
+    held a third of glibc's peak RSS but took 1.9x the wall time; on the quick start's job
+    and `bench speed`'s it saved < 12% for 1.3-1.9x: benchmarks/results/allocator.md)."""
+    if spec == "auto":
+        return "compact" if budgeted else "system"
+    parse_malloc_policy(spec)
+    return spec
+
+
+def apply_malloc_policy(spec: str) -> bool:
+    """Apply an EDGETRAIN_MALLOC policy to this process (see `parse_malloc_policy`)."""
+    threshold = parse_malloc_policy(spec)
+    return False if threshold is None else compact_malloc(threshold)
+
+
+def usable_cores() -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota
+    (`cpu.max`, what `docker --cpus` sets) rounded up. torch's default thread count is the
+    machine's cores, which oversubscribes a container given fewer."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def default_threads() -> int | None:
+    """Set torch's intra-op threads to `usable_cores()` unless the user chose
+    (OMP_NUM_THREADS) or torch already uses no more; returns the count set, else None."""
+    if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() <= usable_cores():
+        return None
+    torch.set_num_threads(usable_cores())
+    return usable_cores()
 
 
 def _status_kib(key: str) -> int | None:

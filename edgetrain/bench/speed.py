@@ -189,8 +189,43 @@ def cache_accuracy(tmp: Path) -> list[dict]:
     return rows
 
 
+def regime_wall_clock(tmp: Path, k: int, epochs: int, synthetic_size: int,
+                      cache_dtype: str) -> list[dict]:
+    """Wall time of `train` for each regime, same network, data and --epochs (sequential and
+    multilap: epochs per module, so every module sees the data as often as in e2e): the
+    whole call, and its training steps alone (metrics.json's timings.step_s)."""
+    rows = []
+    for mode in ("e2e", "parallel", "sequential", "multilap"):
+        cfg = speed_cfg(k, epochs, synthetic_size, cache_dtype, mode=mode,
+                        laps=2 if mode == "multilap" and epochs % 2 == 0 else 1)
+        t0 = time.perf_counter()
+        m = train(cfg, tmp / f"regime-{mode}")
+        total = time.perf_counter() - t0
+        steps = m["timings"]["step_s"]  # training steps only (no cache writes, no evaluation)
+        rows.append({"mode": mode, "modules": k, "epochs": epochs, "total_s": total,
+                     "step_s": steps})
+    e2e = rows[0]
+    for r in rows:
+        r["total_over_e2e"] = r["total_s"] / e2e["total_s"]
+        r["step_over_e2e"] = r["step_s"] / e2e["step_s"] if e2e["step_s"] else None
+    return rows
+
+
 def _table(res: dict) -> str:
-    lines = ["| K | epochs | recompute s | cache s | cache / recompute |", "|---|---|---|---|---|"]
+    lines = []
+    if res.get("regimes"):
+        lines += ["Every regime, one run each, same network (resnet56, 3x32x32 synthetic, "
+                  f"{res['synthetic_size']} samples, batch 64, seed 0) and --epochs (sequential "
+                  "and multilap: per module; multilap in 2 laps). Parts without a stamp above "
+                  "are from an earlier run.", "",
+                  "| regime | K | epochs | train() wall s | wall / e2e | steps s (sum of step_s) "
+                  "| steps / e2e |", "|---|---|---|---|---|---|---|"]
+        for r in res["regimes"]:
+            so = "" if r["step_over_e2e"] is None else f"{r['step_over_e2e']:.3f}"
+            lines.append(f"| {r['mode']} | {r['modules']} | {r['epochs']} | {r['total_s']:.1f} | "
+                         f"{r['total_over_e2e']:.3f} | {r['step_s']:.1f} | {so} |")
+        lines.append("")
+    lines += ["| K | epochs | recompute s | cache s | cache / recompute |", "|---|---|---|---|---|"]
     for r in res.get("cache_vs_recompute") or []:
         lines.append(f"| {r['modules']} | {r['epochs']} | {r['recompute_s']:.1f} | "
                      f"{r['cache_s']:.1f} | {r['cache_over_recompute']:.3f} |")
@@ -220,8 +255,12 @@ def _table(res: dict) -> str:
     return "\n".join(lines)
 
 
+PARTS = ("regimes", "cache_vs_recompute", "disk_vs_ram", "rss", "accuracy")
+
+
 def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_size: int = 512,
-              cache_dtype: str = "float16", accuracy: bool = True, rss: bool = True) -> dict:
+              cache_dtype: str = "float16", accuracy: bool = True, rss: bool = True,
+              parts: tuple[str, ...] = PARTS) -> dict:
     """Run the speed benchmark; write speed.json and speed.md to `out_dir`; return results.
 
     Args:
@@ -232,23 +271,68 @@ def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_
         cache_dtype: storage dtype of the cache.
         accuracy: also run the digits accuracy comparison (4 short runs).
         rss: also run the RSS-vs-samples comparison (2 fresh processes).
+        parts: which parts to run (of PARTS); the others keep the figures of an earlier run
+            in `out_dir`/speed.json, each part stamped with when and under what load it ran.
     """
     out_dir = Path(out_dir)
-    res = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-           "cache_dtype": cache_dtype, "synthetic_size": synthetic_size}
-    parts = [("cache_vs_recompute", lambda t: cache_vs_recompute(t, list(ks), epochs,
-                                                                  synthetic_size, cache_dtype)),
-             ("disk_vs_ram", lambda t: disk_vs_ram(t, max(ks), 1, synthetic_size, cache_dtype)),
-             ("rss", lambda t: rss_vs_samples(t) if rss else None),
-             ("accuracy", lambda t: cache_accuracy(t) if accuracy else None)]
+    old = out_dir / "speed.json"
+    res = json.loads(old.read_text()) if old.is_file() else {}
+    res.update({"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                "cache_dtype": cache_dtype, "synthetic_size": synthetic_size})
+    jobs = {"regimes": lambda t: regime_wall_clock(t, max(ks), epochs, synthetic_size,
+                                                   cache_dtype),
+            "cache_vs_recompute": lambda t: cache_vs_recompute(t, list(ks), epochs,
+                                                               synthetic_size, cache_dtype),
+            "disk_vs_ram": lambda t: disk_vs_ram(t, max(ks), 1, synthetic_size, cache_dtype),
+            "rss": lambda t: rss_vs_samples(t) if rss else None,
+            "accuracy": lambda t: cache_accuracy(t) if accuracy else None}
     with tempfile.TemporaryDirectory(prefix="edgetrain-speed-") as d:
-        for name, fn in parts:  # results are written after every part
-            res[name] = fn(Path(d))
+        for name in [p for p in PARTS if p in parts]:  # results are written after every part
+            load = os.getloadavg()[0]
+            res[name] = jobs[name](Path(d))
+            res.setdefault("measured", {})[name] = {
+                "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "load_before": load,
+                "load_after": os.getloadavg()[0]}
             _write(out_dir, res)
     return res
+
+
+# what became of each candidate of `bench/speedups.py` (the figures come from its results)
+DECISIONS = {
+    "channels_last": "kept: on CPU the modules are channels-last (regimes/run.py build_run)",
+    "sgd foreach": "rejected: no win beyond the rounds' spread",
+    "sgd fused": "rejected: slower",
+    "torch.compile": "rejected as a default: the cold compile outweighs the faster steps",
+    "threads=1": "(threads) kept: the CLI uses the CPUs the process may use (measure.usable_cores)",
+}
+
+
+def speedups_section(out_dir: Path) -> str:
+    """speedups*.json in `out_dir` as tables with the decision taken on each candidate."""
+    lines = []
+    for path in sorted(Path(out_dir).glob("speedups*.json")):
+        r = json.loads(path.read_text())
+        shape = "x".join(map(str, r["input_shape"]))
+        lines += [f"\n## Step-time candidates: {r['model']} {shape} batch {r['batch']}, module "
+                  f"{r['module']} of K={r['modules']} ({path.name}; {r['rounds']} paired rounds, "
+                  f"load {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f})\n",
+                  "| variant | ratio to today's step (median) | decision |", "|---|---:|---|"]
+        for row in r["rows"][1:]:
+            extra = (f"; with the {row['compile_s']:.0f} s cold compile over {row['job_steps']} "
+                     f"steps: {row['ratio_with_compile']:.3f}" if "compile_s" in row else "")
+            decision = DECISIONS.get(row["variant"], "threads: oversubscribed" if
+                                     row["variant"].startswith("threads=") else "")
+            lines.append(f"| {row['variant']} | {row['ratio']:.3f}{extra} | {decision} |")
+        lines.append(f"| inference_mode for frozen passes | "
+                     f"{r['prefix_inference_over_no_grad']:.3f} | rejected: within the noise |")
+    return "\n".join(lines)
 
 
 def _write(out_dir: Path, res: dict) -> None:
     res["table_md"] = _table(res)
     atomic_write_json(out_dir / "speed.json", res)
-    atomic_write_text(out_dir / "speed.md", "# edgetrain bench speed\n\n" + res["table_md"] + "\n")
+    when = "; ".join(f"{k}: {v['utc']} UTC, load {v['load_before']:.2f} -> {v['load_after']:.2f}"
+                     for k, v in res.get("measured", {}).items())
+    atomic_write_text(out_dir / "speed.md", "# edgetrain bench speed\n\n"
+                      + (f"Parts measured: {when}.\n\n" if when else "") + res["table_md"] + "\n"
+                      + speedups_section(out_dir) + "\n")

@@ -1,0 +1,129 @@
+"""The allocator policy, the default thread count, and the speed benchmarks' small parts."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edgetrain import measure
+from edgetrain.units import MIB
+
+
+@pytest.mark.parametrize("spec,expect", [("system", None), ("compact", MIB),
+                                         ("mmap:4", 4 * MIB), ("mmap:0.5", MIB // 2),
+                                         ("mmap:32", 32 * MIB)])
+def test_malloc_policies_parse(spec, expect):
+    assert measure.parse_malloc_policy(spec) == expect
+
+
+@pytest.mark.parametrize("spec", ["", "fast", "mmap", "mmap:", "mmap:0", "mmap:33", "mmap:x",
+                                  "brk:4"])
+def test_bad_malloc_policies_are_refused(spec):
+    with pytest.raises(ValueError, match="EDGETRAIN_MALLOC"):
+        measure.parse_malloc_policy(spec)
+
+
+def test_auto_compacts_only_under_a_memory_budget():
+    assert measure.resolve_malloc_policy("auto", True) == "compact"
+    assert measure.resolve_malloc_policy("auto", False) == "system"
+    assert measure.resolve_malloc_policy("mmap:8", True) == "mmap:8"  # the user's choice wins
+    with pytest.raises(ValueError):
+        measure.resolve_malloc_policy("mmap:64", False)
+
+
+def test_a_bad_malloc_policy_is_one_line_and_exit_2(tmp_path):
+    env = {**os.environ, "EDGETRAIN_MALLOC": "mmap:99"}
+    p = subprocess.run([sys.executable, "-m", "edgetrain.cli", "train", "--out",
+                        str(tmp_path / "r")], env=env, capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == ["error: EDGETRAIN_MALLOC='mmap:99': use auto, "
+                                             "system, compact or mmap:N (N MiB, 0 < N <= 32)"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_usable_cores_follows_a_cgroup_quota(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        if path == "/sys/fs/cgroup/cpu.max":
+            from io import StringIO  # a fake cgroup file
+            return StringIO(quota)
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr("builtins.open", fake_open)
+    for quota, expect in [("max 100000\n", 8), ("150000 100000\n", 2), ("50000 100000\n", 1),
+                          ("800000 100000\n", 8), ("garbage\n", 8)]:
+        assert measure.usable_cores() == expect, quota
+
+
+def test_default_threads_lowers_torch_to_the_usable_cores_unless_the_user_chose(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        monkeypatch.setattr(measure, "usable_cores", lambda: 1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert measure.default_threads() is None and torch.get_num_threads() == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert measure.default_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(measure, "usable_cores", lambda: 4)
+        assert measure.default_threads() is None and torch.get_num_threads() == 1  # never raised
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_allocator_bench_summary_pairs_rounds():
+    from edgetrain.bench.allocator import summarise
+    runs = [{"round": 0, "policy": "system", "wall_s": 10.0, "user_s": 1, "system_s": 1,
+             "peak_rss_mib": 100.0},
+            {"round": 0, "policy": "compact", "wall_s": 12.0, "user_s": 1, "system_s": 2,
+             "peak_rss_mib": 90.0},
+            {"round": 1, "policy": "system", "wall_s": 20.0, "user_s": 1, "system_s": 1,
+             "peak_rss_mib": 100.0},
+            {"round": 1, "policy": "compact", "wall_s": 22.0, "user_s": 1, "system_s": 2,
+             "peak_rss_mib": 80.0}]
+    rows = {r["policy"]: r for r in summarise(runs, ["system", "compact"])}
+    assert rows["system"]["wall_vs_system"] == 1.0
+    assert rows["compact"]["wall_vs_system_each"] == [1.2, 1.1]
+    assert rows["compact"]["wall_vs_system"] == pytest.approx(1.15)
+    assert rows["compact"]["rss_vs_system"] == pytest.approx(0.85)
+
+
+def test_allocator_bench_refuses_a_bad_policy_before_running(tmp_path):
+    from edgetrain.bench.allocator import run_allocator
+    with pytest.raises(ValueError, match="EDGETRAIN_MALLOC"):
+        run_allocator(tmp_path, {"default": 1}, ["system", "mmap:64"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_speedups_bench_runs_every_variant_on_a_tiny_network(tmp_path):
+    from edgetrain.bench.speedups import run_speedups
+    res = run_speedups(tmp_path, model="resnet20", input_shape=(1, 8, 8), batch=8, modules=2,
+                       rounds=1, warmup=1, steps=2, compile_=False)
+    names = [r["variant"] for r in res["rows"]]
+    assert names[0] == "baseline" and res["rows"][0]["ratio"] == 1.0
+    assert {"channels_last", "sgd foreach", "sgd fused"} <= set(names)
+    assert all(r["step_ms"] > 0 for r in res["rows"])
+    saved = json.loads((tmp_path / "speedups.json").read_text())
+    assert saved["rows"] == res["rows"] and (tmp_path / "speedups.md").read_text().count("|") > 10
+
+
+def test_cpu_modules_are_channels_last_and_their_files_load_back(tmp_path):
+    from edgetrain.config import RunConfig
+    from edgetrain.regimes.run import build_run
+    from edgetrain.storage.modules import load_module, save_module
+    cfg = RunConfig(data="synthetic", input_shape=(3, 8, 8), synthetic_size=64, model="resnet20",
+                    modules=2, mode="sequential", epochs=1, batch_size=16, device="cpu")
+    run = build_run(cfg)
+    convs = [m.weight for st in run.stages for m in st.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)  # the format really changed
+    save_module(tmp_path, 0, run.stages[0])
+    fresh = build_run(cfg).stages[0]
+    for p in fresh.parameters():
+        p.data.zero_()
+    load_module(tmp_path, 0, fresh)
+    for (n, a), (_, b) in zip(run.stages[0].state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), n
