@@ -108,22 +108,3 @@ def test_speedups_bench_runs_every_variant_on_a_tiny_network(tmp_path):
     saved = json.loads((tmp_path / "speedups.json").read_text())
     assert saved["rows"] == res["rows"] and (tmp_path / "speedups.md").read_text().count("|") > 10
 
-
-def test_cpu_modules_are_channels_last_and_their_files_load_back(tmp_path):
-    from edgetrain.config import RunConfig
-    from edgetrain.regimes.run import build_run
-    from edgetrain.storage.modules import load_module, save_module
-    cfg = RunConfig(data="synthetic", input_shape=(3, 8, 8), synthetic_size=64, model="resnet20",
-                    modules=2, mode="sequential", epochs=1, batch_size=16, device="cpu")
-    run = build_run(cfg)
-    convs = [m.weight for st in run.stages for m in st.modules()
-             if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
-    assert not all(w.is_contiguous() for w in convs)  # the format really changed
-    save_module(tmp_path, 0, run.stages[0])
-    fresh = build_run(cfg).stages[0]
-    for p in fresh.parameters():
-        p.data.zero_()
-    load_module(tmp_path, 0, fresh)
-    for (n, a), (_, b) in zip(run.stages[0].state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(a, b), n

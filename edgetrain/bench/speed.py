@@ -299,7 +299,9 @@ def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_
 
 # what became of each candidate of `bench/speedups.py` (the figures come from its results)
 DECISIONS = {
-    "channels_last": "kept: on CPU the modules are channels-last (regimes/run.py build_run)",
+    "channels_last": "rejected for now: faster, but torch 2.14 corrupted the heap in the backward "
+                     "of a width-4 kmresnet at one thread (digits, batch 50; 'corrupted "
+                     "double-linked list'); to adopt once isolated",
     "sgd foreach": "rejected: no win beyond the rounds' spread",
     "sgd fused": "rejected: slower",
     "torch.compile": "rejected as a default: the cold compile outweighs the faster steps",

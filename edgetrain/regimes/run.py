@@ -126,11 +126,11 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
     if cfg.train_modules is not None:
         freeze_outside(cfg, net, stages, module_bounds, loaded_heads)
         finetune["train_modules"] = list(cfg.train_modules)
-    # channels-last weights on CPU: a module's step took 0.83x (resnet56 3x32x32) and 0.87x
-    # (kmresnet 1x8x8) of the default format's (benchmarks/results/speedups*.md)
-    fmt = torch.channels_last if device.type == "cpu" else torch.preserve_format
+    # Not channels-last, although a module's CPU step took 0.83x-0.87x the time that way
+    # (benchmarks/results/speedups*.md): torch 2.14's CPU kernels corrupted the heap on a
+    # width-4 kmresnet at one thread ("corrupted double-linked list"; see speed.md)
     for st in stages:
-        st.to(device, memory_format=fmt).set_recompute(cfg.recompute)
+        st.to(device).set_recompute(cfg.recompute)
     return Run(cfg, data, net, bounds, stages, device, finetune=finetune or None)
 
 
