@@ -1,8 +1,18 @@
-"""The data pack's figures: peak RSS flat in the data set size (pack vs in-RAM), module 0's
-samples/s streamed vs in-RAM (page cache warm and evicted), images/s packing a folder.
-Every figure from a fresh process (`edgetrain.bench.data_stream`); the load average beside it.
+"""The data pack's figures: peak RSS flat in the data set size (image folders of N and 8N
+images, streamed from the pack vs in RAM, e2e and sequential), module 0's samples/s streamed
+vs in-RAM (page cache warm and evicted), images/s packing a folder. Every figure from a fresh
+process (`edgetrain.bench.data_stream`); the load average beside it.
 
-    python benchmarks/data_stream.py --n 5000 --out benchmarks/results
+    python benchmarks/data_stream.py --n 5000 --out benchmarks/results      # everything
+    python benchmarks/data_stream.py --parts memory --n 5000                 # the memory table
+    python benchmarks/data_stream.py --quick                                 # < 1 minute smoke run
+
+`memory` writes data_stream_memory.json / .md; `throughput` and `pack` write data_stream.json.
+`--quick` measures the memory table only (unless --parts says otherwise) on folders of 40 and
+160 images packed at 3x8x8, batch 40, into a temporary directory (unless --out is given): it
+checks that the benchmark runs (9 fresh processes, each importing torch); its figures mean
+nothing. The work directory (folders, packs)
+is printed at the end: delete it when done.
 """
 from __future__ import annotations
 
@@ -13,6 +23,8 @@ from pathlib import Path
 import sys
 import tempfile
 import time
+
+QUICK = dict(n=40, factor=4, image_size=(8, 8), batch_size=40)
 
 
 def cfg(n: int, mode: str, cache: str, width: int, depth: int, train_size=None) -> dict:
@@ -33,23 +45,64 @@ def write_folder(root: Path, n: int, ext: str, side: int) -> None:
         Image.fromarray(small).resize((side, side), Image.Resampling.BILINEAR).save(d / f"{i:06d}.{ext}")
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=5000)
-    p.add_argument("--factor", type=int, default=8)
+    p.add_argument("--n", type=int, default=None, help="N images (default 5000; --quick 40)")
+    p.add_argument("--factor", type=int, default=None, help="the large folder holds factor x N")
+    p.add_argument("--image-size", default=None, help="HxW of the packed folders (64x64)")
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--width", type=int, default=2)
-    p.add_argument("--depth", type=int, default=1)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--module0-train-size", type=int, default=2000)
     p.add_argument("--pack-images", type=int, default=1000)
-    p.add_argument("--parts", nargs="+", default=["throughput", "pack", "memory"])
-    p.add_argument("--out", default="benchmarks/results")
-    a = p.parse_args(argv)
-    from edgetrain.bench.data_stream import run_child
+    p.add_argument("--parts", nargs="+", default=None, choices=["throughput", "pack", "memory"],
+                   help="default: all three (--quick: memory)")
+    p.add_argument("--quick", action="store_true", help="a < 1 minute smoke run (see above)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results; "
+                                               "--quick: a temporary directory)")
+    return p.parse_args(argv)
+
+
+def memory_setup(a: argparse.Namespace):
+    from edgetrain.bench.data_stream import MemorySetup
+    from edgetrain.config import parse_image_size
+    base = QUICK if a.quick else {}
+    pick = lambda name, default: getattr(a, name) if getattr(a, name) is not None \
+        else base.get(name, default)  # noqa: E731
+    return MemorySetup(n=pick("n", 5000), factor=pick("factor", 8),
+                       image_size=parse_image_size(a.image_size) or base.get("image_size",
+                                                                              (64, 64)),
+                       channels=a.channels, width=a.width, depth=a.depth,
+                       batch_size=pick("batch_size", 128), threads=a.threads)
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    parts = a.parts or (["memory"] if a.quick else ["throughput", "pack", "memory"])
     tmp = Path(tempfile.mkdtemp(prefix="edgetrain-data-bench-"))
+    out_dir = Path(a.out) if a.out else (tmp / "results" if a.quick else Path("benchmarks/results"))
+    machine = ("shared 2-core CPU host, other engineers' jobs running (load average recorded "
+               "per row)")
+    if "memory" in parts:
+        from edgetrain.bench.data_stream import run_memory_table
+        res = run_memory_table(memory_setup(a), tmp, out_dir, machine)
+        print(f"wrote {res['md_path']}")
+    if {"throughput", "pack"} & set(parts):
+        other_parts(a, parts, tmp, out_dir, machine)
+    print(f"work directory (image folders, packs): {tmp}")
+    return 0
+
+
+def other_parts(a, parts, tmp: Path, out_dir: Path, machine: str) -> None:
+    """Module 0's samples/s (synthetic 3x64x64) and packing images/s -> data_stream.json."""
+    from edgetrain.bench.data_stream import run_child
     cache = str(tmp / "cache")
-    out = Path(a.out) / "data_stream.json"
-    res = {"machine": "shared 2-core CPU host, other engineers' jobs running (load average "
-                      "recorded per row)", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    n = a.n or 5000
+    out = out_dir / "data_stream.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = {"machine": machine, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "uptime_start": os.popen("uptime").read().strip(), "args": vars(a), "rows": []}
 
     def record(row):
@@ -57,30 +110,21 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         out.write_text(json.dumps(res, indent=1))
 
-    sizes = [a.n, a.n * a.factor]
-    for n in sizes:  # packing the synthetic sets is not measured
+    if "throughput" in parts:
         run_child({"kind": "prepack", "cfg": cfg(n, "e2e", cache, a.width, a.depth)})
-    if "throughput" in a.parts:
         for reader in ("ram", "warm", "evicted", "ram", "warm", "evicted"):
-            c = cfg(a.n, "sequential", cache, 4, 2, a.module0_train_size)
+            c = cfg(n, "sequential", cache, 4, 2, a.module0_train_size)
             r = run_child({"kind": "module0", "cfg": c, "reader": reader})
             record({"part": "module0", "reader": reader, **r})
-    if "pack" in a.parts:
+    if "pack" in parts:
         for ext, side in (("png", 64), ("jpg", 256)):
             folder = tmp / f"folder-{ext}"
             write_folder(folder, a.pack_images, ext, side)
             r = run_child({"kind": "pack", "folder": str(folder), "data_cache": cache,
                            "size": [64, 64]})
             record({"part": "pack", "format": ext, "source_side": side, **r})
-    if "memory" in a.parts:
-        for mode, reader in (("e2e", "pack"), ("sequential", "pack"), ("e2e", "ram")):
-            for n in sizes:
-                r = run_child({"kind": "train", "cfg": cfg(n, mode, cache, a.width, a.depth),
-                               "reader": reader, "out_dir": str(tmp / f"run-{mode}-{n}-{reader}")})
-                record({"part": "memory", "mode": mode, "reader": reader, "n_images": n, **r})
     res["uptime_end"] = os.popen("uptime").read().strip()
     out.write_text(json.dumps(res, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

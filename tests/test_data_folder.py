@@ -282,16 +282,94 @@ def test_predict_on_a_file_that_is_not_an_image(tmp_path, digits_folder):
     assert r.exit_code == 2 and "no such file" in r.output
 
 
-def test_eval_says_when_the_folder_is_gone(tmp_path):
+def _gone_folder_run(tmp_path: Path, mode: str = "e2e") -> tuple[Path, Path, dict]:
+    """A tiny run trained on a 3-class folder: (folder, run directory, metrics)."""
     x, y = digits_arrays(100)
     data = write_folder(tmp_path / "gone", x, y % 3)
-    cfg = tiny_cfg(data=str(data), train_size=None, mode="e2e", epochs=1,
+    cfg = tiny_cfg(data=str(data), train_size=None, mode=mode, epochs=1,
                    data_cache=str(tmp_path / "c"))
-    train(cfg, tmp_path / "run")
-    import shutil  # only this test removes a folder
+    return data, tmp_path / "run", train(cfg, tmp_path / "run")
+
+
+def test_eval_reads_the_pack_when_the_folder_is_gone_and_says_when_both_are(tmp_path):
+    import shutil  # only these tests remove folders
+    data, run, metrics = _gone_folder_run(tmp_path)
     shutil.rmtree(data)
-    r = CliRunner().invoke(cli, ["eval", str(tmp_path / "run")])
-    assert r.exit_code == 2 and "is gone" in r.output
+    r = CliRunner().invoke(cli, ["eval", str(run)])
+    assert r.exit_code == 0, r.output
+    again = evaluate_run(run)  # the same figures as training's, from the pack alone
+    assert [e["test_acc"] for e in again["modules"]] == pytest.approx(
+        [m["test_acc"] for m in metrics["modules"]], abs=1e-9)
+    assert sum(again["test_per_class"]["support"]) == metrics["data"]["counts"]["test"]
+    pack_dir = next(p for p in (tmp_path / "c").iterdir() if not p.name.startswith("."))
+    shutil.rmtree(tmp_path / "c")
+    r = CliRunner().invoke(cli, ["eval", str(run)])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert str(data) in lines[0] and "is gone" in lines[0]  # what is missing
+    assert f"looked for {pack_dir}" in lines[0]  # and where it looked
+
+
+@pytest.mark.slow  # ~15 s: train, then torch.export
+def test_export_needs_only_the_run_directory(tmp_path):
+    """Folder and pack deleted: export still checks the file with ONNX Runtime (on inputs
+    built from preprocessing.json), and the file classifies an image as predict does."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import shutil  # only these tests remove folders
+    data, run, _ = _gone_folder_run(tmp_path, mode="sequential")
+    image = tmp_path / "one.png"
+    shutil.copy(next((data / "test" / "class1").iterdir()), image)
+    shutil.rmtree(data)
+    shutil.rmtree(tmp_path / "c")
+    out = tmp_path / "p.onnx"
+    r = CliRunner().invoke(cli, ["export", str(run), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "same class on 256/256" in r.output
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["class_names"]) == ["class0", "class1", "class2"]
+    mean = np.array(json.loads(meta["mean"]), np.float32).reshape(1, -1, 1, 1)
+    std = np.array(json.loads(meta["std"]), np.float32).reshape(1, -1, 1, 1)
+    px = np.asarray(Image.open(image).convert("L"), np.float32)[None, None]  # (1, 1, H, W)
+    logits = sess.run(None, {"input": (px / 255.0 - mean) / std})[0]
+    k, preds = predict(run, [image], depth=json.loads(meta["depth"]), top_k=1)
+    assert ["class0", "class1", "class2"][int(logits.argmax())] == preds[0].top[0][0]
+
+
+def test_one_writer_decodes_a_folder_while_another_waits(tmp_path, monkeypatch, digits_folder):
+    """Two packers of one folder at once (two threads: flock excludes separate opens): the
+    second waits on the pack's writer lock and reads the first one's pack, so every image
+    is decoded once; no lock file or temporary directory is left."""
+    import threading  # two concurrent packers
+    import time  # the first decode lingers so that the second packer overlaps it
+    import edgetrain.data.pack as pack_mod  # the decode hook that counts
+    real, calls = pack_mod.decode, []
+
+    def slow_decode(path, policy):
+        calls.append(path)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return real(path, policy)
+
+    monkeypatch.setattr(pack_mod, "decode", slow_decode)
+    got, errors = [], []
+
+    def pack():
+        try:
+            got.append(open_folder_pack(digits_folder, tmp_path / "c").directory)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=pack) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join(120)
+    assert not errors and len(got) == 2 and got[0] == got[1]
+    assert len(calls) == 400  # each image decoded once, not once per packer
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [got[0].name]
 
 
 # --------------------------------------------------------------------------- README

@@ -106,6 +106,45 @@ def test_bad_distributed_options(args, needle):
     assert r.exit_code == 2 and needle in r.output, r.output
 
 
+@pytest.mark.slow  # ~30 s: two ranks start torch and train
+def test_two_ranks_train_from_an_image_folder(tmp_path):
+    """Both ranks open a new folder's pack at once (launched without torchrun): one decodes
+    it, the other waits on the pack's writer lock; metrics.json is a folder run's and eval
+    reads the run."""
+    from tests.test_data_folder import digits_arrays, write_folder  # the folder writer
+    x, y = digits_arrays(300)
+    folder = write_folder(tmp_path / "photos", x, y, size=16)
+    out, cache, port = tmp_path / "run", tmp_path / "c", free_port()
+    assert TINY[:4] == ["--data", "digits", "--train-size", "400"]
+    args = ["--data", str(folder), "--data-cache", str(cache), *TINY[4:], "--distributed",
+            "--out", str(out)]
+    procs = [subprocess.Popen([sys.executable, "-m", "edgetrain.cli", "train", *args],
+                              env=loopback_env(RANK=str(rank), WORLD_SIZE="2",
+                                               LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                                               MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["distributed"]["rank_modules"] == [[0], [1]]
+    assert m["data"]["counts"] == {"train": 240, "test": 60}  # the folder's train/ and test/
+    assert m["data"]["skipped_bad_images"] == 0
+    assert m["best_test_acc"] > 0.1  # above chance (10 classes)
+    packs = list(cache.iterdir())  # one pack; no lock file or temporary directory left
+    assert len(packs) == 1 and packs[0].name.startswith("photos-"), packs
+    prep = json.loads((out / "preprocessing.json").read_text())
+    assert prep["class_names"] == [f"class{i}" for i in range(10)]
+    again = evaluate_run(out)
+    assert [e["test_acc"] for e in again["modules"]] == pytest.approx(
+        [mm["test_acc"] for mm in m["modules"]], abs=1e-9)
+
+
 def test_a_dying_rank_stops_the_other_with_exit_2(tmp_path):
     """Launched without torchrun (whose agent would kill the survivor itself): once training
     has started, rank 1 is killed; rank 0 must notice and stop on its own, not hang."""

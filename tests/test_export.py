@@ -23,6 +23,7 @@ pytest.importorskip("onnxscript")
 from edgetrain import __version__  # noqa: E402
 from edgetrain.cli import cli  # noqa: E402
 from edgetrain.errors import UserError  # noqa: E402
+from edgetrain.export import onnx_check as ex_check  # noqa: E402
 from edgetrain.export import onnx_export as ex  # noqa: E402
 from edgetrain.method.stage import Prefix
 from edgetrain.regimes.run import load_run
@@ -79,8 +80,8 @@ def test_checker_passes_and_onnxruntime_agrees_with_pytorch(trained, exported, a
     assert torch.equal(got, want)  # same class on every test sample
     acc = int((got == data.test.y).sum()) / len(data.test)
     assert acc == pytest.approx(metrics["modules"][k - 1]["test_acc"], abs=1e-9)
-    assert rep["onnx_test_acc"] == pytest.approx(acc, abs=1e-9)
-    assert rep["class_disagreements"] == 0 and rep["n_test"] == len(data.test)
+    assert rep["prefix_test_acc"] == pytest.approx(acc, abs=1e-9)  # the recorded figure
+    assert rep["class_disagreements"] == 0 and rep["n_check"] == ex_check.CHECK_SAMPLES
     assert rep["file_bytes"] == Path(rep["path"]).stat().st_size
     assert rep["whole_test_acc"] == metrics["modules"][-1]["test_acc"]
 
@@ -98,6 +99,33 @@ def test_metadata_present_and_correct(trained, exported, arg):
     assert json.loads(meta["class_names"]) == [str(i) for i in range(10)]
     assert meta["edgetrain_version"] == __version__
     assert meta["output"] == "logits" and json.loads(meta["output_shape"]) == [10]
+
+
+def test_export_never_reads_the_data_set(trained, tmp_path, monkeypatch):
+    """The ONNX Runtime check runs on inputs built from preprocessing.json alone."""
+    import edgetrain.data.splits as splits  # the one door to every data set
+
+    def no_data(*a, **kw):
+        raise AssertionError("export opened the data set")
+
+    monkeypatch.setattr(splits, "open_data", no_data)
+    rep = ex.export_prefix(trained[0], depth="1", out=tmp_path / "p.onnx")
+    assert rep["class_disagreements"] == 0 and rep["n_check"] == ex_check.CHECK_SAMPLES
+    assert rep["check_max_abs_diff"] <= 1e-4
+
+
+def test_check_inputs_follow_the_recorded_preprocessing(trained):
+    from edgetrain.data.preprocess import read_preprocessing
+    prep = read_preprocessing(trained[0])
+    x = ex_check.check_inputs(prep, 7)
+    assert x.shape == (7, *prep.input_shape) and x.dtype == torch.float32
+    assert torch.equal(x, ex_check.check_inputs(prep, 7))  # fixed seed
+    assert torch.equal(x[:1], ex_check.check_inputs(prep, 1))
+    mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
+    std = torch.tensor(prep.std).view(1, -1, 1, 1)
+    pixels = (x * std + mean) * 255  # back to the uint8 pixels they were made from
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3)
+    assert pixels.min() >= -1e-3 and pixels.max() <= 255 + 1e-3 and pixels.std() > 10
 
 
 def test_file_carries_no_local_paths(exported):
@@ -138,7 +166,7 @@ def test_e2e_run_exports_its_single_module(tmp_path):
     with torch.no_grad():
         want = Prefix(run.stages).eval()(x)
     assert (_ort(_session(rep["path"]), x) - want).abs().max() <= 1e-4
-    assert rep["onnx_test_acc"] == pytest.approx(metrics["modules"][0]["test_acc"], abs=1e-9)
+    assert rep["prefix_test_acc"] == pytest.approx(metrics["modules"][0]["test_acc"], abs=1e-9)
     # the installed script, in a real process: one line on stderr, exit 2
     exe = Path(sys.executable).parent / "edgetrain"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edgetrain.cli"]

@@ -11,10 +11,14 @@ ignored files and skipped bad images.
 Rows are in sorted relative-path order (folders) or the loader's order (built-in sets).
 The key is a hash of the source (absolute folder path, or built-in name and its options) and
 the policy. Atomicity: a pack is built in a temporary sibling directory and renamed into place
-when complete, so a pack without `pack.json` is never seen, and of two processes packing the
-same source the first rename wins and the other reads the winner's pack. A pack whose shards
-fail their checksums, or whose folder changed (a file added, removed, resized or touched), is
-rebuilt.
+when complete, so a pack without `pack.json` is never seen. One writer: a process about to
+pack takes the pack's writer lock (`DATA_CACHE/.NAME-KEY.lock`, `edgetrain.storage.lock`)
+and waits while another holds it, then looks again, so the ranks of a distributed run (or
+two runs started together) decode a folder once; should two writers still race (a cache on
+a file system without flock), the first rename wins and the other reads the winner's pack.
+A pack whose shards fail their checksums, or whose folder changed (a file added, removed,
+resized or touched), is rebuilt. A folder that is gone is read from its pack alone
+(`open_gone_folder_pack`, for `edgetrain eval` of a finished run).
 
 This file does not split or batch (that is `edgetrain.data.splits` and the readers).
 """
@@ -40,6 +44,7 @@ from edgetrain.errors import UserError
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.cache import (CacheInvalid, CacheReader, CacheWriter, check_free_space,
                                      digest, planned_bytes)
+from edgetrain.storage.lock import FileLock
 from edgetrain.units import MIB
 
 PACK_FORMAT = 1
@@ -90,14 +95,40 @@ def open_folder_pack(root: Path, data_cache: str | Path | None = None,
             the disk full.
     """
     scan = scan_folder(root)
-    key = digest("folder", PACK_FORMAT, str(scan.root), list(size) if size else None, channels,
+    final, key = folder_pack_location(scan.root, data_cache, size, channels, skip_bad)
+    return _open_or_pack(final, key, scan.sources(),
+                         lambda tmp: _write_folder(tmp, key, scan, size, channels, skip_bad))
+
+
+def folder_pack_location(root: Path, data_cache: str | Path | None,
+                         size: tuple[int, int] | None, channels: int | None, skip_bad: bool
+                         ) -> tuple[Path, str]:
+    """(pack directory, key) of image folder `root` under the policy; nothing is read."""
+    root = Path(root).resolve()
+    key = digest("folder", PACK_FORMAT, str(root), list(size) if size else None, channels,
                  skip_bad)
-    final = data_cache_dir(data_cache) / f"{scan.root.name}-{key[:16]}"
-    pack = _try_open(final, key, scan.sources())
-    if pack is not None:
-        return pack
-    return _publish(final, key, lambda tmp: _write_folder(tmp, key, scan, size, channels, skip_bad),
-                    scan.sources())
+    return data_cache_dir(data_cache) / f"{root.name}-{key[:16]}", key
+
+
+def open_gone_folder_pack(root: Path, data_cache: str | Path | None = None,
+                          size: tuple[int, int] | None = None, channels: int | None = None,
+                          skip_bad: bool = False) -> Pack:
+    """The pack of an image folder that no longer exists, read as it was packed (nothing to
+    compare it with: the pack is what the run was trained on).
+
+    Raises:
+        UserError: no complete, verified pack of that folder and policy in the data cache
+            (the message names the folder and the pack directory looked for).
+    """
+    final, key = folder_pack_location(root, data_cache, size, channels, skip_bad)
+    try:
+        return read_pack(final, key)
+    except CacheInvalid as e:
+        why = "is not there" if not final.exists() else f"is unusable ({e})"
+        raise UserError(f"the image folder {Path(root).resolve()} is gone and its pack {why}: "
+                        f"looked for {final} (--data-cache {final.parent}); restore the "
+                        "folder or its pack (predict and export need only the run "
+                        "directory)") from None
 
 
 def open_builtin_pack(name: str, options: dict, load: Callable[[], object],
@@ -105,23 +136,42 @@ def open_builtin_pack(name: str, options: dict, load: Callable[[], object],
     """The pack of built-in data set `name` (loaded by `load()` only when it must be packed)."""
     key = digest("builtin", PACK_FORMAT, name, options)
     final = data_cache_dir(data_cache) / f"{name}-{key[:16]}"
-    pack = _try_open(final, key, None)
+    return _open_or_pack(final, key, None, lambda tmp: _write_raw(tmp, key, name, load()))
+
+
+def _open_or_pack(final: Path, key: str, sources: dict | None,
+                  write: Callable[[Path], dict]) -> Pack:
+    """The pack in `final` if usable; else pack it under its writer lock (waiting for a
+    process that is packing it, then reading that process's pack)."""
+    pack = _try_open(final, key, sources, warn=False)  # warned below, once, if still unusable
     if pack is not None:
         return pack
-    return _publish(final, key, lambda tmp: _write_raw(tmp, key, name, load()), None)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(final.parent / f".{final.name}.lock").acquire(wait=True)
+    except OSError as e:
+        raise UserError(f"cannot write to the data cache {final.parent}: {e.strerror or e}; "
+                        "use --data-cache DIR") from None
+    try:
+        pack = _try_open(final, key, sources)  # packed by the process we waited for
+        return pack if pack is not None else _publish(final, key, write, sources)
+    finally:
+        lock.release()
 
 
-def _try_open(final: Path, key: str, sources: dict | None) -> Pack | None:
+def _try_open(final: Path, key: str, sources: dict | None, warn: bool = True) -> Pack | None:
     """The pack in `final` when complete, of this key, verified and (folders) not stale."""
     if not (final / PACK_JSON).is_file():
         return None
     try:
         pack = read_pack(final, key)
     except CacheInvalid as e:
-        log.warning("%s; repacking", e)
+        if warn:
+            log.warning("%s; repacking", e)
         return None
     if sources is not None and pack.info.get("sources") != sources:
-        log.warning("the folder changed since %s was packed; repacking", final)
+        if warn:
+            log.warning("the folder changed since %s was packed; repacking", final)
         return None
     return pack
 

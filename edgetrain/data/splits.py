@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from edgetrain.data import DATASETS
-from edgetrain.data.pack import Pack, open_builtin_pack, open_folder_pack, pack_summary
+from edgetrain.data.pack import (Pack, open_builtin_pack, open_folder_pack, open_gone_folder_pack,
+                                 pack_summary)
 from edgetrain.data.preprocess import Preprocessing
 from edgetrain.errors import UserError
 from edgetrain.storage.cache import CacheReader
@@ -143,16 +144,23 @@ def is_folder(name: str) -> bool:
 
 def open_data(name: str, *, input_shape=None, synthetic_size: int = 512, root: str | None = None,
               data_cache: str | None = None, image_size=None, channels: int | None = None,
-              skip_bad_images: bool = False) -> Pack:
+              skip_bad_images: bool = False, gone_folder: bool = False) -> Pack:
     """The pack of data set `name` (a folder or a registered name), packed on first use.
 
+    With `gone_folder`, an absolute path that is no longer a directory (a finished run's
+    image folder, as config.json records it) is read from its pack alone.
+
     Raises:
-        UserError: unknown data set, a bad folder, options that do not apply.
+        UserError: unknown data set, a bad folder, options that do not apply, a gone folder
+            without its pack.
     """
     if is_folder(name):
         if input_shape is not None:
             raise UserError("--input applies to --data synthetic only")
         return open_folder_pack(Path(name), data_cache, image_size, channels, skip_bad_images)
+    if gone_folder and os.path.isabs(name) and name not in DATASETS.names():
+        return open_gone_folder_pack(Path(name), data_cache, image_size, channels,
+                                     skip_bad_images)
     if image_size is not None or channels is not None or skip_bad_images:
         raise UserError(f"--image-size, --channels and --skip-bad-images apply to image folders; "
                         f"{name!r} is not a directory")
@@ -174,12 +182,14 @@ def load_splits(name: str, *, train_size: int | None = None, val_fraction: float
                 synthetic_size: int = 512, root: str | None = None,
                 data_cache: str | None = None, image_size=None, channels: int | None = None,
                 skip_bad_images: bool = False, flip: bool | None = None,
-                classes=None, classes_by: str = "name") -> DataSplits:
+                classes=None, classes_by: str = "name", gone_folder: bool = False
+                ) -> DataSplits:
     """Open data set `name`'s pack and carve validation (and, if absent, test) splits.
 
     `test_size` keeps a fixed stratified subset of the test split, the same for every seed.
     A folder's `val/` is its validation split; otherwise validation is carved from train.
     `classes` keeps those classes only (`select_classes`), before any split is carved.
+    `gone_folder`: as `open_data`'s (a finished run's folder read from its pack alone).
 
     Raises:
         UserError: unknown data set or bad folder, or a train (test) size larger than the
@@ -187,7 +197,7 @@ def load_splits(name: str, *, train_size: int | None = None, val_fraction: float
     """
     pack = open_data(name, input_shape=input_shape, synthetic_size=synthetic_size, root=root,
                      data_cache=data_cache, image_size=image_size, channels=channels,
-                     skip_bad_images=skip_bad_images)
+                     skip_bad_images=skip_bad_images, gone_folder=gone_folder)
     # Here, and only here, a data set is whole before splitting: its images (pack rows), its
     # labels and its class names. A selection of classes applies to `train`/`test` here.
     class_names = pack.class_names

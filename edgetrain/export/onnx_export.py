@@ -1,11 +1,13 @@
 """ONNX export of a trained prefix G_k + F_k, checked with onnx and ONNX Runtime.
 
-`export_prefix(run_dir, depth)` reads only the run directory's config.json, metrics.json and
-modules/NN.safetensors (never a pickle), rebuilds the first k modules on the CPU, exports
-them with a dynamic batch axis, stores what a deployment needs (depth, accuracies, input
-shape, normalisation, class names, version) in the ONNX metadata, and writes the file only
-after `onnx.checker` accepts it and ONNX Runtime reproduces the PyTorch prefix: logits within
-`ATOL` at batch sizes 1 and 7, and the same class on every test sample.
+`export_prefix(run_dir, depth)` reads only the run directory's config.json, metrics.json,
+preprocessing.json and modules/NN.safetensors (never a pickle, never the data set: the image
+folder and its pack may be gone), rebuilds the first k modules on the CPU, exports them with
+a dynamic batch axis, stores what a deployment needs (depth, accuracies, input shape,
+normalisation, class names, version) in the ONNX metadata, and writes the file only after
+`onnx.checker` accepts it and ONNX Runtime reproduces the PyTorch prefix on inputs built from
+the recorded preprocessing (`edgetrain.export.onnx_check.check_inputs`): logits within
+`ATOL` at batch sizes 1 and 7, and the same class on every one of 256 fixed-seed inputs.
 
 Exporter: the torch.export-based one (`dynamo=True`, needs onnxscript). The TorchScript
 exporter is deprecated since PyTorch 2.9 and receives no fixes; torch.export captures the
@@ -31,7 +33,7 @@ import torch
 from edgetrain import __version__
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
-from edgetrain.export.onnx_check import ATOL, first_samples, optional_import, ort_session, verify
+from edgetrain.export.onnx_check import ATOL, check_inputs, optional_import, ort_session, verify
 from edgetrain.method.stage import Prefix, Stage
 from edgetrain.regimes.run import load_run, read_finished_run
 from edgetrain.storage.atomic import atomic_write_bytes
@@ -112,7 +114,8 @@ def set_metadata(proto, meta: dict[str, str]) -> None:
 
 def deployment_metadata(cfg: RunConfig, metrics: dict, data, depth: int, features_only: bool,
                         output_shape: tuple[int, ...]) -> dict[str, str]:
-    """Everything a runtime needs next to the graph; lists are JSON strings."""
+    """Everything a runtime needs next to the graph; lists are JSON strings. `data` is the
+    run's `Preprocessing` (input shape, mean, std, class names)."""
     m = metrics["modules"][depth - 1]
     return {
         "edgetrain_version": __version__, "depth": str(depth),
@@ -189,12 +192,13 @@ def export_prefix(run_dir: Path, depth: int | str = "best", features_only: bool 
         atol: the largest max |ONNX Runtime - PyTorch| output difference accepted.
 
     Returns:
-        A report: path, depth, sizes, accuracies of the file and of the whole network,
-        the ONNX Runtime / PyTorch differences.
+        A report: path, depth, sizes, the recorded accuracies of the prefix and of the whole
+        network, the ONNX Runtime / PyTorch differences on the check inputs.
 
     Raises:
-        UserError: bad run, depth, opset or output; onnx/onnxruntime/onnxscript missing;
-            ExportCheckFailed when the file disagrees with PyTorch (nothing is written then).
+        UserError: bad run, depth, opset or output; no preprocessing.json in the run;
+            onnx/onnxruntime/onnxscript missing; ExportCheckFailed when the file disagrees
+            with PyTorch (nothing is written then).
     """
     if not atol > 0:
         raise UserError(f"--atol must be positive (got {atol})")
@@ -203,10 +207,11 @@ def export_prefix(run_dir: Path, depth: int | str = "best", features_only: bool 
     k = resolve_depth(depth, metrics)
     opset = check_opset(opset)
     out = check_out(out or default_out(run_dir, k, features_only))
-    run = load_run(Path(run_dir), torch.device("cpu"), depth=k, bounds=metrics.get("bounds"))
+    run = load_run(Path(run_dir), torch.device("cpu"), depth=k, bounds=metrics.get("bounds"),
+                   with_data=False)  # run.data: the stored Preprocessing, not the data set
     stages = run.stages
     model = Prefix(stages[:k], features_only=features_only).eval()
-    example = first_samples(run.data, 2)
+    example = check_inputs(run.data, 2)
     with torch.no_grad():
         out_shape = tuple(model(example).shape[1:])
     meta = deployment_metadata(cfg, metrics, run.data, k, features_only, out_shape)
@@ -239,14 +244,14 @@ def format_report(r: dict) -> str:
     kib = lambda b: f"{b / 1024:.1f} KiB"  # noqa: E731
     diffs = ", ".join(f"{d:.2g} at batch {b}" for b, d in r["max_abs_diff"].items())
     what = "features" if r["features_only"] else "logits"
-    same = r["n_test"] - r["class_disagreements"]
+    same = r["n_check"] - r["class_disagreements"]
     return "\n".join([
         f"exported depth {r['depth']} of {r['n_modules']} ({what}, opset {r['opset']}, "
         f"{r['exporter']}) -> {r['path']}",
-        f"onnxruntime vs PyTorch: max |{what} diff| {diffs}; same class on {same}/{r['n_test']}"
-        " test samples",
+        f"onnxruntime vs PyTorch: max |{what} diff| {diffs}; same class on {same}/{r['n_check']}"
+        " fixed-seed inputs (built from preprocessing.json; the data set is not read)",
         f"{'':14} {'depth':>5} {'test_acc':>8} {'weights':>11} {'file':>11}",
-        f"{'ONNX file':14} {r['depth']:>5} {r['onnx_test_acc']:>8.4f} "
+        f"{'ONNX file':14} {r['depth']:>5} {r['prefix_test_acc']:>8.4f} "
         f"{kib(r['prefix_weight_bytes']):>11} {kib(r['file_bytes']):>11}",
         f"{'whole network':14} {r['n_modules']:>5} {r['whole_test_acc']:>8.4f} "
         f"{kib(r['whole_weight_bytes']):>11} {'-':>11}",

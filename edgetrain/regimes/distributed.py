@@ -1,7 +1,10 @@
 """Parallel module-wise training across processes on torch.distributed (launched by torchrun).
 
 Rank r of P owns a contiguous group of modules, balanced with `edgetrain.method.split.split_balanced`
-by the run's `--split` rule (blocks per module, or activation memory per module). Rank 0 reads the data set; rank r > 0 receives
+by the run's `--split` rule (blocks per module, or activation memory per module). Every rank
+opens the data set's pack (for the split sizes; an image folder is decoded once, by whichever
+rank takes the pack's writer lock first, while the others wait for it: `edgetrain.data.pack`);
+rank 0 reads the batches; rank r > 0 receives
 (activations, labels) from rank r-1 by plain point-to-point `send`/`recv`. Every rank
 trains its modules with the shared `fit_module` / `train_step` / `Trainer` of
 `edgetrain.method.loop` and sends the detached output of its last module (the same tensor the
@@ -50,7 +53,8 @@ from edgetrain.regimes.dist_checkpoint import EpochStop, RankCheckpoint
 from edgetrain.regimes.p2p import (PHASE_TEST, PHASE_VAL, Inbox, Link, Outbox, OutputTap,
                                    StreamSource, all_gather_json, broadcast_json, comm,
                                    forward_stream, received)
-from edgetrain.regimes.run import build_run, resolve_device, sample_inputs, write_preprocessing
+from edgetrain.regimes.run import (build_run, data_record, resolve_device, sample_inputs,
+                                   write_preprocessing)
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.modules import save_module
 from edgetrain.storage.lock import lock_run_dir
@@ -246,7 +250,7 @@ def assemble_metrics(state: RankState, reports: list[dict], backend: str) -> dic
     modules = [m for rep in reports for m in rep["modules"]]
     train_s = max(rep["train_s"] for rep in reports)
     n_train = len(state.data.train) * state.cfg.epochs
-    return metrics_record(
+    record = metrics_record(
         state.cfg.mode, state.bounds, modules,
         max_resident=max(len(g) for g in state.groups),
         peak_rss_mib=max(rep["peak_rss_mib"] for rep in reports),
@@ -257,6 +261,9 @@ def assemble_metrics(state: RankState, reports: list[dict], backend: str) -> dic
                      "train_images": n_train, "images_per_s": n_train / train_s,
                      "per_rank_peak_rss_mib": [rep["peak_rss_mib"] for rep in reports],
                      "num_threads": [rep["num_threads"] for rep in reports]})
+    if data_record(state.data) is not None:  # an image folder: as a single-process run's
+        record["data"] = data_record(state.data)
+    return record
 
 
 # ----------------------------------------------------------------------------- entry point

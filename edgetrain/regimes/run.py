@@ -86,15 +86,16 @@ def stopped(run: Run, out: Path, where: str, resumable: bool = True) -> Stopped:
                    f"edgetrain train --resume {out}", code)
 
 
-def load_data(cfg: RunConfig) -> DataSplits:
+def load_data(cfg: RunConfig, gone_folder: bool = False) -> DataSplits:
     """The run's train / val / test splits, as its config describes them (checked usable:
-    `edgetrain.data.splits.check_splits`)."""
+    `edgetrain.data.splits.check_splits`). `gone_folder`: a finished run's image folder that
+    no longer exists is read from its pack in the data cache (eval)."""
     data = load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
                        test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
                        synthetic_size=cfg.synthetic_size, data_cache=cfg.data_cache,
                        image_size=cfg.image_size, channels=cfg.channels,
                        skip_bad_images=cfg.skip_bad_images, flip=cfg.flip,
-                       classes=cfg.classes, classes_by=cfg.classes_by)
+                       classes=cfg.classes, classes_by=cfg.classes_by, gone_folder=gone_folder)
     check_splits(data, cfg.val_fraction)
     return data
 
@@ -193,19 +194,19 @@ def load_run(run_dir: Path, device: torch.device | None = None, depth: int | Non
             initial weights).
         bounds: the module bounds the caller read from metrics.json, checked against the
             rebuilt split.
-        with_data: open the data set (eval); else `run.data` is the run's stored
-            `Preprocessing` and nothing but the run directory is read (predict).
+        with_data: open the data set (eval: an image folder that is gone is read from its
+            pack); else `run.data` is the run's stored `Preprocessing` and nothing but the
+            run directory is read (predict, export).
     Raises:
-        UserError: no run there, bounds that differ, module files that do not match.
+        UserError: no run there, bounds that differ, module files that do not match, the
+            data gone (an image folder and its pack).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"no run directory {run_dir}")
     cfg = RunConfig.load(run_dir / "config.json")
-    if with_data:
-        _check_data_present(cfg, run_dir)
-    run = build_run(cfg, data=None if with_data else read_preprocessing(run_dir), device=device,
-                    init=False)  # the module files hold the weights
+    data = load_data(cfg, gone_folder=True) if with_data else read_preprocessing(run_dir)
+    run = build_run(cfg, data=data, device=device, init=False)  # the module files hold the weights
     if cfg.mode == "e2e":  # one module: the whole network with the last head
         run.stages = [whole_network(run.net, run.stages[-1].head).set_recompute(cfg.recompute)]
     if bounds not in (None, run.bounds):
@@ -222,10 +223,6 @@ def step_seconds(records: list[dict]) -> float:
     """Seconds spent in optimiser steps (forward, backward, update) over every module and
     epoch: the training time without data loading, cache writes and evaluation."""
     return sum(h.get("step_s", 0.0) for rec in records for h in rec["history"])
-def _check_data_present(cfg: RunConfig, run_dir: Path) -> None:
-    if Path(cfg.data).is_absolute() and not Path(cfg.data).is_dir():
-        raise UserError(f"{run_dir} was trained on the image folder {cfg.data}, which is gone; "
-                        f"eval reads the data (predict and export need only the run directory)")
 
 
 def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float,
@@ -239,10 +236,18 @@ def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float
                           peak_rss_mib=peak, memory=run.memory.metrics() if run.memory else {},
                           timings={"train_s": seconds, "step_s": step_seconds(records)},
                           device=str(run.device), **(run.finetune or {}))
-    if getattr(run.data, "policy", None) is not None:  # an image folder: what packing skipped
-        record["data"] = {k: run.data.source.get(k) for k in
-                          ("counts", "ignored_files", "skipped_bad_images", "skipped_files")}
+    if data_record(run.data) is not None:
+        record["data"] = data_record(run.data)
     return record
+
+
+def data_record(data: DataSplits) -> dict | None:
+    """metrics.json's `data` of an image folder (split sizes, ignored files, skipped bad
+    images); None for a built-in set."""
+    if getattr(data, "policy", None) is None:
+        return None
+    return {k: data.source.get(k) for k in
+            ("counts", "ignored_files", "skipped_bad_images", "skipped_files")}
 
 
 # --------------------------------------------------------------------------- reading a run
