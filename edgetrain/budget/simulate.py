@@ -22,7 +22,6 @@ checks the simulated bf16 step against the real one under CPU autocast).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Iterable
 import weakref
 
@@ -32,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from edgetrain.method.loop import stage_loss
-from edgetrain.method.precision import DTYPES, MetaAutocast, autocast, compute_input
+from edgetrain.method.precision import autocast, compute_input
 
 
 class LiveBytes(TorchDispatchMode):
@@ -154,22 +153,12 @@ def simulate_steps(mode: LiveBytes, trainers: list, in_shape: tuple, cfg, steps:
                 total, ce, w, logits, z = stage_loss(tr, x, y, cfg.label_smoothing,
                                                      cfg.transport_scaling, cfg.precision)
                 tr.opt.zero_grad(set_to_none=True)
-                with _recompute_context(cfg.precision, device):
-                    total.backward()
+                total.backward()
                 tr.opt.step()
                 x = z.detach()
                 del total, ce, w, logits, z
             del x, y
     return mode
-
-
-def _recompute_context(precision: str, device):
-    """What `--recompute`'s recomputation during backward runs under: torch's checkpoint
-    restores a real autocast by itself, but not `MetaAutocast` (a recomputed forward in
-    float32 would not match the saved one); without caching, nothing outlives a segment."""
-    if precision == "fp32" or torch.device(device).type != "meta":
-        return nullcontext()
-    return MetaAutocast(DTYPES[precision], cache=False)
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._pytree import tree_map
 
 from edgetrain.errors import UserError
@@ -71,6 +71,16 @@ class MetaAutocast(TorchFunctionMode):
     def __exit__(self, *exc):
         self._cache.clear()
         return super().__exit__(*exc)
+
+
+def checkpoint_contexts():
+    """`context_fn` of `torch.utils.checkpoint`: (forward, recomputation) contexts. torch
+    restores a real autocast for the recomputation itself, not a `MetaAutocast` (a mode of
+    the forward's thread; the recomputation may run on the backward thread), so a forward
+    under one is recomputed under a fresh one (no cache: nothing outlives the segment)."""
+    dtype = next((m.dtype for m in reversed(_get_current_function_mode_stack())
+                  if isinstance(m, MetaAutocast)), None)
+    return nullcontext(), (nullcontext() if dtype is None else MetaAutocast(dtype, cache=False))
 
 
 def autocast(precision: str, device: torch.device | str):
