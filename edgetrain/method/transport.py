@@ -19,11 +19,12 @@ import torch
 def transport_cost(residues: list[torch.Tensor], scaling: str = "mean") -> torch.Tensor:
     """Kinetic energy of one module from its blocks' residues (see the module docstring).
 
-    Always float32: a bf16 / fp16 residue (`--precision`) goes through `LowPrecisionEnergy`,
-    which squares and averages it in float32 but saves the residue in its own dtype."""
+    At least float32: a bf16 / fp16 residue (`--precision`) goes through
+    `LowPrecisionEnergy`, which squares and averages it in float32 but saves the residue in
+    its own dtype."""
     if not residues:
         return torch.zeros(())
-    if any(r.dtype != torch.float32 for r in residues):
+    if any(r.dtype in (torch.bfloat16, torch.float16) for r in residues):
         return sum(LowPrecisionEnergy.apply(r, scaling) for r in residues)
     if scaling == "mean":
         return sum(r.pow(2).mean() for r in residues)
