@@ -6,8 +6,12 @@ usage: python benchmarks/precision.py [--out benchmarks/results] [--seeds 5] [--
        [--quick]
 
 Memory and step time come from fresh child processes; accuracy is digits and Fashion-MNIST
-over the seeds (mean, std, paired bf16 - fp32). Run it on a quiet machine: ~15 min on 2
-cores. `--quick` is a smoke check of the pipeline (tiny configurations, one seed) and writes
+over the seeds (mean, std, paired bf16 - fp32). Run it on a quiet machine. The accuracy
+part was sized for ~15 min on 2 cores in fp32 (not timed); on a CPU without native bf16
+convolutions (no AVX-512 BF16 / AMX: oneDNN bf16 unsupported, as on the development machine)
+PyTorch runs bf16 convolutions on its slow reference kernels (~30x slower steps measured on
+resnet8 there), so the bf16 half takes far longer: lower --seeds first. `--quick` is a
+smoke check of the pipeline (tiny configurations, one seed) and writes
 precision-quick.{json,md} instead.
 """
 import argparse

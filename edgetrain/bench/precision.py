@@ -41,8 +41,8 @@ PRECISIONS = ("fp32", "bf16")
 def setups(quick: bool) -> dict:
     """The configurations measured: full, or `quick` (a smoke check of the whole pipeline)."""
     if quick:
-        return {"model": "resnet8", "input_shape": (3, 16, 16), "batch": 16, "modules": 2,
-                "mem_steps": 2, "warmup": 1, "steps": 3, "seeds": 1,
+        return {"model": "resnet8", "input_shape": (3, 16, 16), "batch": 32, "modules": 2,
+                "mem_steps": 3, "warmup": 1, "steps": 3, "seeds": 1,
                 "accuracy": {"digits": dict(train_size=200, epochs=1, width=4, depth=2),
                              "fashion-mnist": dict(train_size=300, test_size=200, epochs=1,
                                                    width=4, depth=2)}}
@@ -181,7 +181,8 @@ def run_precision(out_dir: Path, seeds: int | None = None, quick: bool = False,
     """Measure (a), (b) and (c) (see the module docstring); write precision.{json,md}."""
     import torch  # the machine's description
 
-    from edgetrain.method.precision import bf16_supported  # imports torch: the parent only
+    from edgetrain.method.precision import (bf16_supported,  # imports torch: the parent only
+                                            native_bf16)
     s = setups(quick)
     seeds = seeds or s["seeds"]
     torch.set_num_threads(threads)
@@ -193,6 +194,7 @@ def run_precision(out_dir: Path, seeds: int | None = None, quick: bool = False,
               "torch": torch.__version__, "machine": platform.machine(),
               "processor": platform.processor(), "threads": threads,
               "cpu_bf16_autocast": bf16_supported(torch.device("cpu")),
+              "cpu_native_bf16": native_bf16(torch.device("cpu")),
               "setup": {k: v for k, v in s.items() if k != "accuracy"},
               "memory_and_time": rows, "accuracy": acc,
               "wall_s": round(time.perf_counter() - t0, 1)}
@@ -210,7 +212,8 @@ def markdown(res: dict) -> str:
     lines = [f"# --precision bf16 against fp32{' (quick smoke run)' if res['quick'] else ''}",
              "", f"edgetrain {res['edgetrain_version']}, torch {res['torch']}, "
              f"{res['machine']}, {res['threads']} threads, CPU bf16 autocast: "
-             f"{res['cpu_bf16_autocast']}; {res['wall_s']} s in all.", "",
+             f"{res['cpu_bf16_autocast']}, native bf16 convolutions (oneDNN): "
+             f"{res['cpu_native_bf16']}; {res['wall_s']} s in all.", "",
              f"## Memory and step time ({s['model']}, {'x'.join(map(str, s['input_shape']))} "
              f"synthetic, batch {s['batch']})", "",
              "Measured: peak RSS above the child's RSS after imports (fresh process, product "

@@ -20,6 +20,7 @@ profile's note, does), nor a check of the config's spelling (`edgetrain.config`)
 from __future__ import annotations
 
 from contextlib import nullcontext
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from torch.utils._pytree import tree_map
 from edgetrain.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger("edgetrain")
 
 # the operators CPU autocast runs in low precision (torch's autocast_mode.cpp, lower-precision
 # list), as they reach `__torch_function__`
@@ -119,6 +121,14 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 convolutions run on native kernels: on a CPU without oneDNN's bf16 support
+    (no AVX-512 BF16 / AMX) PyTorch falls back to its slow reference convolution."""
+    if torch.device(device).type != "cpu":
+        return True
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def check_precision(precision: str, device: torch.device) -> None:
     """Refuse a precision `device` cannot train in (before any run directory exists).
 
@@ -131,6 +141,9 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16" and not bf16_supported(device):
         raise UserError(f"--precision bf16 is not supported on {device.type} by this machine or "
                         "PyTorch build (autocast gave no bfloat16); use --precision fp32")
+    if precision == "bf16" and not native_bf16(device):
+        log.warning("this CPU has no native bf16 convolutions (oneDNN bf16 unsupported): "
+                    "--precision bf16 saves memory but its steps are many times slower")
 
 
 def runnable_precision(precision: str, device: torch.device) -> str:
