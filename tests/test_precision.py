@@ -296,3 +296,23 @@ def test_fp16_on_cuda_trains_with_a_scaler_and_resumes(tmp_path):
         a, b = load_file(str(f)), load_file(str(run_dir / "modules" / f.name))
         for name in a:
             torch.testing.assert_close(a[name], b[name], msg=name)
+
+
+# ------------------------------------------------------------------ distributed (slow)
+@pytest.mark.slow
+def test_two_bf16_ranks_train_the_weights_of_one_bf16_process(tmp_path):
+    """bf16 activations cross the ranks as bf16 (the p2p header carries the dtype): the
+    ranks end with the single-process parallel run's weights."""
+    from tests.test_distributed import torchrun  # the loopback launcher of the other tests
+    ref = tmp_path / "one"
+    train(small(mode="parallel"), ref)
+    out = tmp_path / "two"
+    p = torchrun(2, [*TINY, "--mode", "parallel", "--precision", "bf16", "--distributed",
+                     "--out", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["precision"] == "bf16"
+    for f in sorted((ref / "modules").glob("*.safetensors")):
+        a, b = load_file(str(f)), load_file(str(out / "modules" / f.name))
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
