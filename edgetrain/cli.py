@@ -14,8 +14,9 @@ import click
 from edgetrain import __version__
 from edgetrain.bench.cli import bench
 from edgetrain.budget.devices import list_profiles, load_profile
-from edgetrain.config import (CACHE_DTYPES, DEVICES, HEADS, MODES, OPTIMIZERS, SPLITS,
-                              TAU_SCHEDULES, TRANSPORT_SCALINGS, RunConfig, config_from_options)
+from edgetrain.config import (CACHE_DTYPES, DEVICES, HEADS, MODES, OPTIMIZERS, PRECISIONS,
+                              SPLITS, TAU_SCHEDULES, TRANSPORT_SCALINGS, RunConfig,
+                              config_from_options)
 from edgetrain.errors import UserError
 from edgetrain.signals import StopSignals
 from edgetrain.units import fmt_bytes, parse_size
@@ -117,8 +118,13 @@ def train_options(fn):
         click.option("--batch-size", type=int, default=d.batch_size, show_default=True),
         click.option("--seed", type=int, default=d.seed, show_default=True),
         click.option("--device", type=click.Choice(DEVICES), default=d.device, show_default=True),
-        click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default=d.cache_dtype,
-                     show_default=True),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=d.precision,
+                     show_default=True,
+                     help="forward under autocast in bf16 or fp16 (fp32 master weights); fp16 "
+                          "needs CUDA"),
+        click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default=None,
+                     show_default="float16; bfloat16 with --precision bf16",
+                     help="storage dtype of the activation cache"),
         click.option("--cache-dir", default=None, help="activation cache (default RUN_DIR/cache)"),
         click.option("--cache-views", type=int, default=d.cache_views, show_default=True),
         click.option("--prefetch-mib", type=float, default=d.prefetch_mib, show_default=True),
@@ -312,6 +318,8 @@ def calibrate_cmd(name, cache_dir, storage_mib):
               show_default=True)
 @click.option("--head", type=click.Choice(HEADS), default=RunConfig.head, show_default=True)
 @click.option("--prefetch-mib", type=float, default=RunConfig.prefetch_mib, show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=RunConfig.precision,
+              show_default=True, help="the precision the run will train in (not planned)")
 def plan_cmd(device_name, memory_budget, **opts):
     """Choose regime, K, split, batch size and cache dtype that fit a device; print the command."""
     from edgetrain.budget.planner import format_plan, plan_for_device  # imports torch: deferred

@@ -25,6 +25,10 @@ HEADS = ("auto", "dgl", "dgl-light", "linear", "mlp")
 OPTIMIZERS = ("sgd", "adamw")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# the activation cache's storage dtype when --cache-dtype is not given: the precision's own
+# 2-byte type (fp32 keeps float16, the default before --precision existed)
+CACHE_DTYPE_OF_PRECISION = {"fp32": "float16", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -82,8 +86,11 @@ class RunConfig:
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
-    # out-of-core (sequential / multilap)
-    cache_dtype: str = "float16"
+    # mixed precision (#17): the forward under autocast, fp32 master weights
+    precision: str = "fp32"
+    # out-of-core (sequential / multilap); cache_dtype None: follows the precision
+    # (`CACHE_DTYPE_OF_PRECISION`), resolved on construction so config.json names it
+    cache_dtype: str | None = None
     cache_dir: str | None = None
     cache_views: int = 1
     prefetch_mib: float = 64.0
@@ -109,6 +116,8 @@ class RunConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.cache_dtype is None:  # a bad precision is refused just below
+            self.cache_dtype = CACHE_DTYPE_OF_PRECISION.get(str(self.precision), "float16")
         _check_types(self)  # wrong types and non-finite floats first: the checks below compare
         if os.path.isdir(self.data):  # config.json names the folder by its absolute path
             self.data = str(Path(self.data).resolve())
@@ -124,6 +133,7 @@ class RunConfig:
             _check_choice("--head", kind, HEADS if "," not in str(self.head) else HEADS[1:])
         _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
+        _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--device", self.device, DEVICES)
         _check(self.modules >= 1, f"--modules must be >= 1 (got {self.modules})")
         _check(self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})")
@@ -255,7 +265,7 @@ _INT_FIELDS = ("train_size", "test_size", "synthetic_size", "width", "depth", "m
                "buffer_size")
 _BOOL_FIELDS = ("augment", "transport", "cosine", "distributed")
 _STR_FIELDS = ("data", "model", "split", "head", "mode", "tau_schedule", "transport_scaling",
-               "optimizer", "device", "cache_dtype")
+               "optimizer", "device", "cache_dtype", "precision")
 
 
 def _flag(name: str) -> str:

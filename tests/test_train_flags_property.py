@@ -26,7 +26,8 @@ CHOICES = {"--mode": ["e2e", "parallel", "sequential", "multilap", "bogus"],
            "--head": ["dgl", "linear", "mlp", "nope"], "--split": ["depth", "memory", "?"],
            "--optimizer": ["sgd", "adamw", "lbfgs"],
            "--cache-dtype": ["float32", "float16", "bfloat16", "int8"],
-           "--transport-scaling": ["mean", "sample", "max"]}
+           "--transport-scaling": ["mean", "sample", "max"],
+           "--precision": ["fp32", "bf16", "fp16", "int8"]}
 FLOAT_FLAGS = ["--tau", "--lr", "--momentum", "--weight-decay", "--label-smoothing",
                "--val-fraction", "--mult-h", "--mult-lambda1", "--init-gain", "--prefetch-mib"]
 INT_FLAGS = ["--epochs", "--laps", "--modules", "--batch-size", "--cache-views", "--mult-s",

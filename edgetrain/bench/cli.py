@@ -84,6 +84,21 @@ def bench_speed(out_dir, ks, epochs, synthetic_size, cache_dtype, accuracy, rss)
     click.echo(res["table_md"])
 
 
+@bench.command("precision")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True, help="where precision.json and precision.md go")
+@click.option("--seeds", type=int, default=None, help="accuracy seeds (default 5; 1 with --quick)")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--quick", is_flag=True, help="tiny configurations: a smoke check of the pipeline")
+def bench_precision(out_dir, seeds, threads, quick):
+    """bf16 against fp32: activation memory, step time (fresh processes) and accuracy."""
+    from edgetrain.bench.precision import run_precision  # imports torch: deferred
+    if seeds is not None and seeds < 1 or threads < 1:
+        raise UserError("--seeds and --threads must be >= 1")
+    res = run_precision(Path(out_dir), seeds=seeds, quick=quick, threads=threads)
+    click.echo(Path(res["md_path"]).read_text())
+
+
 class VariadicCommand(click.Command):
     """A command whose `multiple` options also take several values after one flag:
     `--modules 4 8 16` is read as `--modules 4 --modules 8 --modules 16`."""

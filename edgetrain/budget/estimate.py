@@ -105,8 +105,9 @@ def _stage_costs(stages, input_shape, cfg, transport: bool, alone: bool) -> list
         costs.append(_StageCost(
             param_bytes(st), param_bytes(st, trainable_only=True), _optimizer_bytes(st, cfg),
             B * math.prod(shape) * 4, B * math.prod(out) * 4,
-            train_peak([tr], shape, cfg) if alone else 0, eval_peak([st], shape, B),
-            features_peak(st, shape, B, DTYPES[cfg.cache_dtype])))
+            train_peak([tr], shape, cfg) if alone else 0,
+            eval_peak([st], shape, B, precision=cfg.precision),
+            features_peak(st, shape, B, DTYPES[cfg.cache_dtype], precision=cfg.precision)))
         shape = tuple(out)
     return costs
 
@@ -210,7 +211,7 @@ def estimate_peak(cfg, input_shape: tuple[int, int, int], num_classes: int,
 
     Args:
         cfg: the run configuration (model, width, depth, modules, split, head, mode,
-            optimizer, batch_size, transport, cache_dtype, prefetch_mib, ...).
+            optimizer, batch_size, transport, cache_dtype, prefetch_mib, precision, ...).
         input_shape: (C, H, W) of one sample.
         num_classes: number of classes.
         n_train: training samples (for the dataset held in memory and the cache disk).

@@ -40,8 +40,9 @@ HEADROOM_BYTES = 64 * 1024 * 1024
 GOOD_BATCH = 32  # batches below this are tried only when nothing fits at GOOD_BATCH or above
 MIN_BATCH = 8
 # The RunConfig fields the planner chooses; `plan(fixed=...)` keeps any of them as given.
-# Precision and in-module recomputation join this list (and `_groups`' variants) when they
-# exist as RunConfig fields; model, data, epochs, seed and lr are never planned.
+# In-module recomputation may join this list (and `_groups`' variants); precision (#17) is
+# not planned: it changes accuracy, so the given one is passed through to every candidate
+# (the estimator models it); model, data, epochs, seed and lr are never planned.
 PLANNED = ("mode", "modules", "split", "batch_size", "cache_dtype", "laps")
 
 

@@ -13,6 +13,12 @@ added by the predictor.
 
 `tests/test_simulate.py` checks that the simulated peak of a step equals the peak tracked
 by the same mode around the real `train.train_step` on CPU tensors.
+
+Precision (`--precision bf16|fp16`): `torch.autocast` does nothing to meta tensors, so the
+forwards here run under `edgetrain.method.precision.autocast(precision, "meta")`, which makes
+CPU autocast's casts itself: conv / linear / matmul outputs and what follows them are 2-byte
+tensors, parameters, gradients and optimizer state stay float32 (`tests/test_precision.py`
+checks the simulated bf16 step against the real one under CPU autocast).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from edgetrain.method.loop import stage_loss
+from edgetrain.method.precision import autocast, compute_input
 
 
 class LiveBytes(TorchDispatchMode):
@@ -144,7 +151,7 @@ def simulate_steps(mode: LiveBytes, trainers: list, in_shape: tuple, cfg, steps:
             for tr in trainers:
                 tr.stage.train()
                 total, ce, w, logits, z = stage_loss(tr, x, y, cfg.label_smoothing,
-                                                     cfg.transport_scaling)
+                                                     cfg.transport_scaling, cfg.precision)
                 tr.opt.zero_grad(set_to_none=True)
                 total.backward()
                 tr.opt.step()
@@ -155,26 +162,29 @@ def simulate_steps(mode: LiveBytes, trainers: list, in_shape: tuple, cfg, steps:
 
 
 @torch.no_grad()
-def eval_peak(stages: list, in_shape: tuple, batch: int, device="meta") -> int:
+def eval_peak(stages: list, in_shape: tuple, batch: int, device="meta",
+              precision: str = "fp32") -> int:
     """Peak live bytes of evaluating a chain of stages on one batch (`evaluate_chain`): the
     stages' parameters and buffers, the batch, logits and loss of every prefix."""
     mode = LiveBytes()
     with mode:
         mode.register(stages)
         x, y = _batch(in_shape, batch, device)
-        for st in stages:
-            st.eval()
-            x = st.features(x)
-            logits = st.head(x)
-            loss = F.cross_entropy(logits, y, reduction="sum")
-            del logits, loss
+        with autocast(precision, device):
+            x = compute_input(x, precision)
+            for st in stages:
+                st.eval()
+                x = st.features(x)
+                logits = st.head(x)
+                loss = F.cross_entropy(logits.float(), y, reduction="sum")
+                del logits, loss
         del x, y
     return mode.peak
 
 
 @torch.no_grad()
 def features_peak(stage, in_shape: tuple, batch: int, out_dtype: torch.dtype,
-                  device="meta") -> int:
+                  device="meta", precision: str = "fp32") -> int:
     """Peak live bytes of one cache-write forward (`Stage.features` in eval mode) and the
     conversion of its output to the cache's storage dtype."""
     mode = LiveBytes()
@@ -182,7 +192,8 @@ def features_peak(stage, in_shape: tuple, batch: int, out_dtype: torch.dtype,
         mode.register([stage])
         x, _ = _batch(in_shape, batch, device)
         stage.eval()
-        z = stage.features(x)
+        with autocast(precision, device):
+            z = stage.features(compute_input(x, precision))
         stored = z.to(out_dtype)
         del x, z, stored
     return mode.peak

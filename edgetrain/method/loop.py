@@ -10,8 +10,10 @@ is deterministic for a given (seed, salt, epoch): `RawSource` reads the data set
 augmentation, `PrefixSource` runs a frozen prefix (eval mode, no_grad) over it on the fly.
 The out-of-core cache (`edgetrain.storage.cache`) provides the same interface.
 
-`fit` is how every regime calls `fit_module`: the run's loss options, the progress bar
-(`progress_bar`) and a check after every step (the memory-budget watchdog).
+`fit` is how every regime calls `fit_module`: the run's loss options and precision, the
+progress bar (`progress_bar`) and a check after every step (the memory-budget watchdog).
+Every forward here (training, the frozen prefix, evaluation) runs under
+`edgetrain.method.precision.autocast`; losses are computed in float32.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from edgetrain.data.batches import augment, batch_indices, epoch_generator
 from edgetrain.data.splits import DataSplits, Split
 from edgetrain.errors import UserError
 from edgetrain.method.freeze import trainable_parameters
+from edgetrain.method.precision import autocast, compute_input, make_scaler
 from edgetrain.method.stage import Stage
 from edgetrain.method.transport import LossWeighting, tau_for_module
 from edgetrain.storage.cache import prefetch
@@ -86,6 +89,7 @@ class PrefixSource:
 
     inner: BatchSource
     prefix: list[Stage]
+    precision: str = "fp32"
 
     def steps_per_epoch(self) -> int:
         return self.inner.steps_per_epoch()
@@ -94,7 +98,8 @@ class PrefixSource:
         for st in self.prefix:
             st.eval()
         for x, y in self.inner.epoch(epoch, salt):
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.precision, x.device):
+                x = compute_input(x, self.precision)
                 for st in self.prefix:
                     x = st.features(x)
             yield x, y
@@ -112,6 +117,7 @@ class Trainer:
     cosine: bool
     step: int = 0
     history: list = field(default_factory=list)
+    scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA: the optimizer's loss scaler
 
     def record(self) -> dict:
         """What metrics.json keeps of the training: history, tau, step, blocks."""
@@ -146,32 +152,37 @@ def make_trainer(stage: Stage, cfg: RunConfig, k: int, n_modules: int, total_ste
                       cfg.tau_schedule, cfg.mult_h, cfg.mult_s, cfg.mult_lambda1)
     params = trainable_parameters(stage)
     opt = make_optimizer(params, cfg) if params else None
-    return Trainer(stage, opt, w, cfg.lr, total_steps, cfg.cosine)
+    scaler = make_scaler(cfg.precision, params[0].device) if params else None
+    return Trainer(stage, opt, w, cfg.lr, total_steps, cfg.cosine, scaler=scaler)
 
 
 class NonFiniteLoss(UserError):
     """A NaN or infinite loss: training stops, the last good checkpoint stays."""
 
 
-def stage_loss(tr: Trainer, x, y, label_smoothing: float, scaling: str):
+def stage_loss(tr: Trainer, x, y, label_smoothing: float, scaling: str, precision: str = "fp32"):
     """Forward of one stage and its loss; returns (total, ce, w, logits, z).
 
     TRGL differentiates the transport cost w (`Stage.forward_transport`, no residue saved
     beyond what the blocks save); VanGL and e2e compute it as a detached statistic
-    (`Stage.forward_statistic`). total = `tr.weighting.combine(ce, w)`. Also run on meta
-    tensors by the memory predictor (`edgetrain.budget.simulate`), so nothing here reads values.
+    (`Stage.forward_statistic`). total = `tr.weighting.combine(ce, w)`. The forward runs
+    under `autocast(precision)`; ce and w are float32 whatever the precision. Also run on
+    meta tensors by the memory predictor (`edgetrain.budget.simulate`), so nothing here
+    reads values.
     """
-    if tr.weighting.transport:
-        z, w = tr.stage.forward_transport(x, scaling)
-    else:
-        z, w = tr.stage.forward_statistic(x, scaling)
-    logits = tr.stage.head(z)
-    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    with autocast(precision, x.device):
+        x = compute_input(x, precision)
+        if tr.weighting.transport:
+            z, w = tr.stage.forward_transport(x, scaling)
+        else:
+            z, w = tr.stage.forward_statistic(x, scaling)
+        logits = tr.stage.head(z)
+    ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     return tr.weighting.combine(ce, w), ce, w, logits, z
 
 
 def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
-               label_smoothing: float, scaling: str) -> list[dict]:
+               label_smoothing: float, scaling: str, precision: str = "fp32") -> list[dict]:
     """One optimiser step of every trainer on a chain; returns per-stage statistics."""
     stats = []
     for tr in trainers:
@@ -179,13 +190,11 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
         tr.stage.train()
         tr.set_lr()
         with torch.no_grad() if tr.opt is None else nullcontext():  # wholly frozen: forward only
-            total, ce, w, logits, z = stage_loss(tr, x, y, label_smoothing, scaling)
+            total, ce, w, logits, z = stage_loss(tr, x, y, label_smoothing, scaling, precision)
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"non-finite loss ({float(total.detach())}) at step {tr.step + 1}")
         if tr.opt is not None:
-            tr.opt.zero_grad(set_to_none=True)
-            total.backward()
-            tr.opt.step()
+            optimizer_step(tr, total)
         tr.weighting.after_step()
         tr.step += 1
         stats.append({"loss": float(ce.detach()), "transport": float(w.detach()),
@@ -194,6 +203,19 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
         x = z.detach()  # the boundary: nothing flows back into the stage before
         del logits, z, ce, w, total  # free them before the next stage's forward
     return stats
+
+
+def optimizer_step(tr: Trainer, total: torch.Tensor) -> None:
+    """Backward and update; with a loss scaler (fp16), the scaled loss, and a step that is
+    skipped when the scaled gradients overflowed."""
+    tr.opt.zero_grad(set_to_none=True)
+    if tr.scaler is None:
+        total.backward()
+        tr.opt.step()
+        return
+    tr.scaler.scale(total).backward()
+    tr.scaler.step(tr.opt)
+    tr.scaler.update()
 
 
 class Interrupted(Exception):
@@ -209,7 +231,7 @@ class Interrupted(Exception):
 
 def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, first_epoch: int = 0,
                salt: int = 0, label_smoothing: float = 0.0, scaling: str = "mean",
-               on_step: Callable[[list[dict]], None] | None = None,
+               precision: str = "fp32", on_step: Callable[[list[dict]], None] | None = None,
                on_epoch_end: Callable[[int, list[dict]], None] | None = None,
                skip: int = 0, partial: list[dict] | None = None,
                stop: Callable[[], bool] | None = None) -> list[list[dict]]:
@@ -219,6 +241,7 @@ def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, fir
     distinct streams per module and lap). `skip` batches of the first epoch are drawn but
     not trained (a mid-epoch resume; their RNG draws replay), `partial` restores that epoch's
     running sums. `stop()` is checked after every step; when true, `Interrupted` is raised.
+    `precision` is the forward's (`edgetrain.method.precision.autocast`).
     """
     out = []
     for e in range(first_epoch, first_epoch + epochs):
@@ -229,7 +252,7 @@ def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, fir
         for i, (x, y) in enumerate(source.epoch(e, salt)):
             if first and i < skip:
                 continue
-            stats = train_step(trainers, x, y, label_smoothing, scaling)
+            stats = train_step(trainers, x, y, label_smoothing, scaling, precision)
             for a, s in zip(acc, stats):
                 a["loss"] += s["loss"] * s["n"]
                 a["transport"] += s["transport"] * s["n"]
@@ -276,22 +299,25 @@ def fit(trainers: list[Trainer], source: BatchSource, epochs: int, cfg: RunConfi
                 step_check()
         return fit_module(trainers, source, epochs, first_epoch=first_epoch, salt=salt,
                           label_smoothing=cfg.label_smoothing, scaling=cfg.transport_scaling,
-                          on_step=on_step, on_epoch_end=on_epoch_end, skip=skip,
-                          partial=partial, stop=stop)
+                          precision=cfg.precision, on_step=on_step, on_epoch_end=on_epoch_end,
+                          skip=skip, partial=partial, stop=stop)
 
 
 @torch.no_grad()
-def evaluate_chain(stages: list[Stage], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                   ) -> list[dict]:
-    """Accuracy and loss of every prefix F_k o G_k over `batches` (all stages in eval mode)."""
+def evaluate_chain(stages: list[Stage], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   precision: str = "fp32") -> list[dict]:
+    """Accuracy and loss of every prefix F_k o G_k over `batches` (all stages in eval mode),
+    the forward under `autocast(precision)`, the loss in float32."""
     for st in stages:
         st.eval()
     acc = [{"correct": 0, "loss": 0.0, "n": 0} for _ in stages]
     for x, y in batches:
-        for a, st in zip(acc, stages):
-            logits, x = st(x)
-            a["correct"] += int((logits.argmax(1) == y).sum())
-            a["loss"] += float(F.cross_entropy(logits, y, reduction="sum"))
-            a["n"] += len(y)
+        with autocast(precision, x.device):
+            x = compute_input(x, precision)
+            for a, st in zip(acc, stages):
+                logits, x = st(x)
+                a["correct"] += int((logits.argmax(1) == y).sum())
+                a["loss"] += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+                a["n"] += len(y)
     return [{"acc": a["correct"] / max(a["n"], 1), "loss": a["loss"] / max(a["n"], 1)}
             for a in acc]

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from edgetrain.method.freeze import keep_frozen_in_eval
+from edgetrain.method.precision import checkpoint_contexts
 from edgetrain.method.transport import block_energy, transport_cost
 from edgetrain.models.base import Network, run_blocks
 
@@ -103,7 +104,7 @@ class Stage(nn.Module):
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             stem = self.stem if i == 0 else None
             seg = _Segment(stem, list(self.blocks[a:b]), scaling, run)
-            x, c = checkpoint(seg, x, use_reentrant=False)
+            x, c = checkpoint(seg, x, use_reentrant=False, context_fn=checkpoint_contexts)
             cost = cost + c
         return x, cost
 

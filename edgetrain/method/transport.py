@@ -17,9 +17,15 @@ import torch
 
 
 def transport_cost(residues: list[torch.Tensor], scaling: str = "mean") -> torch.Tensor:
-    """Kinetic energy of one module from its blocks' residues (see the module docstring)."""
+    """Kinetic energy of one module from its blocks' residues (see the module docstring).
+
+    At least float32: a bf16 / fp16 residue (`--precision`) goes through
+    `LowPrecisionEnergy`, which squares and averages it in float32 but saves the residue in
+    its own dtype."""
     if not residues:
         return torch.zeros(())
+    if any(r.dtype in (torch.bfloat16, torch.float16) for r in residues):
+        return sum(LowPrecisionEnergy.apply(r, scaling) for r in residues)
     if scaling == "mean":
         return sum(r.pow(2).mean() for r in residues)
     if scaling == "sample":
@@ -34,6 +40,26 @@ def _energy_scale(r: torch.Tensor, scaling: str) -> float:
     if scaling == "sample":
         return 2.0 / r.shape[0]
     raise ValueError(f"unknown transport scaling {scaling!r}")
+
+
+class LowPrecisionEnergy(torch.autograd.Function):
+    """`transport_cost([r])` of a low-precision residue, computed in float32.
+
+    `r.float().pow(2)` would save a float32 copy of r for backward (twice r's bytes); this
+    function saves r itself and returns the float32 energy; dW/dr = c * r (`_energy_scale`),
+    in r's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, r: torch.Tensor, scaling: str) -> torch.Tensor:
+        ctx.c = _energy_scale(r, scaling)
+        ctx.save_for_backward(r)
+        return transport_cost([r.float()], scaling)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (r,) = ctx.saved_tensors
+        return r * (g * ctx.c).to(r.dtype), None
 
 
 class DeltaEnergy(torch.autograd.Function):

@@ -47,6 +47,7 @@ from edgetrain.config import RunConfig
 from edgetrain.errors import Stopped, UserError, first_line
 from edgetrain.measure import peak_rss_mib
 from edgetrain.method.loop import RawSource, Trainer, evaluate_chain, fit, make_trainer
+from edgetrain.method.precision import check_precision
 from edgetrain.method.split import block_activation_bytes, split_balanced
 from edgetrain.method.stage import Stage
 from edgetrain.regimes.dist_checkpoint import EpochStop, RankCheckpoint
@@ -219,7 +220,8 @@ def evaluate_rank(state: RankState) -> list[dict]:
             src = RawSource(state.data, split, state.cfg.batch_size, state.device, train=False).epoch()
         else:
             src = received(state.inbox, phase, n)
-        out[name] = evaluate_chain(state.stages, forward_stream(src, state.tap, state.outbox, phase))
+        stream = forward_stream(src, state.tap, state.outbox, phase)
+        out[name] = evaluate_chain(state.stages, stream, state.cfg.precision)
     return [{"val_acc": v["acc"], "val_loss": v["loss"], "test_acc": t["acc"], "test_loss": t["loss"]}
             for v, t in zip(out["val"], out["test"])]
 
@@ -255,7 +257,7 @@ def assemble_metrics(state: RankState, reports: list[dict], backend: str) -> dic
         max_resident=max(len(g) for g in state.groups),
         peak_rss_mib=max(rep["peak_rss_mib"] for rep in reports),
         timings={"train_s": train_s, "per_rank_train_s": [rep["train_s"] for rep in reports]},
-        device=str(state.device),
+        device=str(state.device), precision=state.cfg.precision,
         distributed={"world_size": len(reports), "backend": backend,
                      "buffer_size": state.cfg.buffer_size, "rank_modules": state.groups,
                      "train_images": n_train, "images_per_s": n_train / train_s,
@@ -367,6 +369,7 @@ def train_distributed(cfg: RunConfig, out_dir: Path, launch: Launch | None,
     if launch is None:
         launch_from_env({})  # raises the message that names the missing variables
     device, backend = choose_device(cfg, launch)
+    check_precision(cfg.precision, device)  # fp16 off CUDA, bf16 unsupported: before any wait
     state = plan_rank(cfg, launch, device)  # raises before any rank waits for another
     _init_group(launch, backend)
     try:

@@ -40,6 +40,7 @@ from edgetrain.data.batches import augment, batch_indices, epoch_generator
 from edgetrain.measure import PhaseRecorder
 from edgetrain.method.loop import (Interrupted, NonFiniteLoss, Trainer, evaluate_chain, fit,
                                   make_trainer)
+from edgetrain.method.precision import autocast, compute_input
 from edgetrain.regimes.run import Run, run_metrics, stopped
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.cache import (CacheInvalid, CacheReader, CacheSource, CacheWriter,
@@ -192,7 +193,8 @@ class OutOfCore:
         stage.eval()
         writer = None
         for x in batches:
-            z = stage.features(x.to(self.run.device))  # (B, *shape)
+            with autocast(self.cfg.precision, self.run.device):  # stored in --cache-dtype
+                z = stage.features(compute_input(x.to(self.run.device), self.cfg.precision))
             if writer is None:
                 need = planned_bytes(n * views, tuple(z.shape[1:]), self.cfg.cache_dtype)
                 check_free_space(self.cache_root, need, f"the activation cache of module {k + 1} "
@@ -285,7 +287,8 @@ class OutOfCore:
         ev = {}
         for split in ("val", "test"):
             with self._phase("eval"), self._phase(f"module_{k:02d}_eval"):
-                (r,) = evaluate_chain([stage], self.source(k, split, train=False).epoch())
+                (r,) = evaluate_chain([stage], self.source(k, split, train=False).epoch(),
+                                      self.cfg.precision)
             ev[f"{split}_acc"], ev[f"{split}_loss"] = r["acc"], r["loss"]
         return {**ev, **tr.record()}
 

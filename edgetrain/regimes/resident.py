@@ -86,7 +86,7 @@ def train_sequential(run: Run, progress: bool) -> list[Trainer]:
     trainers = [make_trainer(st, cfg, k, K, total) for k, st in enumerate(run.stages)]
     for lap in range(cfg.n_laps):
         for k in range(K):
-            src = raw if k == 0 else PrefixSource(raw, run.stages[:k])
+            src = raw if k == 0 else PrefixSource(raw, run.stages[:k], cfg.precision)
             desc = f"lap {lap + 1}/{cfg.n_laps} module {k + 1}/{K}"
             try:
                 _fit(run, [trainers[k]], src, cfg.epochs_per_lap, lap * cfg.epochs_per_lap, k,

@@ -23,6 +23,7 @@ from edgetrain.errors import Stopped, UserError
 from edgetrain.measure import PhaseRecorder, peak_rss_mib
 from edgetrain.method.heads import head_spec
 from edgetrain.method.loop import RawSource, evaluate_chain
+from edgetrain.method.precision import autocast, compute_input, runnable_precision
 from edgetrain.method.split import build_stages, make_bounds
 from edgetrain.method.stage import Stage, init_orthogonal, whole_network
 from edgetrain.models import create_model
@@ -156,11 +157,13 @@ def write_preprocessing(out: Path, data: DataSplits) -> None:
 
 
 @torch.no_grad()
-def confusion(model: torch.nn.Module, batches, num_classes: int) -> torch.Tensor:
+def confusion(model: torch.nn.Module, batches, num_classes: int, precision: str = "fp32"
+              ) -> torch.Tensor:
     """Confusion matrix (true class, predicted class) of `model` over `batches`."""
     m = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for x, y in batches:
-        pred = model(x).argmax(1).cpu()
+        with autocast(precision, x.device):
+            pred = model(compute_input(x, precision)).argmax(1).cpu()
         m += torch.bincount(y.cpu() * num_classes + pred, minlength=num_classes ** 2
                             ).view(num_classes, num_classes)
     return m
@@ -175,10 +178,17 @@ def per_class_record(matrix: torch.Tensor, class_names: list[str], depth: int) -
             "support": support.tolist(), "accuracy": acc}
 
 
+def eval_precision(run: Run) -> str:
+    """The precision evaluation runs in: the run's, or fp32 where this device lacks it (an
+    fp16 run re-evaluated on a CPU)."""
+    return runnable_precision(run.cfg.precision, run.device)
+
+
 def evaluate(run: Run) -> list[dict]:
-    """Validation and test accuracy of every prefix F_k o G_k."""
-    val = evaluate_chain(run.stages, run.raw("val").epoch())
-    test = evaluate_chain(run.stages, run.raw("test").epoch())
+    """Validation and test accuracy of every prefix F_k o G_k (in the run's precision)."""
+    precision = eval_precision(run)
+    val = evaluate_chain(run.stages, run.raw("val").epoch(), precision)
+    test = evaluate_chain(run.stages, run.raw("test").epoch(), precision)
     return [{"val_acc": v["acc"], "val_loss": v["loss"], "test_acc": t["acc"],
              "test_loss": t["loss"]} for v, t in zip(val, test)]
 
@@ -235,7 +245,8 @@ def run_metrics(run: Run, records: list[dict], evals: list[dict], seconds: float
                           max_resident=len(run.stages) if max_resident is None else max_resident,
                           peak_rss_mib=peak, memory=run.memory.metrics() if run.memory else {},
                           timings={"train_s": seconds, "step_s": step_seconds(records)},
-                          device=str(run.device), **(run.finetune or {}))
+                          device=str(run.device), precision=run.cfg.precision,
+                          **(run.finetune or {}))
     if data_record(run.data) is not None:
         record["data"] = data_record(run.data)
     return record

@@ -19,8 +19,10 @@ from edgetrain.measure import PhaseRecorder
 from edgetrain.regimes.out_of_core import train_stored
 from edgetrain.regimes.resident import train_in_memory, train_resident
 from edgetrain.method.stage import Prefix
-from edgetrain.regimes.run import (Run, build_run, confusion, evaluate, load_data, load_run,
-                                   per_class_record, write_preprocessing)
+from edgetrain.method.precision import check_precision
+from edgetrain.regimes.run import (Run, build_run, confusion, eval_precision, evaluate, load_data,
+                                   load_run, per_class_record, resolve_device,
+                                   write_preprocessing)
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.cache import check_cache_dir
 from edgetrain.storage.lock import lock_run_dir
@@ -70,6 +72,7 @@ def _resume(run_dir: Path, progress: bool, stop) -> dict:
     if cfg.mode in ("sequential", "multilap") and not cfg.out_of_core:
         raise UserError(f"{run_dir} is an in-memory run; it does not checkpoint and cannot be "
                         "resumed")
+    check_precision(cfg.precision, resolve_device(cfg.device))
     with out_of_memory_as_user_error(cfg, None, None):
         run = with_log(build_run(cfg), run_dir)
     run.stop, run.memory = stop, PhaseRecorder(run.device)
@@ -105,6 +108,7 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
         from edgetrain.regimes.distributed import train_distributed  # torch.distributed: deferred
         with out_of_memory_as_user_error(cfg, None, Path(out_dir), context="in a distributed rank"):
             return train_distributed(cfg, out_dir, launch, progress, stop=stop)
+    check_precision(cfg.precision, resolve_device(cfg.device))  # fp16 off CUDA, bf16 unsupported
     if cfg.cache_dir is not None and cfg.out_of_core:
         check_cache_dir(Path(cfg.cache_dir))
     with out_of_memory_as_user_error(cfg, None, None):
@@ -142,7 +146,7 @@ def evaluate_run(run_dir: Path) -> dict:
         e["index"] = k
     best = best_depth(evals)
     matrix = confusion(Prefix(run.stages[:best]).eval(), run.raw("test").epoch(),
-                       run.data.num_classes)
+                       run.data.num_classes, eval_precision(run))
     per_class = per_class_record(matrix, run.data.class_names, best)
     path = Path(run_dir) / "metrics.json"
     if path.is_file():

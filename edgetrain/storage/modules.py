@@ -3,9 +3,10 @@
 `save_module` / `load_module` write and read one module's weights. `ModuleStore` owns the
 module files of an out-of-core (sequential / multilap) run: while training, module k's file
 also holds its optimizer state (`optim.*` tensors), its tau state, step and history (JSON in
-the safetensors metadata). Loading module k through the store unloads every other module
-(their tensors go to the `meta` device), and the store counts how many modules are resident
-at once (`max_resident`). It does not decide when to checkpoint (the regimes do).
+the safetensors metadata; with fp16 also its loss scaler's state). Loading module k through
+the store unloads every other module (their tensors go to the `meta` device), and the store
+counts how many modules are resident at once (`max_resident`). It does not decide when to
+checkpoint (the regimes do).
 """
 from __future__ import annotations
 
@@ -153,6 +154,8 @@ class ModuleStore:
         if trainer is not None:
             meta["trainer"] = json.dumps({"step": trainer.step, "history": trainer.history,
                                           "weighting": trainer.weighting.state_dict()})
+        if trainer is not None and getattr(trainer, "scaler", None) is not None:  # fp16: JSON
+            meta["scaler"] = json.dumps(trainer.scaler.state_dict())  # scale, growth tracker
         save_tensors(path or self.path(k), tensors, meta)
 
     def meta(self, k: int) -> dict[str, str]:
@@ -166,6 +169,8 @@ class ModuleStore:
         t = json.loads(meta["trainer"])
         trainer.step, trainer.history = int(t["step"]), list(t["history"])
         trainer.weighting.load_state_dict(t["weighting"])
+        if getattr(trainer, "scaler", None) is not None and "scaler" in meta:
+            trainer.scaler.load_state_dict(json.loads(meta["scaler"]))
         if trainer.opt is None or "optimizer" not in meta:  # a wholly frozen module
             return
         opt = {n: v.to(self.device) for n, v in load_optimizer_tensors(self.path(k)).items()}
@@ -182,5 +187,5 @@ class ModuleStore:
         if "optimizer" not in meta:
             return
         tensors = {n: v for n, v in read_tensors(self.path(k)).items() if not n.startswith("optim.")}
-        keep = {n: v for n, v in meta.items() if n not in ("optimizer",)}
+        keep = {n: v for n, v in meta.items() if n not in ("optimizer", "scaler")}
         save_tensors(self.path(k), tensors, keep)

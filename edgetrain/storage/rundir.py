@@ -26,9 +26,17 @@ from edgetrain.storage.lock import FileLock, lock_run_dir
 STATE = "state.json"
 
 
+# fields added after run directories of this version were written, with the default that
+# means "as before": left out of the hash at that value, so those directories still resume
+HASH_OMITS_AT_DEFAULT = {"precision": "fp32"}
+
+
 def config_hash(cfg: RunConfig) -> str:
-    """sha256 of the resolved configuration (canonical JSON)."""
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+    """sha256 of the resolved configuration (canonical JSON), without the fields of
+    `HASH_OMITS_AT_DEFAULT` at their default."""
+    d = {k: v for k, v in cfg.to_dict().items()
+         if not (k in HASH_OMITS_AT_DEFAULT and v == HASH_OMITS_AT_DEFAULT[k])}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def rng_state() -> dict:
@@ -144,9 +152,10 @@ def module_entry(index: int, record: dict, evals: dict, **extra) -> dict:
 
 def metrics_record(mode: str, bounds: list[int], modules: list[dict], *, max_resident: int,
                    peak_rss_mib: float, timings: dict, device: str, memory: dict | None = None,
-                   **extra) -> dict:
-    """metrics.json: the per-module entries, the best depth (chosen on validation) and the
-    figures that measure the machine (peak memory, timings, device)."""
+                   precision: str = "fp32", **extra) -> dict:
+    """metrics.json: the per-module entries, the best depth (chosen on validation), the
+    precision trained in and the figures that measure the machine (peak memory, timings,
+    device)."""
     bd = best_depth(modules)
     return {"edgetrain_version": __version__, "mode": mode, "modules": modules,
             "n_modules": len(modules), "bounds": bounds, "best_depth": bd,
@@ -154,7 +163,7 @@ def metrics_record(mode: str, bounds: list[int], modules: list[dict], *, max_res
             "best_test_acc": modules[bd - 1]["test_acc"],
             "last_test_acc": modules[-1]["test_acc"], "max_resident_modules": max_resident,
             "peak_rss_mib": peak_rss_mib, "memory": memory or {}, "timings": timings,
-            "device": device, **extra}
+            "device": device, "precision": precision, **extra}
 
 
 def default_out_dir(cfg: RunConfig) -> Path:

@@ -15,6 +15,9 @@ import torch
 HERE = Path(__file__).parent
 # fields that measure the machine, not the method
 MACHINE_KEYS = ("timings", "peak_rss_mib", "memory", "device", "edgetrain_version")
+# fields that restate the configuration, added after the recording (checked elsewhere:
+# tests/test_precision.py checks `precision` is fp32 by default)
+RESTATED_KEYS = ("precision",)
 REGIMES = {
     "e2e": dict(mode="e2e", epochs=2),
     "parallel": dict(mode="parallel", epochs=2),
@@ -26,7 +29,7 @@ BASE = dict(data="digits", train_size=400, model="kmresnet", width=8, depth=4, m
 
 
 def strip(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k not in MACHINE_KEYS}
+    return {k: v for k, v in metrics.items() if k not in MACHINE_KEYS + RESTATED_KEYS}
 
 
 def run_regime(name: str, out: Path) -> dict:
