@@ -3,7 +3,7 @@
 The same as `edgetrain bench precision`.
 
 usage: python benchmarks/precision.py [--out benchmarks/results] [--seeds 5] [--threads 2]
-       [--quick]
+       [--quick] [--size full|small] [--parts memory,accuracy]
 
 Memory and step time come from fresh child processes; accuracy is digits and Fashion-MNIST
 over the seeds (mean, std, paired bf16 - fp32). Run it on a quiet machine. The accuracy
@@ -26,10 +26,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="default 5 (1 with --quick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--size", choices=["full", "small"], default="full",
+                    help="small: resnet20 and digits only, for a CPU without native bf16")
+    ap.add_argument("--parts", default="memory,accuracy", help="memory (and step time), accuracy")
     a = ap.parse_args()
     if a.seeds is not None and a.seeds < 1 or a.threads < 1:
         ap.error("--seeds and --threads must be >= 1")
-    res = run_precision(Path(a.out), seeds=a.seeds, quick=a.quick, threads=a.threads)
+    res = run_precision(Path(a.out), seeds=a.seeds, quick=a.quick, threads=a.threads,
+                        size=a.size, parts=tuple(a.parts.split(",")))
     print(open(res["md_path"]).read())
 
 

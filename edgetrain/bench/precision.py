@@ -38,8 +38,14 @@ MARK = "EDGETRAIN-PRECISION-CHILD "
 PRECISIONS = ("fp32", "bf16")
 
 
-def setups(quick: bool) -> dict:
-    """The configurations measured: full, or `quick` (a smoke check of the whole pipeline)."""
+def setups(quick: bool, size: str = "full") -> dict:
+    """The configurations measured: full, `small` (sized for a CPU without native bf16
+    convolutions, where bf16 steps are ~30x slower: resnet20, digits only), or `quick`
+    (a smoke check of the whole pipeline)."""
+    if size == "small" and not quick:
+        return {"model": "resnet20", "input_shape": (3, 32, 32), "batch": 64, "modules": 4,
+                "mem_steps": 2, "warmup": 1, "steps": 3, "seeds": 3,
+                "accuracy": {"digits": dict(epochs=4, width=8, depth=4)}}
     if quick:
         return {"model": "resnet8", "input_shape": (3, 16, 16), "batch": 32, "modules": 2,
                 "mem_steps": 3, "warmup": 1, "steps": 3, "seeds": 1,
@@ -177,19 +183,21 @@ def accuracy(s: dict, seeds: int, tmp: Path) -> list[dict]:
 
 # --------------------------------------------------------------------------- the benchmark
 def run_precision(out_dir: Path, seeds: int | None = None, quick: bool = False,
-                  threads: int = 2) -> dict:
-    """Measure (a), (b) and (c) (see the module docstring); write precision.{json,md}."""
+                  threads: int = 2, size: str = "full",
+                  parts: tuple[str, ...] = ("memory", "accuracy")) -> dict:
+    """Measure (a) and (b) (part `memory`) and (c) (part `accuracy`), see the module
+    docstring; write precision[-small][-PART].{json,md} (PART when only one part runs)."""
     import torch  # the machine's description
 
     from edgetrain.method.precision import (bf16_supported,  # imports torch: the parent only
                                             native_bf16)
-    s = setups(quick)
+    s = setups(quick, size)
     seeds = seeds or s["seeds"]
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgetrain-precision-") as tmp:
-        rows = memory_and_time(s, Path(tmp), threads)
-        acc = accuracy(s, seeds, Path(tmp))
+        rows = memory_and_time(s, Path(tmp), threads) if "memory" in parts else []
+        acc = accuracy(s, seeds, Path(tmp)) if "accuracy" in parts else []
     result = {"benchmark": "precision", "edgetrain_version": __version__, "quick": quick,
               "torch": torch.__version__, "machine": platform.machine(),
               "processor": platform.processor(), "threads": threads,
@@ -198,8 +206,10 @@ def run_precision(out_dir: Path, seeds: int | None = None, quick: bool = False,
               "setup": {k: v for k, v in s.items() if k != "accuracy"},
               "memory_and_time": rows, "accuracy": acc,
               "wall_s": round(time.perf_counter() - t0, 1)}
-    return write_json_and_markdown(result, out_dir, "precision" + ("-quick" if quick else ""),
-                                   markdown)
+    stem = ("precision" + ("-quick" if quick else "") + ("-small" if size == "small" else "")
+            + (f"-{parts[0]}" if len(parts) == 1 else ""))
+    result["utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    return write_json_and_markdown(result, out_dir, stem, markdown)
 
 
 def _fmt(v, spec: str = ".1f") -> str:
