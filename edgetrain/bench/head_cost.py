@@ -171,7 +171,8 @@ def markdown(res: dict) -> str:
     lines = ["# Accuracy cost of the light head (`--head dgl-light` vs `--head dgl`)", "",
              f"Sequential TRGL, {json.dumps(st['base'])}; "
              f"{st['threads']} torch thread(s). Best-depth test accuracy (depth chosen on "
-             "validation), in %. Difference: light - dgl, paired by seed. "
+             "validation), in %. Difference: light - dgl, paired by seed. `run s` is wall "
+             "time on a shared machine, not a speed figure. "
              + ("" if res["complete"] else "**Incomplete: the runs below finished.**"), "",
              "| data | settings | head params per module (dgl / light) | dgl mean ± std | "
              "light mean ± std | light - dgl mean ± std (95% CI) | pairs |",
