@@ -182,8 +182,9 @@ def print_table(modules: list[dict], best: int) -> None:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="continue the interrupted run in RUN_DIR from its last checkpoint")
 @click.option("--fit", "fit", is_flag=True,
-              help="with --device-profile/--memory-budget: plan mode, K, split, batch and cache "
-                   "dtype around the options given, print the plan, train it")
+              help="with --device-profile/--memory-budget: plan mode, K, split, batch, cache "
+                   "dtype and (when nothing else fits) --recompute around the options given, "
+                   "print the plan, train it")
 def train(out, progress, device_profile, memory_budget, resume_dir, fit, **opts):
     """Train a network module by module (or end-to-end) and write a run directory."""
     if resume_dir is not None:
@@ -320,8 +321,12 @@ def calibrate_cmd(name, cache_dir, storage_mib):
 @click.option("--prefetch-mib", type=float, default=RunConfig.prefetch_mib, show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=RunConfig.precision,
               show_default=True, help="the precision the run will train in (not planned)")
+@click.option("--recompute", default=RunConfig.recompute, show_default=True,
+              help="keep this --recompute (none, blocks, segments:S); unset, the planner tries "
+                   "segments:2, then blocks, when nothing fits without")
 def plan_cmd(device_name, memory_budget, **opts):
-    """Choose regime, K, split, batch size and cache dtype that fit a device; print the command."""
+    """Choose regime, K, split, batch size, cache dtype and, when nothing else fits,
+    --recompute that fit a device; print the command."""
     from edgetrain.budget.planner import format_plan, plan_for_device  # imports torch: deferred
     if bool(device_name) == bool(memory_budget):
         raise UserError("give exactly one of --device NAME or --memory-budget SIZE")
@@ -329,11 +334,14 @@ def plan_cmd(device_name, memory_budget, **opts):
     profile = load_profile(device_name) if device_name else None
     budget = parse_size(memory_budget) if memory_budget else None
     base = config_from_options({**opts, "no_transport": False, "memory_budget": budget})
-    p = plan_for_device(base, profile, budget)
+    given = click.get_current_context().get_parameter_source("recompute")
+    fixed = {"recompute"} if given == click.core.ParameterSource.COMMANDLINE else set()
+    p = plan_for_device(base, profile, budget, fixed=fixed)
     click.echo(format_plan(p))
     if not p.fits:
+        rc = f", recompute {p.cfg.recompute}" if p.cfg.recompute != "none" else ""
         raise UserError(f"nothing fits in {fmt_bytes(p.budget_bytes)}: the smallest plan "
-                        f"({p.cfg.mode}, K={p.cfg.modules}, batch {p.cfg.batch_size}) needs "
+                        f"({p.cfg.mode}, K={p.cfg.modules}, batch {p.cfg.batch_size}{rc}) needs "
                         f"{fmt_bytes(p.needed_bytes)} ({p.needed_bytes} bytes)")
     click.echo(f"command     {p.command()}")
 

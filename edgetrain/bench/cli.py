@@ -42,6 +42,28 @@ def bench_accuracy(preset, datasets, seeds, out_dir, device, threads, resume, pl
         click.echo(f"wrote {p}")
 
 
+@bench.command("head-cost")
+@click.option("--data", "datasets", multiple=True, type=click.Choice(["digits", "fashion-mnist"]),
+              help="only these data sets (repeatable; default both, digits first)")
+@click.option("--seeds", type=int, default=3, show_default=True, help="number of seeds (0, 1, ...)")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch threads (0: torch's default)")
+@click.option("--resume/--fresh", default=True, show_default=True,
+              help="keep the runs an earlier invocation left in head_cost.json")
+def bench_head_cost(datasets, seeds, out_dir, device, threads, resume):
+    """Accuracy cost of --head dgl-light against --head dgl (sequential TRGL, paired seeds)."""
+    from edgetrain.bench.head_cost import DATASETS, run_head_cost  # imports torch: deferred
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1 (got {seeds})")
+    res = run_head_cost(Path(out_dir), {d: DATASETS[d] for d in (datasets or DATASETS)},
+                        list(range(seeds)), device=device, threads=threads or None,
+                        resume=resume, log=click.echo)
+    click.echo(f"wrote {res['json_path']}\nwrote {res['md_path']}")
+
+
 @bench.command("distributed", context_settings={"ignore_unknown_options": True})
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--nproc", type=int, multiple=True, help="process counts (default 2)")

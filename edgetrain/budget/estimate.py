@@ -12,13 +12,14 @@ environment.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 import math
 
 import torch
 
 from edgetrain.budget.simulate import (PeakTensors, eval_peak, features_peak, simulate_steps,
-                                      train_peak)
+                                      step_flops, train_peak)
 from edgetrain.measure import buffer_bytes, param_bytes, unique_storage_bytes
 from edgetrain.method.loop import make_trainer
 from edgetrain.method.split import build_stages, make_bounds
@@ -261,11 +262,7 @@ def peak_breakdown(cfg, input_shape: tuple[int, int, int], num_classes: int,
         stages = _build_stages(cfg, input_shape, num_classes)
     transport = bool(cfg.transport and cfg.mode != "e2e")
     trainers = _trainers(stages, cfg, transport)
-    shapes = [tuple(input_shape)]
-    with torch.no_grad():
-        for st in stages:
-            shapes.append(tuple(st.eval().features(torch.empty(1, *shapes[-1], device="meta"))
-                                .shape[1:]))
+    shapes = _feature_shapes(stages, input_shape)
     if cfg.mode in ("e2e", "parallel"):
         chain, in_shape, k = trainers, shapes[0], None
     else:
@@ -278,3 +275,44 @@ def peak_breakdown(cfg, input_shape: tuple[int, int, int], num_classes: int,
     return {"module": k, "peak_mib": mode.peak / MIB,
             "tensors": [{"made_by": o, "shape": list(s), "dtype": d, "mib": round(n / MIB, 3)}
                         for o, s, d, n in items]}
+
+
+def _feature_shapes(stages, input_shape) -> list[tuple]:
+    """The input shape of every stage, then the last stage's output shape (no batch dim)."""
+    shapes = [tuple(input_shape)]
+    with torch.no_grad():
+        for st in stages:
+            shapes.append(tuple(st.eval().features(torch.empty(1, *shapes[-1], device="meta"))
+                                .shape[1:]))
+    return shapes
+
+
+def recompute_time_ratio(cfg, input_shape: tuple[int, int, int], num_classes: int) -> float:
+    """Estimated training time of `cfg` over the same run with `recompute="none"` (1.0 when
+    `cfg.recompute` is "none"): the FLOPs of one training step of every trained module, as
+    simulated on the meta device (`edgetrain.budget.simulate.step_flops`), with and without.
+
+    With --recompute, a module's backward runs its forward again (all of it for `blocks` and
+    for `segments:S` alike; the head's is not repeated): with backward ~ 2 forwards, about
+    (fwd + bwd + fwd) / (fwd + bwd) ~ 1.33x for the module body. Sequential and multi-lap
+    modules are summed (each trains the same number of steps); e2e and parallel step the
+    resident chain. It is an estimate: FLOPs leave out element-wise work, memory traffic and
+    the checkpointing bookkeeping. The measured figure for ResNet-110 3x96x96 b64 K=16
+    (`--recompute blocks`) was 1.49x the step time without it
+    (benchmarks/results/memory_resnet110_3x96x96_b64_cpu-recompute-K16.json).
+    """
+    if cfg.recompute == "none":
+        return 1.0
+    plain = _train_flops(dataclasses.replace(cfg, recompute="none"), input_shape, num_classes)
+    return _train_flops(cfg, input_shape, num_classes) / max(1, plain)
+
+
+def _train_flops(cfg, input_shape, num_classes: int) -> int:
+    """FLOPs of one training step of every module the regime trains (see above)."""
+    with torch.random.fork_rng(devices=[]):
+        stages = _build_stages(cfg, input_shape, num_classes)
+    trainers = _trainers(stages, cfg, bool(cfg.transport and cfg.mode != "e2e"))
+    shapes = _feature_shapes(stages, input_shape)
+    if cfg.mode in ("e2e", "parallel"):
+        return step_flops(trainers, shapes[0], cfg)
+    return sum(step_flops([tr], shape, cfg) for tr, shape in zip(trainers, shapes))

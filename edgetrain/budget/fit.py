@@ -105,14 +105,17 @@ def with_plan_record(p: Plan, written: int) -> RunConfig:
     record = {"budget_bytes": p.budget_bytes, "needed_bytes": p.needed_bytes,
               "runtime_baseline_bytes": p.baseline_bytes, "peak_tensor_bytes": pr.peak_bytes,
               "train_step_bytes": pr.train_step_bytes, "cache_write_bytes": pr.cache_write_bytes,
-              "eval_bytes": pr.eval_bytes, "disk_bytes": p.disk_bytes, "written_bytes": written}
+              "eval_bytes": pr.eval_bytes, "disk_bytes": p.disk_bytes, "written_bytes": written,
+              "step_time_ratio": round(p.step_time_ratio, 4)}
     return dataclasses.replace(p.cfg, extra={**p.cfg.extra, "fit": record})
 
 
 def _describe(c: RunConfig) -> str:
     laps = f", {c.laps} laps" if c.mode == "multilap" else ""
     cache = f", cache {c.cache_dtype}" if c.mode in ("sequential", "multilap") else ""
-    return f"{c.mode}, K={c.modules}, split {c.split}, batch {c.batch_size}{laps}{cache}"
+    recompute = f", recompute {c.recompute}" if c.recompute != "none" else ""
+    return (f"{c.mode}, K={c.modules}, split {c.split}, batch {c.batch_size}{laps}{cache}"
+            f"{recompute}")
 
 
 def nothing_fits(p: Plan, disk_dir: Path) -> str:

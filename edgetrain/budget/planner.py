@@ -1,5 +1,5 @@
-"""The planner: search regime, K, split, batch size and cache dtype for the configuration
-that fits a memory budget, and print it.
+"""The planner: search regime, K, split, batch size, cache dtype and (when nothing else fits)
+in-module recomputation for the configuration that fits a memory budget, and print it.
 
 What this file holds: `plan` (the rule is in its docstring and the README) and
 `plan_for_device`; the fitting margin (`SAFETY`, `HEADROOM_BYTES`, `needed_bytes`); the
@@ -20,7 +20,7 @@ import math
 import shlex
 
 from edgetrain.budget.devices import DeviceProfile
-from edgetrain.budget.estimate import estimate_peak
+from edgetrain.budget.estimate import estimate_peak, recompute_time_ratio
 from edgetrain.budget.guard import check_runtime_fits
 from edgetrain.config import RunConfig, option_args
 from edgetrain.errors import UserError
@@ -40,10 +40,18 @@ HEADROOM_BYTES = 64 * 1024 * 1024
 GOOD_BATCH = 32  # batches below this are tried only when nothing fits at GOOD_BATCH or above
 MIN_BATCH = 8
 # The RunConfig fields the planner chooses; `plan(fixed=...)` keeps any of them as given.
-# In-module recomputation may join this list (and `_groups`' variants); precision (#17) is
-# not planned: it changes accuracy, so the given one is passed through to every candidate
-# (the estimator models it); model, data, epochs, seed and lr are never planned.
-PLANNED = ("mode", "modules", "split", "batch_size", "cache_dtype", "laps")
+# Precision (#17) is not planned: it changes accuracy, so the given one is passed through to
+# every candidate (the estimator models it); model, data, epochs, seed and lr are never planned.
+PLANNED = ("mode", "modules", "split", "batch_size", "cache_dtype", "laps", "recompute")
+# `--recompute` settings in order of cost, each tried only when nothing fits with the ones
+# before it: none; two checkpointed segments per module (keeps two segment inputs and one
+# segment's internals); one per block (keeps every block's input and one block's internals).
+# Both recomputing settings run the module's forward again during backward, so they cost
+# about the same time; `blocks` saves more memory. The printed time cost is an estimate
+# (`recompute_time_ratio`: simulated FLOPs, ~1.3x); the measured step-time ratio for
+# ResNet-110 3x96x96 b64 sequential K=16 with `blocks` was 1.49x
+# (benchmarks/results/memory_resnet110_3x96x96_b64_cpu-recompute-K16.json).
+RECOMPUTE_ORDER = ("none", "segments:2", "blocks")
 
 
 # --------------------------------------------------------------------------- planner
@@ -61,6 +69,8 @@ class Plan:
     tried: int  # configurations evaluated
     disk_bytes: int = 0  # disk the run needs at once (caches and module files)
     disk_free_bytes: int | None = None  # free space where they go (None: not checked)
+    # estimated training time over the same plan without --recompute (1.0 without it)
+    step_time_ratio: float = 1.0
 
     def command(self) -> str:
         """The exact `edgetrain train` command that runs this plan under its budget."""
@@ -149,14 +159,16 @@ def _count_blocks(cfg: RunConfig, input_shape, num_classes: int) -> int:
 
 
 class _Evaluator:
-    """Predicts and remembers every configuration tried; keeps the least demanding one."""
+    """Predicts and remembers every configuration tried; keeps the least demanding one, and
+    whether any missed the budget by its training step alone (`train_bound`: the one phase
+    that `--recompute` lowers)."""
 
     def __init__(self, input_shape, num_classes, n_train, budget_bytes, profile, baseline,
                  disk_free: int | None = None):
         self._predict = lambda cfg: estimate_peak(cfg, tuple(input_shape), num_classes, n_train)
         self.budget_bytes, self.profile, self.baseline = budget_bytes, profile, baseline
         self.disk_free = disk_free
-        self.tried, self.least = 0, None
+        self.tried, self.least, self.train_bound = 0, None, False
 
     def __call__(self, cfg: RunConfig) -> Plan:
         pred = self._predict(cfg)
@@ -167,7 +179,14 @@ class _Evaluator:
                  need <= self.budget_bytes and on_disk, self.profile, 0, disk, self.disk_free)
         if self.least is None or need < self.least.needed_bytes:
             self.least = p
+        if not p.fits and on_disk and self._fits_but_training(pred):
+            self.train_bound = True
         return p
+
+    def _fits_but_training(self, pred) -> bool:
+        """Whether every phase but the training step (cache write, eval, building) fits."""
+        rest = max(pred.cache_write_bytes, pred.eval_bytes, pred.build_bytes)
+        return self.baseline + math.ceil(rest * SAFETY) + HEADROOM_BYTES <= self.budget_bytes
 
 
 def disk_needed_bytes(pred) -> int:
@@ -181,6 +200,8 @@ def _search(base: RunConfig, n_blocks: int, cache_dtype: str, evaluate: _Evaluat
             fixed=frozenset()):
     good, small = _batches(base.batch_size, "batch_size" in fixed)
     for tier in (good, small):
+        if not tier:  # a given batch size leaves the small tier empty
+            continue
         for mode, k, variants in _groups(base, n_blocks, cache_dtype, fixed):
             # memory grows with the batch: a variant that misses at the tier's smallest
             # batch misses at every larger one, so only the survivors are tried further
@@ -216,9 +237,17 @@ def plan(base: RunConfig, input_shape, num_classes: int, n_train: int | None,
     lap: sequential). With `disk_free`, a candidate fits only when `disk_needed_bytes` (its
     caches and module files) is within it too.
 
+    In-module recomputation (`--recompute`) trades time for memory, so it is tried only when
+    no configuration fits without it: the whole search above is repeated for each setting
+    of RECOMPUTE_ORDER in turn (unless `recompute` is fixed), as long as some candidate
+    missed the budget by its training step alone (recomputation lowers no other phase, so
+    otherwise nothing could fit with it). The plan records the setting and its estimated
+    cost in time (`Plan.step_time_ratio`, `recompute_time_ratio`).
+
     Returns:
-        The first fitting plan; if none fits, the plan that needs the least memory, with
-        `fits=False` (its `needed_bytes` is the smallest budget that would do).
+        The first fitting plan; if none fits, the plan that needs the least memory among
+        the candidates searched, with `fits=False` (its `needed_bytes` is a budget that
+        would do: the smallest one unless the recompute settings were left out as above).
 
     Raises:
         UserError: a budget below the runtime itself, or a bad model/configuration.
@@ -229,18 +258,33 @@ def plan(base: RunConfig, input_shape, num_classes: int, n_train: int | None,
     evaluate = _Evaluator(input_shape, num_classes, n_train, budget_bytes, profile, baseline,
                           disk_free)
     n_blocks = _count_blocks(base, input_shape, num_classes)
-    chosen = _search(base, n_blocks, dtype, evaluate, frozenset(fixed)) or evaluate.least
+    fixed, chosen = frozenset(fixed), None
+    for i, recompute in enumerate(_recompute_levels(base, fixed)):
+        if i and not evaluate.train_bound:
+            break  # every candidate misses in a phase that recomputation does not lower
+        chosen = _search(dataclasses.replace(base, recompute=recompute), n_blocks, dtype,
+                         evaluate, fixed)
+        if chosen is not None:
+            break
+    chosen = chosen or evaluate.least
     if chosen is None:
         raise UserError(f"the options given ({', '.join(sorted(fixed))}) leave no "
                         "configuration to plan; give fewer of them")
     chosen.tried = evaluate.tried
+    chosen.step_time_ratio = recompute_time_ratio(chosen.cfg, tuple(input_shape), num_classes)
     return chosen
 
 
+def _recompute_levels(base: RunConfig, fixed) -> tuple[str, ...]:
+    """The `--recompute` settings to search, cheapest first: the given one when fixed."""
+    return (base.recompute,) if "recompute" in fixed else RECOMPUTE_ORDER
+
+
 def plan_for_device(base: RunConfig, profile: DeviceProfile | None,
-                    budget_bytes: int | None = None) -> Plan:
+                    budget_bytes: int | None = None, fixed=frozenset()) -> Plan:
     """Read the data set's shape (synthetic: `base.input_shape`) and plan for `profile`
-    (its budget and device) or, without one, for `budget_bytes`.
+    (its budget and device) or, without one, for `budget_bytes`, keeping the `PLANNED`
+    fields named in `fixed` as in `base`.
 
     Raises:
         UserError: neither a profile nor a budget, or whatever `plan` raises.
@@ -250,7 +294,8 @@ def plan_for_device(base: RunConfig, profile: DeviceProfile | None,
     if profile is not None:
         base = dataclasses.replace(base, device=profile.train_device)
     shape, classes, n_train = data_shape(base, load_data)
-    return plan(base, shape, classes, n_train, budget_bytes or profile.budget_bytes, profile)
+    return plan(base, shape, classes, n_train, budget_bytes or profile.budget_bytes, profile,
+                fixed=fixed)
 
 
 def data_shape(cfg: RunConfig, load_data) -> tuple[tuple[int, int, int], int, int]:
@@ -293,8 +338,13 @@ def format_plan(p: Plan) -> str:
     lines.append(f"budget      {fmt_bytes(p.budget_bytes)} for the training process")
     split = f", split {c.split}" if c.mode != "e2e" else ""
     cache = f", cache {c.cache_dtype}" if c.mode == "multilap" else ""
+    recompute = f", recompute {c.recompute}" if c.recompute != "none" else ""
     lines.append(f"plan        {c.mode}, K={c.modules}{split}, batch {c.batch_size}{cache}"
-                 f"  ({p.tried} configurations evaluated)")
+                 f"{recompute}  ({p.tried} configurations evaluated)")
+    if c.recompute != "none":
+        lines.append(f"recompute   {c.recompute}: trades time for memory, each training step "
+                     f"~{p.step_time_ratio:.2f}x as long as without it (estimated from "
+                     "simulated FLOPs)")
     rows = [("runtime baseline", p.baseline_bytes), ("parameters", pr.params_bytes),
             ("gradients", pr.grads_bytes), ("optimizer state", pr.optimizer_bytes),
             ("saved activations", pr.activations_bytes), ("input batch", pr.input_batch_bytes),

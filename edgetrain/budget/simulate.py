@@ -11,6 +11,9 @@ the worst moment is what the allocator must provide; what lives outside tensors 
 runtime, the data set, the cache reader's queue, the cache writer's shard buffer) is
 added by the predictor.
 
+`step_flops` runs the same step under PyTorch's FLOP counter instead: the planner's estimate of
+what `--recompute` costs in time (`edgetrain.budget.estimate.recompute_time_ratio`).
+
 `tests/test_simulate.py` checks that the simulated peak of a step equals the peak tracked
 by the same mode around the real `train.train_step` on CPU tensors.
 
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from edgetrain.method.loop import stage_loss
 from edgetrain.method.precision import autocast, compute_input
@@ -146,19 +150,35 @@ def simulate_steps(mode: LiveBytes, trainers: list, in_shape: tuple, cfg, steps:
             mode.origin = "optimizer state"
         mode.register(v for tr in trainers for s in tr.opt.state.values() for v in s.values()
                       if isinstance(v, torch.Tensor))
-        for _ in range(steps):
-            x, y = _batch(in_shape, cfg.batch_size, device)
-            for tr in trainers:
-                tr.stage.train()
-                total, ce, w, logits, z = stage_loss(tr, x, y, cfg.label_smoothing,
-                                                     cfg.transport_scaling, cfg.precision)
-                tr.opt.zero_grad(set_to_none=True)
-                total.backward()
-                tr.opt.step()
-                x = z.detach()
-                del total, ce, w, logits, z
-            del x, y
+        _run_steps(trainers, in_shape, cfg, steps, device)
     return mode
+
+
+def _run_steps(trainers: list, in_shape: tuple, cfg, steps: int, device) -> None:
+    """`steps` training steps of a chain of trainers, each on a fresh (empty) batch."""
+    for _ in range(steps):
+        x, y = _batch(in_shape, cfg.batch_size, device)
+        for tr in trainers:
+            tr.stage.train()
+            total, ce, w, logits, z = stage_loss(tr, x, y, cfg.label_smoothing,
+                                                 cfg.transport_scaling, cfg.precision)
+            tr.opt.zero_grad(set_to_none=True)
+            total.backward()
+            tr.opt.step()
+            x = z.detach()
+            del total, ce, w, logits, z
+        del x, y
+
+
+def step_flops(trainers: list, in_shape: tuple, cfg, device="meta") -> int:
+    """FLOPs of one training step of a chain of trainers (forward, backward, and the
+    forwards that `--recompute` repeats during backward), counted on the meta device by
+    `torch.utils.flop_counter.FlopCounterMode`: matrix products and convolutions only, so
+    element-wise work (BatchNorm, ReLU, the transport term) is left out."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _run_steps(trainers, in_shape, cfg, 1, device)
+    return counter.get_total_flops()
 
 
 @torch.no_grad()
