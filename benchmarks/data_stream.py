@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import statistics
 from pathlib import Path
 import sys
 import tempfile
@@ -60,6 +62,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", nargs="+", default=None, choices=["throughput", "pack", "memory"],
                    help="default: all three (--quick: memory)")
     p.add_argument("--quick", action="store_true", help="a < 1 minute smoke run (see above)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of module 0's ram/warm/evicted")
+    p.add_argument("--machine", default=None, help="a description of the machine for the results")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; "
                                                "--quick: a temporary directory)")
     return p.parse_args(argv)
@@ -83,8 +87,8 @@ def main(argv=None) -> int:
     parts = a.parts or (["memory"] if a.quick else ["throughput", "pack", "memory"])
     tmp = Path(tempfile.mkdtemp(prefix="edgetrain-data-bench-"))
     out_dir = Path(a.out) if a.out else (tmp / "results" if a.quick else Path("benchmarks/results"))
-    machine = ("shared 2-core CPU host, other engineers' jobs running (load average recorded "
-               "per row)")
+    machine = a.machine or (f"{platform.machine()}, {os.cpu_count()} CPUs (load average "
+                            "recorded per row)")
     if "memory" in parts:
         from edgetrain.bench.data_stream import run_memory_table
         res = run_memory_table(memory_setup(a), tmp, out_dir, machine)
@@ -112,7 +116,7 @@ def other_parts(a, parts, tmp: Path, out_dir: Path, machine: str) -> None:
 
     if "throughput" in parts:
         run_child({"kind": "prepack", "cfg": cfg(n, "e2e", cache, a.width, a.depth)})
-        for reader in ("ram", "warm", "evicted", "ram", "warm", "evicted"):
+        for reader in ("ram", "warm", "evicted") * a.rounds:
             c = cfg(n, "sequential", cache, 4, 2, a.module0_train_size)
             r = run_child({"kind": "module0", "cfg": c, "reader": reader})
             record({"part": "module0", "reader": reader, **r})
@@ -125,6 +129,49 @@ def other_parts(a, parts, tmp: Path, out_dir: Path, machine: str) -> None:
             record({"part": "pack", "format": ext, "source_side": side, **r})
     res["uptime_end"] = os.popen("uptime").read().strip()
     out.write_text(json.dumps(res, indent=1))
+    (out_dir / "data_stream.md").write_text(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    """data_stream.md: module 0's samples/s per round (streamed / in RAM) and packing speed;
+    the memory table is data_stream_memory.md."""
+    rows = res["rows"]
+    a = res["args"]
+    lines = ["# Data pack: streaming speed and packing speed\n",
+             f"{res['machine']}; started {res['started']} UTC (`{res['uptime_start']}`), "
+             f"ended `{res['uptime_end']}`. Every figure from a fresh process "
+             "(`benchmarks/data_stream.py`). The memory table (peak RSS flat in the data set "
+             "size) is `data_stream_memory.md`.\n"]
+    m0 = [r for r in rows if r["part"] == "module0"]
+    if m0:
+        lines += ["## Module 0 samples/s: streamed from the pack vs the same batches from RAM\n",
+                  f"Synthetic 3x64x64 pack of {a.get('n') or 5000} images, module 0 of kmresnet "
+                  f"width 4 depth 2 (K=2), {a['module0_train_size']} training images, one warm-up "
+                  "epoch then one timed epoch. `ram`: the split loaded into a uint8 tensor first "
+                  "(`InMemoryReader`, kept for this baseline only); `warm`: pread from the pack, "
+                  "page cache warm; `evicted`: the shards dropped from the page cache "
+                  "(`posix_fadvise(DONTNEED)`) before the timed epoch.\n",
+                  "| round | ram samples/s | warm samples/s | evicted samples/s | warm / ram | "
+                  "evicted / ram |", "|---|---:|---:|---:|---:|---:|"]
+        ratios = {"warm": [], "evicted": []}
+        for i in range(0, len(m0) - 2, 3):
+            ram, warm, ev = (m0[i + j]["samples_per_s"] for j in range(3))
+            ratios["warm"].append(warm / ram)
+            ratios["evicted"].append(ev / ram)
+            lines.append(f"| {i // 3 + 1} | {ram:.0f} | {warm:.0f} | {ev:.0f} | {warm / ram:.3f} "
+                         f"| {ev / ram:.3f} |")
+        med = {k: statistics.median(v) for k, v in ratios.items()}
+        lines.append(f"\nMedian over rounds: warm / ram {med['warm']:.3f}, evicted / ram "
+                     f"{med['evicted']:.3f}.\n")
+    pk = [r for r in rows if r["part"] == "pack"]
+    if pk:
+        lines += ["## Packing speed (decode, resize to 64x64, write shards)\n",
+                  "| source | images | images/s (whole call) | images/s (decode+write loop) |",
+                  "|---|---:|---:|---:|"]
+        for r in pk:
+            lines.append(f"| {r['format'].upper()} {r['source_side']}x{r['source_side']} | "
+                         f"{r['images']} | {r['images_per_s']:.0f} | {r['decode_images_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

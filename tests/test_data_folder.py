@@ -105,6 +105,24 @@ def test_pack_is_reused_repacked_when_changed_and_never_read_corrupt(tmp_path, d
         read_pack(p3.directory)
 
 
+def test_a_pack_keeps_a_digest_of_its_sources_and_the_list_beside_it(tmp_path, digits_folder):
+    """A run holds pack.json for its whole life: the file list stays out of it (sources.json)."""
+    pack = open_folder_pack(digits_folder, tmp_path / "cache")
+    assert "sources" not in pack.info and len(pack.info["sources_sha256"]) == 64
+    listed = json.loads((pack.directory / pack.info["sources_file"]).read_text())
+    n = sum(len(v) for v in listed.values())
+    assert n == sum(pack.info["counts"].values()) and all(len(e) == 3 for v in listed.values()
+                                                          for e in v)
+    touched = next((digits_folder / "train").rglob("*.png"))
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same bytes, newer
+    try:
+        again = open_folder_pack(digits_folder, tmp_path / "cache")
+        assert again.info["sources_sha256"] != pack.info["sources_sha256"]
+    finally:
+        os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 @pytest.mark.slow
 def test_two_writers_of_one_pack(tmp_path, digits_folder):
     """Two processes packing the same folder at once: both end with one valid pack."""

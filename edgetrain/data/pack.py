@@ -48,6 +48,7 @@ from edgetrain.storage.lock import FileLock
 from edgetrain.units import MIB
 
 PACK_FORMAT = 1
+SOURCES_JSON = "sources.json"  # every source file with size and mtime
 PACK_JSON = "pack.json"
 DEFAULT_DATA_CACHE = Path.home() / ".cache" / "edgetrain" / "data"
 SHARD_BYTES = 16 * MIB
@@ -96,7 +97,7 @@ def open_folder_pack(root: Path, data_cache: str | Path | None = None,
     """
     scan = scan_folder(root)
     final, key = folder_pack_location(scan.root, data_cache, size, channels, skip_bad)
-    return _open_or_pack(final, key, scan.sources(),
+    return _open_or_pack(final, key, scan.sources_digest(),
                          lambda tmp: _write_folder(tmp, key, scan, size, channels, skip_bad))
 
 
@@ -139,7 +140,7 @@ def open_builtin_pack(name: str, options: dict, load: Callable[[], object],
     return _open_or_pack(final, key, None, lambda tmp: _write_raw(tmp, key, name, load()))
 
 
-def _open_or_pack(final: Path, key: str, sources: dict | None,
+def _open_or_pack(final: Path, key: str, sources: str | None,
                   write: Callable[[Path], dict]) -> Pack:
     """The pack in `final` if usable; else pack it under its writer lock (waiting for a
     process that is packing it, then reading that process's pack)."""
@@ -159,8 +160,9 @@ def _open_or_pack(final: Path, key: str, sources: dict | None,
         lock.release()
 
 
-def _try_open(final: Path, key: str, sources: dict | None, warn: bool = True) -> Pack | None:
-    """The pack in `final` when complete, of this key, verified and (folders) not stale."""
+def _try_open(final: Path, key: str, sources: str | None, warn: bool = True) -> Pack | None:
+    """The pack in `final` when complete, of this key, verified and (folders) not stale:
+    `sources` is the folder's `FolderScan.sources_digest()` (None: a built-in data set)."""
     if not (final / PACK_JSON).is_file():
         return None
     try:
@@ -169,7 +171,7 @@ def _try_open(final: Path, key: str, sources: dict | None, warn: bool = True) ->
         if warn:
             log.warning("%s; repacking", e)
         return None
-    if sources is not None and pack.info.get("sources") != sources:
+    if sources is not None and pack.info.get("sources_sha256") != sources:
         if warn:
             log.warning("the folder changed since %s was packed; repacking", final)
         return None
@@ -201,7 +203,7 @@ def read_pack(directory: Path, key: str | None = None) -> Pack:
 
 
 # --------------------------------------------------------------------------- writing
-def _publish(final: Path, key: str, write: Callable[[Path], dict], sources: dict | None) -> Pack:
+def _publish(final: Path, key: str, write: Callable[[Path], dict], sources: str | None) -> Pack:
     """Build a pack in a temporary sibling of `final`, then rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -317,7 +319,8 @@ def _write_folder(tmp: Path, key: str, scan: FolderScan, size, channels, skip_ba
             counts[split] = _write_split(tmp / split, key, shape, len(sp.files), batches, {},
                                          stats if split == "train" else None)
     seconds = time.perf_counter() - t0
-    if scan_folder(scan.root).sources() != scan.sources():
+    atomic_write_json(tmp / SOURCES_JSON, scan.sources())  # for people; runs read the digest
+    if scan_folder(scan.root).sources_digest() != scan.sources_digest():
         raise UserError(f"{scan.root} changed while it was being packed; nothing was kept: "
                         "run again when it is complete")
     for split, n in counts.items():
@@ -327,7 +330,8 @@ def _write_folder(tmp: Path, key: str, scan: FolderScan, size, channels, skip_ba
     return {"format": PACK_FORMAT, "key": key, "source": str(scan.root), "splits": list(counts),
             "counts": counts, "shape": list(shape), "class_names": scan.class_names,
             "flip": False, "mean": mean, "std": std, "policy": policy.to_dict(),
-            "sources": scan.sources(), "ignored_files": scan.ignored,
+            "sources_sha256": scan.sources_digest(), "sources_file": SOURCES_JSON,
+            "ignored_files": scan.ignored,
             "skipped_bad_images": skipped,
             "pack_seconds": round(seconds, 3),
             "images_per_s": round(len(every) / max(seconds, 1e-9), 1)}
