@@ -62,6 +62,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", nargs="+", default=None, choices=["throughput", "pack", "memory"],
                    help="default: all three (--quick: memory)")
     p.add_argument("--quick", action="store_true", help="a < 1 minute smoke run (see above)")
+    p.add_argument("--malloc", default="system", help="the memory children's allocator policy "
+                   "(system: the CLI without a budget; compact: under one)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of module 0's ram/warm/evicted")
     p.add_argument("--machine", default=None, help="a description of the machine for the results")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; "
@@ -79,7 +81,7 @@ def memory_setup(a: argparse.Namespace):
                        image_size=parse_image_size(a.image_size) or base.get("image_size",
                                                                               (64, 64)),
                        channels=a.channels, width=a.width, depth=a.depth,
-                       batch_size=pick("batch_size", 128), threads=a.threads)
+                       batch_size=pick("batch_size", 128), threads=a.threads, malloc=a.malloc)
 
 
 def main(argv=None) -> int:

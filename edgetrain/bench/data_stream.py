@@ -75,6 +75,7 @@ def _child_train(spec: dict) -> dict:
     from edgetrain import measure  # imports torch: measured before it
     from edgetrain.regimes import schedule  # imports torch: measured before it
     torch.set_num_threads(int(spec.get("threads", 2)))
+    measure.apply_malloc_policy(spec.get("malloc", "system"))  # EDGETRAIN_MALLOC's values
     base = measure.current_rss_bytes()
     cfg = RunConfig.from_dict(spec["cfg"])
     if spec.get("reader") == "ram":
@@ -172,6 +173,7 @@ class MemorySetup:
     epochs: int = 1
     prefetch_mib: float = 16.0
     threads: int = 2
+    malloc: str = "system"  # the allocator policy of the children: system = the CLI without a budget
 
     def sizes(self) -> list[int]:
         return [self.n, self.n * self.factor]
@@ -226,7 +228,9 @@ def memory_markdown(res: dict) -> str:
         f"depth {s['depth']}, K={s['modules']}, batch {s['batch_size']}, {s['epochs']} "
         f"epoch(s), {s['threads']} threads. Peak RSS of the whole `schedule.train` (pack "
         "already built) minus the fresh child's RSS after imports. `in RAM`: every split's "
-        "reader replaced by `InMemoryReader` (the former in-memory path) on the same pack.",
+        "reader replaced by `InMemoryReader` (the former in-memory path) on the same pack. "
+        f"Allocator policy of the children: `{s.get('malloc', 'system')}` (EDGETRAIN_MALLOC's "
+        "values: `system` is the CLI without a memory budget, `compact` under one).",
         "", f"Machine: {res.get('machine', '?')}; `uptime` at the start: "
         f"`{res.get('uptime_start', '?')}`.", "",
         "| mode | data | images | peak RSS above imports (MiB) | wall s | load avg |",
@@ -276,6 +280,7 @@ def run_memory_table(setup: MemorySetup, work: Path, out_dir: Path, machine: str
         for n, folder in folders.items():
             out = work / f"run-{mode}-{reader}-{n}"
             row = run_child({"kind": "train", "cfg": setup.cfg(folder, mode, cache),
+                             "malloc": setup.malloc,
                              "reader": reader, "out_dir": str(out), "threads": setup.threads})
             shutil.rmtree(out, ignore_errors=True)
             res["rows"].append({"mode": mode, "reader": reader, "n_images": n, **row})
