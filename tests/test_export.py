@@ -22,7 +22,6 @@ pytest.importorskip("onnxscript")
 
 from edgetrain import __version__  # noqa: E402
 from edgetrain.cli import cli  # noqa: E402
-from edgetrain.errors import UserError  # noqa: E402
 from edgetrain.export import onnx_check as ex_check  # noqa: E402
 from edgetrain.export import onnx_export as ex  # noqa: E402
 from edgetrain.method.stage import Prefix

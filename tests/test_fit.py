@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import json
 import re
-from pathlib import Path
 
 from click.testing import CliRunner
 import pytest

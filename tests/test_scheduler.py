@@ -3,7 +3,6 @@ import json
 
 from click.testing import CliRunner
 import pytest
-import torch
 
 from edgetrain.cli import cli
 from edgetrain.errors import UserError
