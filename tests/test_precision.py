@@ -15,7 +15,6 @@ import torch
 from edgetrain.budget.estimate import estimate_peak
 from edgetrain.budget import planner
 from edgetrain.budget.planner import train_command
-from edgetrain.budget.simulate import LiveBytes, train_peak
 from edgetrain.cli import cli
 from edgetrain.config import RunConfig
 from edgetrain.errors import Stopped, UserError
@@ -30,6 +29,7 @@ from edgetrain.storage.rundir import config_hash
 from edgetrain.units import MIB
 from tests.conftest import tiny_cfg
 from tests.test_bad_inputs import check_one_line_exit_2
+from tests.test_simulate import real_and_simulated_step_peaks
 
 TINY = ["--data", "digits", "--train-size", "120", "--test-size", "100", "--model", "kmresnet",
         "--width", "4", "--depth", "2", "--modules", "2", "--epochs", "1", "--laps", "1",
@@ -223,22 +223,8 @@ def test_the_simulated_bf16_step_peak_equals_the_real_one_under_cpu_autocast(mod
     cfg = RunConfig(data="synthetic", input_shape=(3, 16, 16), synthetic_size=80,
                     model="resnet8", modules=2 if mode == "parallel" else 1, mode=mode,
                     batch_size=16, epochs=1, augment=False, precision="bf16")
-    run = build_run(cfg)
-    n = len(run.stages)
-    real = [make_trainer(st, cfg, k, n, 10) for k, st in enumerate(run.stages)]
-    g = torch.Generator().manual_seed(0)
-    m = LiveBytes()
-    with m:
-        m.register(run.stages)
-        for _ in range(2):
-            x = torch.randn(cfg.batch_size, *cfg.input_shape, generator=g)
-            y = torch.randint(0, 10, (cfg.batch_size,), generator=g)
-            train_step(real, x, y, 0.0, cfg.transport_scaling, "bf16")
-            del x, y
-    meta = [st.to("meta") for st in build_run(cfg).stages]
-    sim = train_peak([make_trainer(st, cfg, k, n, 10) for k, st in enumerate(meta)],
-                     cfg.input_shape, cfg)
-    assert sim == pytest.approx(m.peak, rel=0.02, abs=4096)
+    real, sim = real_and_simulated_step_peaks(cfg)
+    assert sim == pytest.approx(real, rel=0.02, abs=4096)
 
 
 def test_the_planner_passes_the_precision_through(monkeypatch):

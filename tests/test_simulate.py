@@ -38,7 +38,13 @@ def _cfg(**kw):
 def test_simulated_step_peak_equals_the_real_step_on_cpu(kw):
     """The same chain stepped for real (train.train_step, CPU tensors) under LiveBytes peaks
     at the bytes the meta simulation predicts (statistics' scalars aside)."""
-    cfg = _cfg(**kw)
+    real, sim = real_and_simulated_step_peaks(_cfg(**kw))
+    assert sim == pytest.approx(real, rel=0.01, abs=4096)
+
+
+def real_and_simulated_step_peaks(cfg: RunConfig) -> tuple[int, int]:
+    """Peak live bytes of two real `train_step`s of cfg's chain on CPU tensors (LiveBytes),
+    and the meta simulation's `train_peak` of the same chain (tests/test_precision.py too)."""
     run = build_run(cfg)
     n = len(run.stages)
     real_trainers = [make_trainer(st, cfg, k, n, 10) for k, st in enumerate(run.stages)]
@@ -49,12 +55,12 @@ def test_simulated_step_peak_equals_the_real_step_on_cpu(kw):
         for _ in range(2):
             x = torch.randn(cfg.batch_size, *cfg.input_shape, generator=g)
             y = torch.randint(0, 10, (cfg.batch_size,), generator=g)
-            train_step(real_trainers, x, y, 0.0, cfg.transport_scaling)
+            train_step(real_trainers, x, y, 0.0, cfg.transport_scaling, cfg.precision)
             del x, y
     meta = [st.to("meta") for st in build_run(cfg).stages]
     sim = train_peak([make_trainer(st, cfg, k, n, 10) for k, st in enumerate(meta)],
                      cfg.input_shape, cfg)
-    assert sim == pytest.approx(m.peak, rel=0.01, abs=4096)
+    return m.peak, sim
 
 
 def test_eval_peak_equals_real_evaluation_and_is_below_training():
