@@ -13,12 +13,15 @@ def test_bench_memory_tiny_writes_every_requested_row(tmp_path):
     args = ["bench", "memory", "--model", "kmresnet", "--width", "4", "--depth", "2",
             "--input", "1x16x16", "--batch", "32", "--steps", "1", "--modules", "2",
             "--modes", "e2e", "sequential", "--no-vangl", "--recompute", "blocks",
-            "--out", str(out)]
+            "--split", "memory", "--tag", "rc", "--out", str(out)]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["memory_kmresnet_1x16x16_b32_cpu.json", "memory_kmresnet_1x16x16_b32_cpu.png"]
+    assert files == ["memory_kmresnet_1x16x16_b32_cpu-rc.json",
+                     "memory_kmresnet_1x16x16_b32_cpu-rc.png"]
     res = json.loads((out / files[0]).read_text())
+    assert res["split"] == "memory" and res["tag"] == "rc"
+    assert [row["split"] for row in res["rows"]] == ["depth"] * 3 + ["memory"] * 2
     got = [(row["mode"], row["modules"], row["method"], row["recompute"]) for row in res["rows"]]
     # 2 blocks: sqrt checkpointing gives S = 1, K gives S = 2
     assert got == [("e2e", 1, "E2E", "none"), ("e2e", 1, "E2E+ckpt", "segments:1"),

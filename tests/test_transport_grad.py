@@ -215,3 +215,29 @@ def test_features_under_no_grad_keeps_no_residue_alive():
             peaks[name] = m.peak
     fmap = 8 * 16 * 32 * 32 * 4  # one (B, C, H, W) float map of module 0
     assert peaks["features"] + fmap <= peaks["residues"]  # residues kept: at least one map more
+
+
+@pytest.mark.parametrize("model", ["resnet20", "vit", "swin_t", "resnet18"])
+def test_delta_energy_into_the_residue_gives_the_same_gradients(model):
+    """`into_residue` (the recomputed path's backward: c*r*g into r alone, one temporary
+    instead of out - x and its negation) reaches every parameter and the input with the
+    same gradient as the default, and the value of `value=False` is only a placeholder."""
+    torch.manual_seed(0)
+    width, depth = SIZES[model]
+    net = create_model(model, SHAPE, 10, width, depth)
+    blk = next(b for b in net.blocks if b(net.stem(torch.randn(2, *SHAPE)))[1] is not None
+               and getattr(b, "residue_is_delta", False))
+    x0 = net.stem(torch.randn(4, *SHAPE)).detach()
+    grads = []
+    for into in (False, True):
+        x = x0.clone().requires_grad_(True)
+        blk.zero_grad()
+        out, r = blk(x)
+        w = DeltaEnergy.apply(x, out, r, "mean", True, into)
+        assert float(w.detach()) == pytest.approx(float(transport_cost([r.detach()])), rel=1e-6)
+        (out.sum() * 1e-3 + w).backward()
+        grads.append([x.grad] + [p.grad.clone() for p in blk.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    out, r = blk(x0)
+    assert float(DeltaEnergy.apply(x0, out, r, "mean", False)) == 0.0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgetrain.config import CACHE_DTYPES, DEVICES, MODES, parse_shape
+from edgetrain.config import CACHE_DTYPES, DEVICES, MODES, SPLITS, parse_shape
 from edgetrain.errors import UserError
 
 
@@ -168,14 +168,18 @@ def bench_job_options(fn):
               help="also measure every module-wise row with this --recompute (blocks, segments:S)")
 @click.option("--ckpt-baseline/--no-ckpt-baseline", default=True, show_default=True,
               help="also measure e2e with torch.utils.checkpoint (S = sqrt(blocks) and S = K)")
+@click.option("--split", type=click.Choice(SPLITS), default="depth", show_default=True,
+              help="--split of every module-wise row (memory: what the planner picks)")
+@click.option("--tag", default="", help="suffix of the result files' names")
 def bench_memory_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules,
-                     modes, vangl, device, recompute, ckpt_baseline):
+                     modes, vangl, device, recompute, ckpt_baseline, split, tag):
     """Peak memory of every regime vs end-to-end (Table 5), one fresh process per row."""
     from edgetrain.bench.memory import bench_memory, format_table  # imports torch: deferred
     res = bench_memory(model, parse_shape(input_shape), batch, list(modules) or [4, 8, 16],
                        list(modes) or list(MODES), (True, False) if vangl else (True,), device,
                        steps, width, depth, threads, Path(out_dir), log=click.echo,
-                       recompute=recompute, ckpt_baseline=ckpt_baseline)
+                       recompute=recompute, ckpt_baseline=ckpt_baseline, split=split,
+                       tag=tag)
     click.echo(format_table(res))
     click.echo(f"wrote {res['json_path']}" + (f" and {res['png_path']}" if res["png_path"] else ""))
 

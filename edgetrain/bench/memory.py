@@ -150,7 +150,7 @@ def _row(mode, k, transport, recompute, cfg, res: dict, pred, device: str, warm_
             if mode in ("sequential", "multilap") and res.get("max_resident_modules") == 1
             else "schedule.train")
     method = ("E2E+ckpt" if recompute != "none" else "E2E") if mode == "e2e" else METHODS[transport]
-    row = {"mode": mode, "modules": k, "method": method, "recompute": recompute,
+    row = {"mode": mode, "modules": k, "method": method, "recompute": recompute, "split": cfg.split,
            "step_s": res.get("step_s"), "transport": transport, "ok": bool(res.get("ok")), "error": res.get("error"),
            "measured_path": path, "max_resident_modules": res.get("max_resident_modules"),
            "measured_mib": None if measured is None else round(measured / MIB, 2),
@@ -199,7 +199,7 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
                  width: int | None = None, depth: int | None = None, threads: int = 2,
                  out_dir: Path = Path("benchmarks/results"), timeout_s: float = 3600,
                  log: Callable[[str], None] | None = None, recompute: str = "none",
-                 ckpt_baseline: bool = True) -> dict:
+                 ckpt_baseline: bool = True, split: str = "depth", tag: str = "") -> dict:
     """Measure every (regime, K, transport) configuration in a fresh process; write JSON + PNG.
 
     Args:
@@ -213,6 +213,9 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
         recompute: also measure every module-wise row with this `--recompute`.
         ckpt_baseline: also measure e2e with `torch.utils.checkpoint` over S segments of
             blocks, S = round(sqrt(blocks)) and S = each K (with e2e in `modes`).
+        split: `--split` of every module-wise row (depth: equal blocks per module;
+            memory: balanced training peaks, what the planner picks).
+        tag: a suffix of the result's file names (`memory_<...>_<device>-<tag>`).
 
     Returns:
         The result dict (also written as JSON), with `json_path` and `png_path`.
@@ -233,7 +236,8 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
         n_blocks = len(create_model(model, tuple(input_shape), 10, width, depth).blocks)
         segs = ckpt_segment_counts(n_blocks, list(modules))
     plan = [(m, k, t, r, bench_config(model, input_shape, batch, m, 1 if m == "e2e" else k, t,
-                                      steps, device, width, depth, recompute=r))
+                                      steps, device, width, depth, recompute=r,
+                                      split="depth" if m == "e2e" else split))
             for m, k, t, r in _configs(modes, modules, transports, recompute, segs)]
     deepest = max(plan, key=lambda p: p[1])[4]
     estimate_peak(deepest, tuple(input_shape), 10)  # a bad model or K fails here, before any run
@@ -250,6 +254,7 @@ def bench_memory(model: str, input_shape, batch: int, modules: list[int], modes:
             log(format_row(rows[-1]))
             result = _result(model, input_shape, batch, modules, modes, device, steps, threads,
                              rows, res, rt, complete=i == len(plan) - 1)
+            result.update(split=split, tag=tag)
             write_result(result, Path(out_dir))  # after every row: a long run killed keeps its rows
     return result
 
@@ -287,7 +292,8 @@ def _result(model, input_shape, batch, modules, modes, device, steps, threads, r
 def result_stem(result: dict) -> str:
     shape = "x".join(str(v) for v in result["input_shape"])
     dev = "".join(c if c.isalnum() or c in "-." else "-" for c in result["device_name"])
-    return f"memory_{result['model']}_{shape}_b{result['batch_size']}_{dev}"
+    tag = f"-{result['tag']}" if result.get("tag") else ""
+    return f"memory_{result['model']}_{shape}_b{result['batch_size']}_{dev}{tag}"
 
 
 def write_result(result: dict, out_dir: Path) -> dict:

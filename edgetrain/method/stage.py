@@ -114,25 +114,33 @@ class Stage(nn.Module):
         return self.head(z), z
 
 
-def _transport_run(x: torch.Tensor, blocks, scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks in order with their differentiable transport cost (TRGL)."""
+def _transport_run(x: torch.Tensor, blocks, scaling: str, value: bool = True,
+                   recomputed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks in order with their differentiable transport cost (TRGL).
+
+    `value=False` (the recomputation of a checkpointed segment, whose outputs
+    torch.utils.checkpoint discards) builds only what backward saves: a `DeltaEnergy`
+    block then skips the energy's reduction and its residue-sized temporary."""
     cost = torch.zeros((), device=x.device)
     for blk in blocks:
         out, r = blk(x)
         if r is not None:
             delta = bool(getattr(blk, "residue_is_delta", False))
-            cost = cost + block_energy(x, out, r, delta, scaling)
+            cost = cost + block_energy(x, out, r, delta, scaling, value=value,
+                                       into_residue=recomputed)
         del r
         x = out
     return x, cost
 
 
-def _statistic_run(x: torch.Tensor, blocks, scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks in order with their transport cost as a detached statistic (VanGL, e2e)."""
+def _statistic_run(x: torch.Tensor, blocks, scaling: str, value: bool = True,
+                   recomputed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks in order with their transport cost as a detached statistic (VanGL, e2e);
+    `value=False` (a recomputation) skips the statistic."""
     cost = torch.zeros((), device=x.device)
     for blk in blocks:
         x, r = blk(x)
-        if r is not None:
+        if r is not None and value:
             with torch.no_grad():
                 cost += transport_cost([r], scaling)
         del r
@@ -145,7 +153,10 @@ class _Segment:
     `torch.utils.checkpoint` calls it twice: the forward, then the recomputation during
     backward. The second call puts BatchNorm's running statistics back as they were, so they
     are updated once, exactly as without recomputation (the outputs are the same: in
-    training mode BatchNorm normalises by the batch's statistics either way).
+    training mode BatchNorm normalises by the batch's statistics either way), and skips the
+    transport cost's value (checkpoint keeps only the tensors backward saves; the value was
+    taken by the first call): at a module's training peak that is one residue-sized
+    temporary less.
     """
 
     def __init__(self, stem: nn.Module | None, blocks: list[nn.Module], scaling: str, run):
@@ -156,7 +167,7 @@ class _Segment:
         modules = ([self.stem] if self.stem is not None else []) + self.blocks
         with frozen_batchnorm_stats(modules) if self.calls > 1 else nullcontext():
             x = x if self.stem is None else self.stem(x)
-            return self.run(x, self.blocks, self.scaling)
+            return self.run(x, self.blocks, self.scaling, value=self.calls == 1, recomputed=True)
 
 
 @contextmanager

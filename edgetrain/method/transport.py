@@ -76,17 +76,22 @@ class DeltaEnergy(torch.autograd.Function):
     the same order, e.g. a (B, H, W, C) map against (B, H*W, C) tokens).
 
     Use: `DeltaEnergy.apply(x, out, r, scaling)` -> the block's energy (a scalar), the value
-    of `transport_cost([r], scaling)`; no gradient flows into `r`.
+    of `transport_cost([r], scaling)`; no gradient flows into `r`. With `value=False` the
+    forward returns zero and skips the reduction (and its residue-sized temporary), saving
+    the same tensors: for a recomputation whose output is discarded (`--recompute`).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out: torch.Tensor, r: torch.Tensor,
-                scaling: str) -> torch.Tensor:
+                scaling: str, value: bool = True, into_residue: bool = False) -> torch.Tensor:
         if x.shape != out.shape or r.numel() != out.numel():
             raise ValueError(f"DeltaEnergy needs out - x == r: shapes {tuple(x.shape)}, "
                              f"{tuple(out.shape)}, residue {tuple(r.shape)}")
         ctx.c = _energy_scale(r, scaling)
+        ctx.into_residue = into_residue and r.shape == out.shape
         ctx.save_for_backward(x, out)
+        if not value:
+            return torch.zeros((), dtype=torch.float32, device=r.device)
         return transport_cost([r], scaling)
 
     @staticmethod
@@ -94,16 +99,22 @@ class DeltaEnergy(torch.autograd.Function):
         x, out = ctx.saved_tensors
         d = out - x  # the residue, rebuilt; with its negation, the only temporaries
         d.mul_(g * ctx.c)  # dW/dout = c * r * g, in place
+        if ctx.into_residue and ctx.needs_input_grad[2]:
+            # out = x + r: c * r * g into out and -c * r * g into x cancel on the identity,
+            # so the same gradients reach every parameter and x when c * r * g goes into r
+            # alone: one temporary instead of two (rounding differs in the last bits)
+            return None, None, d, None, None, None
         grad_x = torch.neg(d) if ctx.needs_input_grad[0] else None
-        return grad_x, d if ctx.needs_input_grad[1] else None, None, None
+        return grad_x, d if ctx.needs_input_grad[1] else None, None, None, None, None
 
 
 def block_energy(x: torch.Tensor, out: torch.Tensor, r: torch.Tensor, is_delta: bool,
-                 scaling: str) -> torch.Tensor:
+                 scaling: str, value: bool = True, into_residue: bool = False) -> torch.Tensor:
     """Differentiable transport cost of one block: `DeltaEnergy` when the block declares
-    r == out - x (`residue_is_delta`), else `transport_cost([r])`, which saves r."""
+    r == out - x (`residue_is_delta`), else `transport_cost([r])`, which saves r (and is
+    computed in full even with `value=False`: its backward needs what pow saves)."""
     if is_delta:
-        return DeltaEnergy.apply(x, out, r, scaling)
+        return DeltaEnergy.apply(x, out, r, scaling, value, into_residue)
     return transport_cost([r], scaling)
 
 
