@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from edgetrain.budget.simulate import (PeakTensors, eval_peak, features_peak, simulate_steps,
+from edgetrain.budget.simulate import (PeakTensors, eval_peak, features_peak, on_cpu, simulate_steps,
                                       step_flops, train_peak)
 from edgetrain.measure import buffer_bytes, param_bytes, unique_storage_bytes
 from edgetrain.method.loop import make_trainer
@@ -107,8 +107,9 @@ def _stage_costs(stages, input_shape, cfg, transport: bool, alone: bool) -> list
             param_bytes(st), param_bytes(st, trainable_only=True), _optimizer_bytes(st, cfg),
             B * math.prod(shape) * 4, B * math.prod(out) * 4,
             train_peak([tr], shape, cfg) if alone else 0,
-            eval_peak([st], shape, B, precision=cfg.precision),
-            features_peak(st, shape, B, DTYPES[cfg.cache_dtype], precision=cfg.precision)))
+            eval_peak([st], shape, B, precision=cfg.precision, workspace=on_cpu(cfg)),
+            features_peak(st, shape, B, DTYPES[cfg.cache_dtype], precision=cfg.precision,
+                          workspace=on_cpu(cfg))))
         shape = tuple(out)
     return costs
 
@@ -270,7 +271,7 @@ def peak_breakdown(cfg, input_shape: tuple[int, int, int], num_classes: int,
             module = max(range(len(stages)),
                          key=lambda j: train_peak([trainers[j]], shapes[j], cfg))
         chain, in_shape, k = [trainers[module]], shapes[module], module
-    mode = simulate_steps(PeakTensors(), chain, in_shape, cfg)
+    mode = simulate_steps(PeakTensors(workspace=on_cpu(cfg)), chain, in_shape, cfg)
     items = sorted(mode.at_peak, key=lambda t: -t[3])
     return {"module": k, "peak_mib": mode.peak / MIB,
             "tensors": [{"made_by": o, "shape": list(s), "dtype": d, "mib": round(n / MIB, 3)}

@@ -38,18 +38,55 @@ from edgetrain.method.loop import stage_loss
 from edgetrain.method.precision import autocast, compute_input
 
 
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def kernel_workspace_bytes(func, args, out) -> int:
+    """Bytes a CPU kernel holds outside any tensor while it runs (so no dispatch mode sees
+    them) on top of the tensors it returns; 0 for an operator without such memory.
+
+    Measured for oneDNN convolutions (torch 2.14.1, x86_64, one and two threads; RSS around
+    one call with big allocations unmapped on free, 3x3 and 1x1 kernels, stride 1 and 2,
+    16 to 32 channels at 64x96x96): the forward holds max(input, output) beyond its output
+    (a reordered copy), the backward input + grad_output beyond its gradients (stride-2
+    backward measured 2 x input, 18 MiB more than this at 64x16x96x96). Elsewhere (CUDA) the
+    estimator turns this off.
+    """
+    if func is torch.ops.aten.convolution.default:
+        return max(_nbytes(args[0]), _nbytes(out))
+    if func is torch.ops.aten.convolution_backward.default:
+        return _nbytes(args[0]) + _nbytes(args[1])
+    return 0
+
+
+def on_cpu(cfg) -> bool:
+    """Whether cfg's run trains on the CPU (`--device cpu`, or `auto` without CUDA): where
+    `kernel_workspace_bytes` applies."""
+    device = getattr(cfg, "device", "cpu")
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of the tensor storages alive, and their peak, while the mode is active.
 
     A storage counts from the operator that returned it (or from `register`) until the
-    last tensor or view using it is freed; views and in-place results add nothing.
+    last tensor or view using it is freed; views and in-place results add nothing. With
+    `workspace` (the default; CPU), an operator's memory outside tensors
+    (`kernel_workspace_bytes`) counts toward the peak while that operator runs.
     """
 
-    def __init__(self):
+    def __init__(self, workspace: bool = True):
         super().__init__()
         self.now = 0
         self.peak = 0
+        self.workspace = workspace
         self._refs: dict[int, weakref.ref] = {}
+
+    def _transient(self, n: int, name: str) -> None:
+        """`n` bytes held for a moment above what is alive (a kernel's workspace)."""
+        if self.now + n > self.peak:
+            self.peak = self.now + n
 
     def _free(self, key: int, n: int) -> None:
         if self._refs.pop(key, None) is not None:
@@ -79,6 +116,10 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.track(t)
+        if self.workspace:
+            n = kernel_workspace_bytes(func, args, out)
+            if n:
+                self._transient(n, func.__name__)
         return out
 
 
@@ -87,8 +128,8 @@ class PeakTensors(LiveBytes):
     that made each one (or "parameter", "buffer", "optimizer state", "input"), its shape,
     dtype and bytes. For the floor analysis (`edgetrain.budget.estimate.peak_breakdown`)."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, workspace: bool = True):
+        super().__init__(workspace)
         self.origin = "input"
         self._meta: dict[int, tuple] = {}
         self.at_peak: list[tuple] = []
@@ -106,6 +147,12 @@ class PeakTensors(LiveBytes):
         super().track(t)
         if self.peak > before:
             self.at_peak = list(self._meta.values())
+
+    def _transient(self, n: int, name: str) -> None:
+        if self.now + n > self.peak:
+            self.at_peak = list(self._meta.values()) + [(f"{name} (kernel workspace)", (), "",
+                                                         n)]
+        super()._transient(n, name)
 
     def register(self, items: Iterable, origin: str = "parameter") -> None:
         self.origin = origin
@@ -138,7 +185,8 @@ def train_peak(trainers: list, in_shape: tuple, cfg, steps: int = 2, device="met
 
     Mirrors `train.train_step` (which also computes statistics that need real values).
     """
-    return simulate_steps(LiveBytes(), trainers, in_shape, cfg, steps, device).peak
+    mode = LiveBytes(workspace=on_cpu(cfg))
+    return simulate_steps(mode, trainers, in_shape, cfg, steps, device).peak
 
 
 def simulate_steps(mode: LiveBytes, trainers: list, in_shape: tuple, cfg, steps: int = 2,
@@ -183,10 +231,10 @@ def step_flops(trainers: list, in_shape: tuple, cfg, device="meta") -> int:
 
 @torch.no_grad()
 def eval_peak(stages: list, in_shape: tuple, batch: int, device="meta",
-              precision: str = "fp32") -> int:
+              precision: str = "fp32", workspace: bool = True) -> int:
     """Peak live bytes of evaluating a chain of stages on one batch (`evaluate_chain`): the
     stages' parameters and buffers, the batch, logits and loss of every prefix."""
-    mode = LiveBytes()
+    mode = LiveBytes(workspace)
     with mode:
         mode.register(stages)
         x, y = _batch(in_shape, batch, device)
@@ -204,10 +252,10 @@ def eval_peak(stages: list, in_shape: tuple, batch: int, device="meta",
 
 @torch.no_grad()
 def features_peak(stage, in_shape: tuple, batch: int, out_dtype: torch.dtype,
-                  device="meta", precision: str = "fp32") -> int:
+                  device="meta", precision: str = "fp32", workspace: bool = True) -> int:
     """Peak live bytes of one cache-write forward (`Stage.features` in eval mode) and the
     conversion of its output to the cache's storage dtype."""
-    mode = LiveBytes()
+    mode = LiveBytes(workspace)
     with mode:
         mode.register([stage])
         x, _ = _batch(in_shape, batch, device)
