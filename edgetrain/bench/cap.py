@@ -170,7 +170,8 @@ def bench_cap(model: str, input_shape, batch: int, modules: int, mode: str = "se
     segs = _ckpt_segments(model, input_shape, width, depth, modules, ckpt_segments)
     jobs = _jobs(model, input_shape, batch, modules, mode, width, depth, steps, recompute, split,
                  segs)
-    warm_cfg = bench_config("kmresnet", (1, 8, 8), 8, "e2e", 1, False, 1, "cpu", 4, 2)
+    # batch 16: 8 random synthetic labels leave classes without a training sample (refused)
+    warm_cfg = bench_config("kmresnet", (1, 8, 8), 16, "e2e", 1, False, 1, "cpu", 4, 2)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgetrain-bench-cap-") as tmp:
         run = _Runner(tmp, threads, timeout_s, log)
@@ -257,7 +258,7 @@ def _result(job: dict, warm: dict, uncapped: dict, searches: dict, at: dict, use
            "ckpt_rss_fraction_of_e2e_above_runtime": _frac(
                ckpt["peak_rss_bytes"] if ckpt else None, rss_base, e2e["peak_rss_bytes"]),
            "runtime_warm_address_space_mib": _mib(warm_as), "runtime_warm_rss_mib": _mib(warm_rss),
-           "runtime_warm_is": "peak of a tiny end-to-end job (kmresnet 1x8x8, batch 8, one step) "
+           "runtime_warm_is": "peak of a tiny end-to-end job (kmresnet 1x8x8, batch 16, one step) "
                               "in a child run the same way",
            "min_cap_fraction_of_e2e_peak_above_warm_runtime": _frac(
                min_cap, warm_as, e2e_as),
