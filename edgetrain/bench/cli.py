@@ -189,14 +189,22 @@ def bench_memory_cmd(model, input_shape, batch, width, depth, steps, threads, ou
 @click.option("--modules", type=int, default=16, show_default=True, help="edgetrain's K")
 @click.option("--mode", type=click.Choice(["sequential", "multilap"]), default="sequential",
               show_default=True)
-@click.option("--cap-mib", type=float, default=None, help="also run both jobs at this cap")
+@click.option("--recompute", default="none", show_default=True,
+              help="edgetrain's --recompute (none, blocks, segments:S)")
+@click.option("--split", type=click.Choice(SPLITS), default="depth", show_default=True,
+              help="edgetrain's --split")
+@click.option("--ckpt-segments", type=int, default=None,
+              help="also bisect e2e with torch.utils.checkpoint over S segments "
+                   "(default: --modules; 0: skip)")
+@click.option("--cap-mib", type=float, default=None, help="also run every job at this cap")
 @click.option("--tol-mib", type=float, default=32, show_default=True, help="bisection resolution")
-@click.option("--max-probes", type=int, default=16, show_default=True)
+@click.option("--max-probes", type=int, default=16, show_default=True, help="per bisected job")
 def bench_cap_cmd(model, input_shape, batch, width, depth, steps, threads, out_dir, modules, mode,
-                  cap_mib, tol_mib, max_probes):
-    """e2e vs edgetrain under one RLIMIT_AS cap, and the smallest cap edgetrain completes at."""
+                  recompute, split, ckpt_segments, cap_mib, tol_mib, max_probes):
+    """e2e, e2e+ckpt and edgetrain under RLIMIT_AS caps: the smallest cap each completes at."""
     from edgetrain.bench.cap import bench_cap, format_cap  # imports torch: deferred
     res = bench_cap(model, parse_shape(input_shape), batch, modules, mode, width, depth, steps,
-                    threads, cap_mib, tol_mib, max_probes, Path(out_dir), log=click.echo)
+                    threads, cap_mib, tol_mib, max_probes, Path(out_dir), log=click.echo,
+                    recompute=recompute, split=split, ckpt_segments=ckpt_segments)
     click.echo(format_cap(res))
-    click.echo(f"wrote {res['json_path']}")
+    click.echo(f"wrote {res['json_path']}\nwrote {res['md_path']}")
