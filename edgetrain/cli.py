@@ -307,6 +307,13 @@ def calibrate_cmd(name, cache_dir, storage_mib):
 @click.option("--model", default=RunConfig.model, show_default=True)
 @click.option("--data", default=None, help="dataset name (default: synthetic with --input, else digits)")
 @click.option("--input", "input_shape", default=None, help="CxHxW: plan for synthetic data of this shape")
+@click.option("--data-cache", default=None,
+              help="where the data set is packed (default ~/.cache/edgetrain/data): the plan "
+                   "shows the pack's bytes to write there")
+@click.option("--image-size", default=None, help="HxW for an image folder (as `train`)")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None,
+              callback=lambda c, p, v: None if v is None else int(v),
+              help="image folder channels (as `train`)")
 @click.option("--train-size", type=int, default=None)
 @click.option("--synthetic-size", type=int, default=RunConfig.synthetic_size, show_default=True)
 @click.option("--width", type=int, default=None)

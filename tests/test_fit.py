@@ -6,9 +6,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
+from pathlib import Path
 import re
 
 from click.testing import CliRunner
+import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -17,8 +21,11 @@ from edgetrain.budget import guard, planner
 from edgetrain.budget.planner import PLANNED
 from edgetrain.cli import cli
 from edgetrain.config import RunConfig
+from edgetrain.data.splits import load_splits, preview_splits
+from edgetrain.errors import UserError
 import edgetrain.regimes.out_of_core as ooc
-from edgetrain.units import MIB
+from edgetrain.storage.cache import free_space_margin
+from edgetrain.units import MIB, fmt_bytes
 from tests.test_plan import fake_predict
 
 FIXABLE = ("mode", "modules", "split", "batch_size", "cache_dtype")
@@ -167,3 +174,108 @@ def test_fit_with_train_modules_needs_k(tmp_path):
                                  "2:2", "--out", str(tmp_path / "run"), "--no-progress"])
     assert r.exit_code == 2 and "needs -K" in r.output and len(r.output.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- the data pack (#21)
+def image_folder(root: Path, n: int = 30, hw: tuple[int, int] = (10, 14)) -> Path:
+    """A tiny ImageFolder (train/ and test/, three classes) of random RGB PNGs of size hw."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / ("test" if i % 5 == 0 else "train") / f"c{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
+def _files_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("data", ["folder", "digits"])
+def test_a_pack_not_there_counts_its_bytes_and_a_pack_there_counts_zero(tmp_path, data):
+    """The preview writes nothing; the bytes it counts are what packing then writes (but for
+    the digits of pack.json's statistics and timings); the splits are the ones loaded; once
+    packed, the same data counts 0 bytes."""
+    name = str(image_folder(tmp_path / "imgs")) if data == "folder" else "digits"
+    dc = tmp_path / "dc"
+    prev = preview_splits(name, data_cache=str(dc), train_size=20 if data == "folder" else 300)
+    assert not dc.exists()
+    rows = sum(len(y) for y in prev.pack.labels.values())
+    assert rows == (30 if data == "folder" else 1797)
+    assert prev.pack.write_bytes > rows * math.prod(prev.input_shape)
+    assert prev.input_shape == ((3, 10, 14) if data == "folder" else (1, 8, 8))
+    loaded = load_splits(name, data_cache=str(dc), train_size=20 if data == "folder" else 300)
+    assert abs(_files_bytes(prev.pack.directory) - prev.pack.write_bytes) <= 64
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(prev, split).index, getattr(loaded, split).index)
+        assert torch.equal(getattr(prev, split).y, getattr(loaded, split).y)
+    assert prev.input_shape == loaded.input_shape and prev.class_names == loaded.class_names
+    again = preview_splits(name, data_cache=str(dc))
+    assert again.pack.write_bytes == 0 and again.pack.directory == prev.pack.directory
+
+
+def test_a_folder_preview_follows_the_size_policy_without_decoding(tmp_path, monkeypatch):
+    """The shape comes from --image-size and --channels, else from the image headers as
+    packing reads them; no pixel is decoded and nothing is written."""
+    root = image_folder(tmp_path / "imgs")
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image"))
+    sized = preview_splits(str(root), data_cache=str(tmp_path / "dc"), image_size=(6, 8),
+                           channels=1)
+    assert sized.input_shape == (1, 6, 8)
+    headers = preview_splits(str(root), data_cache=str(tmp_path / "dc"))
+    assert headers.input_shape == (3, 10, 14)
+    assert sized.pack.directory != headers.pack.directory
+    rows = 30 * (3 * 10 * 14 - 6 * 8)  # the rows' difference, beside manifests that differ little
+    assert abs(headers.pack.write_bytes - sized.pack.write_bytes - rows) < 1024
+    assert not (tmp_path / "dc").exists()
+
+
+def _folder_args(root: Path, dc: Path) -> list[str]:
+    return ["--data", str(root), "--data-cache", str(dc), "--model", "kmresnet", "--width", "4",
+            "--depth", "2", "--epochs", "1"]
+
+
+def test_a_pack_that_does_not_fit_its_data_cache_is_refused_before_anything_is_written(
+        fake, tmp_path, monkeypatch):
+    root, dc, out = image_folder(tmp_path / "imgs"), tmp_path / "dc", tmp_path / "run"
+    monkeypatch.setattr(fitmod, "same_filesystem", lambda a, b: False)
+    monkeypatch.setattr(fitmod, "free_bytes", lambda d: 1024 if Path(d) == dc else 2**40)
+    res = CliRunner().invoke(cli, ["train", "--fit", "--memory-budget", "2GiB", "--out", str(out),
+                                   *_folder_args(root, dc)])
+    line = _one_line_exit_2(res)
+    assert f"the data pack of {root} needs " in line
+    assert f"in the data cache {dc}, which has 1.00 KiB free" in line and "--data-cache" in line
+    assert not out.exists() and not dc.exists()
+
+
+def test_one_file_system_counts_the_pack_and_the_caches_against_one_free_space(
+        fake, tmp_path, monkeypatch):
+    """Free space F that holds the pack (with the packer's margin) and holds the caches, but
+    not both: refused on one file system, planned on two, planned on one with a byte more;
+    once packed, the pack counts nothing and F holds the caches alone."""
+    root, dc = image_folder(tmp_path / "imgs"), tmp_path / "dc"
+    pack = preview_splits(str(root), data_cache=str(dc)).pack.write_bytes
+    caches = pack + free_space_margin(pack) + MIB
+    monkeypatch.setattr(planner, "disk_needed_bytes", lambda pred: caches)
+    opts = _opts(data=str(root), data_cache=str(dc), train_size=None)
+    given = (set(BASE) - {"train_size"}) | {"data_cache"}
+
+    def fit(free: int, shared: bool):
+        monkeypatch.setattr(fitmod, "free_bytes", lambda d: free)
+        monkeypatch.setattr(fitmod, "same_filesystem", lambda a, b: shared)
+        return fitmod.fit_config(opts, given, None, "2GiB", tmp_path / "run")
+
+    with pytest.raises(UserError, match="nothing fits on disk: .* one file system with"):
+        fit(caches + pack - 1, shared=True)
+    cfg, text = fit(caches + pack - 1, shared=False)
+    assert cfg.extra["fit"]["data_pack_bytes"] == pack
+    assert f"data pack   {fmt_bytes(pack)} to write once, in {dc}" in text
+    cfg, text = fit(caches + pack, shared=True)
+    assert "one file system with the data pack" in text
+    assert not dc.exists()  # planning wrote nothing
+    load_splits(str(root), data_cache=str(dc))  # packed: nothing left to write
+    packed, text = fit(caches + pack - 1, shared=True)
+    assert packed.extra["fit"]["data_pack_bytes"] == 0 and "nothing to write" in text
+    assert (packed.mode, packed.modules, packed.batch_size) == (cfg.mode, cfg.modules,
+                                                                 cfg.batch_size)
+    assert cfg.extra["fit"]["written_bytes"] == packed.extra["fit"]["written_bytes"] + pack

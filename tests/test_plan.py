@@ -148,7 +148,7 @@ def test_plan_cli_prints_phases_and_command():
     res = CliRunner().invoke(cli, ["plan", "--memory-budget", str(budget), *TINY])
     assert res.exit_code == 0, res.output
     for key in ("phase: train step", "phase: cache write", "phase: eval", "cache disk",
-                "runtime baseline", "command     edgetrain train"):
+                "data pack", "runtime baseline", "command     edgetrain train"):
         assert key in res.output
     assert "--mode e2e --epochs 2 --batch-size 64" not in res.output
 
@@ -161,6 +161,22 @@ def test_plan_cli_nothing_fits_gives_smallest_budget():
     assert m, res.output
     res = CliRunner().invoke(cli, ["plan", "--memory-budget", m.group(1), *TINY])
     assert res.exit_code == 0 and "command" in res.output
+
+
+def test_plan_cli_shows_the_data_pack_to_write_and_writes_nothing(fake, tmp_path):
+    """An image folder not yet packed: the plan shows the pack's bytes and its data cache,
+    from the folder's scan and image headers, and packs nothing; the printed command keeps
+    the data cache and the image size."""
+    from tests.test_fit import image_folder  # one folder maker for the fit and plan tests
+    root, dc = image_folder(tmp_path / "imgs"), tmp_path / "dc"
+    res = CliRunner().invoke(cli, ["plan", "--memory-budget", "2GiB", "--data", str(root),
+                                   "--data-cache", str(dc), "--image-size", "8x8", "--model",
+                                   "kmresnet", "--width", "4", "--depth", "2"])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("data pack"))
+    assert re.search(rf"data pack   [\d.]+ KiB to write once, in {re.escape(str(dc))} ", line)
+    assert f"--data-cache {dc}" in res.output and "--image-size 8x8" in res.output
+    assert not dc.exists()
 
 
 @pytest.mark.parametrize("args, match", [

@@ -3,8 +3,8 @@ in-module recomputation for the configuration that fits a memory budget, and pri
 
 What this file holds: `plan` (the rule is in its docstring and the README) and
 `plan_for_device`; the fitting margin (`SAFETY`, `HEADROOM_BYTES`, `needed_bytes`); the
-`Plan` it returns, `format_plan` and `train_command`, the `edgetrain train` command that
-runs a plan.
+`Plan` it returns (with the data pack the run will write, beside its caches), `format_plan`
+and `train_command`, the `edgetrain train` command that runs a plan.
 
 What it is not: a memory model. Every predicted byte comes from the estimator
 (`edgetrain.budget.estimate.estimate_peak`) and the runtime's measured baseline
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 import math
+from pathlib import Path
 import shlex
 
 from edgetrain.budget.devices import DeviceProfile
@@ -26,7 +27,7 @@ from edgetrain.config import RunConfig, option_args
 from edgetrain.errors import UserError
 from edgetrain.measure import runtime_baseline_bytes
 from edgetrain.models import create_model
-from edgetrain.regimes.run import load_data
+from edgetrain.regimes.run import preview_run_data
 from edgetrain.units import MIB, fmt_bytes
 
 # A plan fits when runtime + SAFETY x predicted tensor peak + HEADROOM_BYTES <= budget. The
@@ -71,6 +72,9 @@ class Plan:
     disk_free_bytes: int | None = None  # free space where they go (None: not checked)
     # estimated training time over the same plan without --recompute (1.0 without it)
     step_time_ratio: float = 1.0
+    pack_bytes: int = 0  # the data pack opening the data will write (0: it is there)
+    pack_dir: Path | None = None  # where the data pack is or will be (None: not looked at)
+    pack_free_bytes: int | None = None  # free space of its data cache (None: not checked)
 
     def command(self) -> str:
         """The exact `edgetrain train` command that runs this plan under its budget."""
@@ -282,9 +286,11 @@ def _recompute_levels(base: RunConfig, fixed) -> tuple[str, ...]:
 
 def plan_for_device(base: RunConfig, profile: DeviceProfile | None,
                     budget_bytes: int | None = None, fixed=frozenset()) -> Plan:
-    """Read the data set's shape (synthetic: `base.input_shape`) and plan for `profile`
-    (its budget and device) or, without one, for `budget_bytes`, keeping the `PLANNED`
-    fields named in `fixed` as in `base`.
+    """Preview the data set (its shape and size, and the data pack it will write; nothing is
+    written: `preview_run_data`) and plan for `profile` (its budget and device) or, without
+    one, for `budget_bytes`, keeping the `PLANNED` fields named in `fixed` as in `base`.
+    Free disk space is not checked (a plan is often made away from the device; `train --fit`
+    checks it, `edgetrain.budget.fit`).
 
     Raises:
         UserError: neither a profile nor a budget, or whatever `plan` raises.
@@ -293,16 +299,20 @@ def plan_for_device(base: RunConfig, profile: DeviceProfile | None,
         raise UserError("planning needs a device profile or a memory budget")
     if profile is not None:
         base = dataclasses.replace(base, device=profile.train_device)
-    shape, classes, n_train = data_shape(base, load_data)
-    return plan(base, shape, classes, n_train, budget_bytes or profile.budget_bytes, profile,
-                fixed=fixed)
+    data = preview_run_data(base)
+    shape, classes, n_train = data_shape(base, data)
+    p = plan(base, shape, classes, n_train, budget_bytes or profile.budget_bytes, profile,
+             fixed=fixed)
+    p.pack_bytes, p.pack_dir = data.pack.write_bytes, data.pack.directory
+    return p
 
 
-def data_shape(cfg: RunConfig, load_data) -> tuple[tuple[int, int, int], int, int]:
-    """(input shape, number of classes, training samples) of the run's data."""
+def data_shape(cfg: RunConfig, data) -> tuple[tuple[int, int, int], int, int]:
+    """(input shape, number of classes, training samples) of the run's data (`data`: its
+    `DataPreview` or `DataSplits`). Synthetic data of a given shape is planned, as it always
+    was, for all its samples (`train_size` or `synthetic_size`, before any split)."""
     if cfg.data == "synthetic" and cfg.input_shape is not None:
         return tuple(cfg.input_shape), 10, cfg.train_size or cfg.synthetic_size
-    data = load_data(cfg)
     return data.input_shape, data.num_classes, len(data.train)
 
 
@@ -356,7 +366,18 @@ def format_plan(p: Plan) -> str:
     lines.append(f"predicted   heaviest module: {pr.heaviest_module}")
     lines += [f"            {k:<44} {fmt_bytes(v):>11}" for k, v in rows]
     lines.append(f"cache disk  {fmt_bytes(pr.cache_disk_bytes)}" + _disk_time(p))
+    if p.pack_dir is not None:
+        lines.append(f"data pack   {format_pack(p)}")
     return "\n".join(lines)
+
+
+def format_pack(p: Plan) -> str:
+    """Where the data pack is or goes and what writing it takes (`Plan.pack_bytes`)."""
+    if not p.pack_bytes:
+        return f"{p.pack_dir} (there already: nothing to write)"
+    free = "" if p.pack_free_bytes is None else f", {fmt_bytes(p.pack_free_bytes)} free there"
+    return (f"{fmt_bytes(p.pack_bytes)} to write once, in {p.pack_dir.parent} "
+            f"(--data-cache{free})")
 
 
 def _disk_time(p: Plan) -> str:

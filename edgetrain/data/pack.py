@@ -18,7 +18,9 @@ two runs started together) decode a folder once; should two writers still race (
 a file system without flock), the first rename wins and the other reads the winner's pack.
 A pack whose shards fail their checksums, or whose folder changed (a file added, removed,
 resized or touched), is rebuilt. A folder that is gone is read from its pack alone
-(`open_gone_folder_pack`, for `edgetrain eval` of a finished run).
+(`open_gone_folder_pack`, for `edgetrain eval` of a finished run). What opening a pack will
+write is known beforehand without writing or decoding (`preview_folder_pack`,
+`preview_builtin_pack`: the planner counts it against the data cache's free space).
 
 This file does not split or batch (that is `edgetrain.data.splits` and the readers).
 """
@@ -41,9 +43,9 @@ from tqdm import tqdm
 
 from edgetrain.data.folder import FolderScan, ResizePolicy, decode, probe_policy, scan_folder
 from edgetrain.errors import UserError
-from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.storage.atomic import atomic_write_json, json_text
 from edgetrain.storage.cache import (CacheInvalid, CacheReader, CacheWriter, check_free_space,
-                                     digest, planned_bytes)
+                                     digest, planned_bytes, written_bytes)
 from edgetrain.storage.lock import FileLock
 from edgetrain.units import MIB
 
@@ -135,9 +137,106 @@ def open_gone_folder_pack(root: Path, data_cache: str | Path | None = None,
 def open_builtin_pack(name: str, options: dict, load: Callable[[], object],
                       data_cache: str | Path | None = None) -> Pack:
     """The pack of built-in data set `name` (loaded by `load()` only when it must be packed)."""
-    key = digest("builtin", PACK_FORMAT, name, options)
-    final = data_cache_dir(data_cache) / f"{name}-{key[:16]}"
+    final, key = builtin_pack_location(name, options, data_cache)
     return _open_or_pack(final, key, None, lambda tmp: _write_raw(tmp, key, name, load()))
+
+
+def builtin_pack_location(name: str, options: dict, data_cache: str | Path | None
+                          ) -> tuple[Path, str]:
+    """(pack directory, key) of built-in data set `name` with `options`; nothing is read."""
+    key = digest("builtin", PACK_FORMAT, name, options)
+    return data_cache_dir(data_cache) / f"{name}-{key[:16]}", key
+
+
+# --------------------------------------------------------------------------- previewing
+@dataclass
+class PackPreview:
+    """A data set's pack as opening it will find or write it, known without writing anything
+    or decoding an image (what `edgetrain train --fit` plans with, issue #21)."""
+
+    directory: Path  # where the pack is or will be
+    shape: tuple[int, ...]  # one row, (C, H, W)
+    class_names: list[str]
+    labels: dict[str, torch.Tensor]  # per pack split ("train", and "test", "val" if any)
+    write_bytes: int  # what opening it writes: 0 when a complete, current pack is there
+
+
+def preview_folder_pack(root: Path, data_cache: str | Path | None = None,
+                        size: tuple[int, int] | None = None, channels: int | None = None,
+                        skip_bad: bool = False) -> PackPreview:
+    """What `open_folder_pack` with these arguments will find or write: the folder is
+    scanned and, unless `size` and `channels` are both given, its image headers are read as
+    packing reads them (`probe_policy`); nothing is decoded. Every image is counted (a
+    corrupt one that `skip_bad` skips would not be).
+
+    Raises:
+        UserError: as `open_folder_pack` before it decodes (a bad folder, images of
+            different sizes without `size`, no image Pillow can open).
+    """
+    scan = scan_folder(root)
+    final, key = folder_pack_location(scan.root, data_cache, size, channels, skip_bad)
+    pack = _try_open(final, key, scan.sources_digest(), warn=False)
+    if pack is not None:
+        return _preview_of(pack)
+    every = [f for sp in scan.splits.values() for f in sp.files]
+    # without both a size and channels, the headers decide them (any colour image: 3)
+    policy = ResizePolicy(size, channels) if size and channels else \
+        probe_policy(scan.root, every, size, channels)
+    if policy.size is None:
+        raise UserError(f"no image in {scan.root} is one Pillow can open")
+    labels = {("train" if name == "all" else name): torch.tensor(sp.labels, dtype=torch.int64)
+              for name, sp in scan.splits.items()}
+    shape = (policy.channels, *policy.size)
+    info = _folder_info(key, scan, {k: len(v) for k, v in labels.items()}, policy,
+                        _stats_placeholder(policy.channels), [], _SECONDS_PLACEHOLDER)
+    sources = len(json_text(scan.sources()))
+    return PackPreview(final, shape, scan.class_names, labels,
+                       pack_write_bytes(labels, shape, info) + sources)
+
+
+def preview_builtin_pack(name: str, options: dict, load: Callable[[], object],
+                         data_cache: str | Path | None = None) -> PackPreview:
+    """What `open_builtin_pack` with these arguments will find or write (a set not yet
+    packed is loaded into memory by `load()` to learn its size, and released)."""
+    final, key = builtin_pack_location(name, options, data_cache)
+    pack = _try_open(final, key, None, warn=False)
+    if pack is not None:
+        return _preview_of(pack)
+    raw = load()
+    labels = {"train": raw.train_y}
+    if raw.test_x is not None:
+        labels["test"] = raw.test_y
+    shape = tuple(raw.train_x.shape[1:])
+    info = _raw_info(key, name, raw, {k: len(v) for k, v in labels.items()},
+                     _stats_placeholder(shape[0]))
+    return PackPreview(final, shape, list(raw.class_names), labels,
+                       pack_write_bytes(labels, shape, info))
+
+
+def pack_write_bytes(labels: dict[str, torch.Tensor], shape: tuple[int, ...],
+                     info: dict) -> int:
+    """Bytes a pack of these splits (`labels`: one entry per row) and this pack.json takes:
+    per split, N x C x H x W uint8 rows, the shard headers and the manifest with its labels
+    (`edgetrain.storage.cache.written_bytes`); then pack.json. An image folder's
+    sources.json is the caller's to add."""
+    splits = sum(written_bytes(len(y), shape, "uint8", shard_bytes=SHARD_BYTES,
+                               extra={"labels": torch.as_tensor(y).tolist()})
+                 for y in labels.values())
+    return splits + len(json_text(info))
+
+
+# pack.json's statistics and timings are known only after packing: placeholders of about
+# their length (the mean and std of uint8 / 255 are below 1 and rounded to 6 decimals)
+_SECONDS_PLACEHOLDER = 1000.001
+
+
+def _stats_placeholder(channels: int) -> tuple[list[float], list[float]]:
+    return [0.123456] * channels, [0.123456] * channels
+
+
+def _preview_of(pack: Pack) -> PackPreview:
+    return PackPreview(pack.directory, tuple(pack.info["shape"]), pack.class_names,
+                       {name: sp.labels for name, sp in pack.splits.items()}, 0)
 
 
 def _open_or_pack(final: Path, key: str, sources: str | None,
@@ -295,11 +394,16 @@ def _write_raw(tmp: Path, key: str, name: str, raw) -> dict:
     for split, (x, y) in parts.items():
         counts[split] = _write_split(tmp / split, key, shape, len(y), _chunks(x, y), {},
                                      stats if split == "train" else None)
-    mean, std = stats.result()
-    return {"format": PACK_FORMAT, "key": key, "source": name, "splits": list(parts),
-            "counts": counts, "shape": list(shape), "class_names": list(raw.class_names),
-            "flip": bool(raw.flip), "mean": mean, "std": std, "policy": None,
-            "ignored_files": 0, "skipped_bad_images": []}
+    return _raw_info(key, name, raw, counts, stats.result())
+
+
+def _raw_info(key: str, name: str, raw, counts: dict[str, int],
+              stats: tuple[list[float], list[float]]) -> dict:
+    """A built-in data set's pack.json."""
+    return {"format": PACK_FORMAT, "key": key, "source": name, "splits": list(counts),
+            "counts": counts, "shape": list(raw.train_x.shape[1:]),
+            "class_names": list(raw.class_names), "flip": bool(raw.flip), "mean": stats[0],
+            "std": stats[1], "policy": None, "ignored_files": 0, "skipped_bad_images": []}
 
 
 def _write_folder(tmp: Path, key: str, scan: FolderScan, size, channels, skip_bad: bool) -> dict:
@@ -327,14 +431,21 @@ def _write_folder(tmp: Path, key: str, scan: FolderScan, size, channels, skip_ba
         if n == 0:
             raise UserError(f"no readable image in the {split} split of {scan.root}")
     mean, std = stats.result()
+    return _folder_info(key, scan, counts, policy, (mean, std), skipped, seconds)
+
+
+def _folder_info(key: str, scan: FolderScan, counts: dict[str, int], policy: ResizePolicy,
+                 stats: tuple[list[float], list[float]], skipped: list[str],
+                 seconds: float) -> dict:
+    """An image folder's pack.json."""
+    images = sum(len(sp.files) for sp in scan.splits.values())
     return {"format": PACK_FORMAT, "key": key, "source": str(scan.root), "splits": list(counts),
-            "counts": counts, "shape": list(shape), "class_names": scan.class_names,
-            "flip": False, "mean": mean, "std": std, "policy": policy.to_dict(),
-            "sources_sha256": scan.sources_digest(), "sources_file": SOURCES_JSON,
-            "ignored_files": scan.ignored,
-            "skipped_bad_images": skipped,
-            "pack_seconds": round(seconds, 3),
-            "images_per_s": round(len(every) / max(seconds, 1e-9), 1)}
+            "counts": counts, "shape": [policy.channels, *policy.size],
+            "class_names": scan.class_names, "flip": False, "mean": stats[0], "std": stats[1],
+            "policy": policy.to_dict(), "sources_sha256": scan.sources_digest(),
+            "sources_file": SOURCES_JSON, "ignored_files": scan.ignored,
+            "skipped_bad_images": skipped, "pack_seconds": round(seconds, 3),
+            "images_per_s": round(images / max(seconds, 1e-9), 1)}
 
 
 def _decode_batches(root: Path, files: list[str], labels: list[int], policy: ResizePolicy,

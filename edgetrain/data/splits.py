@@ -4,19 +4,22 @@ Every data set (a built-in one or an image folder) is packed once into uint8 sha
 (`edgetrain.data.pack`); a split is a list of row numbers into the pack plus the labels, and
 its images are read batch by batch (`Split.rows`), never held whole in memory. Splits are
 carved as train / val / test (validation from the whole training split, stratified, before
-any `train_size` subset) and normalised per batch.
+any `train_size` subset) and normalised per batch. `preview_splits` carves the same splits
+from the labels alone, before a pack is written (what the planner counts, issue #21).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from edgetrain.data import DATASETS
-from edgetrain.data.pack import (Pack, open_builtin_pack, open_folder_pack, open_gone_folder_pack,
-                                 pack_summary)
+from edgetrain.data.pack import (Pack, PackPreview, open_builtin_pack, open_folder_pack,
+                                 open_gone_folder_pack, pack_summary, preview_builtin_pack,
+                                 preview_folder_pack)
 from edgetrain.data.preprocess import Preprocessing
 from edgetrain.errors import UserError
 from edgetrain.storage.cache import CacheReader
@@ -39,7 +42,7 @@ class RawData:
 class Split:
     """Rows `index` of a pack split (uint8 (N, C, H, W), read on demand) and their labels."""
 
-    reader: CacheReader
+    reader: CacheReader | None  # None: a preview's split, labels only (`DataPreview`)
     index: torch.Tensor  # (N,) int64 row numbers in the pack split
     y: torch.Tensor  # (N,) int64
 
@@ -155,12 +158,42 @@ def open_data(name: str, *, input_shape=None, synthetic_size: int = 512, root: s
             without its pack.
     """
     if is_folder(name):
-        if input_shape is not None:
-            raise UserError("--input applies to --data synthetic only")
+        _check_folder_options(input_shape)
         return open_folder_pack(Path(name), data_cache, image_size, channels, skip_bad_images)
     if gone_folder and os.path.isabs(name) and name not in DATASETS.names():
         return open_gone_folder_pack(Path(name), data_cache, image_size, channels,
                                      skip_bad_images)
+    options, load = _builtin(name, input_shape, synthetic_size, root, image_size, channels,
+                             skip_bad_images)
+    return open_builtin_pack(name, options, load, data_cache)
+
+
+def preview_data(name: str, *, input_shape=None, synthetic_size: int = 512,
+                 root: str | None = None, data_cache: str | None = None, image_size=None,
+                 channels: int | None = None, skip_bad_images: bool = False) -> PackPreview:
+    """What `open_data` with these arguments will find or write, without writing anything
+    (`edgetrain.data.pack.preview_folder_pack`, `preview_builtin_pack`).
+
+    Raises:
+        UserError: as `open_data` before it writes.
+    """
+    if is_folder(name):
+        _check_folder_options(input_shape)
+        return preview_folder_pack(Path(name), data_cache, image_size, channels,
+                                   skip_bad_images)
+    options, load = _builtin(name, input_shape, synthetic_size, root, image_size, channels,
+                             skip_bad_images)
+    return preview_builtin_pack(name, options, load, data_cache)
+
+
+def _check_folder_options(input_shape) -> None:
+    if input_shape is not None:
+        raise UserError("--input applies to --data synthetic only")
+
+
+def _builtin(name: str, input_shape, synthetic_size: int, root: str | None, image_size,
+             channels: int | None, skip_bad_images: bool) -> tuple[dict, Callable]:
+    """(pack options, loader) of built-in data set `name`, its options checked."""
     if image_size is not None or channels is not None or skip_bad_images:
         raise UserError(f"--image-size, --channels and --skip-bad-images apply to image folders; "
                         f"{name!r} is not a directory")
@@ -174,7 +207,7 @@ def open_data(name: str, *, input_shape=None, synthetic_size: int = 512, root: s
         kw["input_shape"] = tuple(input_shape)
     options = {"synthetic_size": synthetic_size, "input_shape": kw.get("input_shape")} \
         if name == "synthetic" else {"root": root}
-    return open_builtin_pack(name, options, lambda: loader(**kw), data_cache)
+    return options, lambda: loader(**kw)
 
 
 def load_splits(name: str, *, train_size: int | None = None, val_fraction: float = 0.1,
@@ -198,21 +231,76 @@ def load_splits(name: str, *, train_size: int | None = None, val_fraction: float
     pack = open_data(name, input_shape=input_shape, synthetic_size=synthetic_size, root=root,
                      data_cache=data_cache, image_size=image_size, channels=channels,
                      skip_bad_images=skip_bad_images, gone_folder=gone_folder)
-    # Here, and only here, a data set is whole before splitting: its images (pack rows), its
-    # labels and its class names. A selection of classes applies to `train`/`test` here.
-    class_names = pack.class_names
     whole = {sp: _whole(pack, sp) for sp in pack.splits}
+    class_names, (train, val, test) = carve_splits(
+        name, pack.class_names, whole, train_size=train_size, val_fraction=val_fraction,
+        test_size=test_size, seed=seed, classes=classes, classes_by=classes_by)
+    mean, std = _channel_stats(train.rows(torch.arange(min(4096, len(train)))))
+    return DataSplits(name, train, val, test, class_names, mean, std,
+                      pack.info["flip"] if flip is None else flip, pack_summary(pack),
+                      pack.info.get("policy"))
+
+
+@dataclass
+class DataPreview:
+    """What `load_splits` will give, known before anything is written (the planner's view,
+    issue #21): the splits' labels (`Split.reader` is None: there are no rows to read yet),
+    the input shape, and the data pack (where it goes, the bytes opening it writes)."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    class_names: list[str]
+    input_shape: tuple[int, int, int]
+    pack: PackPreview
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def preview_splits(name: str, *, train_size: int | None = None, val_fraction: float = 0.1,
+                   test_size: int | None = None, seed: int = 0, input_shape=None,
+                   synthetic_size: int = 512, root: str | None = None,
+                   data_cache: str | None = None, image_size=None, channels: int | None = None,
+                   skip_bad_images: bool = False, classes=None, classes_by: str = "name"
+                   ) -> DataPreview:
+    """`load_splits`'s splits (the same rows: the same carving of the same labels) without
+    writing a pack or decoding an image (`preview_data`); the arguments are `load_splits`'s.
+
+    Raises:
+        UserError: as `load_splits`, but for images that only decoding finds corrupt.
+    """
+    pack = preview_data(name, input_shape=input_shape, synthetic_size=synthetic_size,
+                        root=root, data_cache=data_cache, image_size=image_size,
+                        channels=channels, skip_bad_images=skip_bad_images)
+    whole = {sp: Split(None, torch.arange(len(y)), y) for sp, y in pack.labels.items()}
+    class_names, (train, val, test) = carve_splits(
+        name, pack.class_names, whole, train_size=train_size, val_fraction=val_fraction,
+        test_size=test_size, seed=seed, classes=classes, classes_by=classes_by)
+    return DataPreview(name, train, val, test, class_names, tuple(pack.shape), pack)
+
+
+def carve_splits(name: str, class_names: list[str], whole: dict[str, Split], *,
+                 train_size: int | None, val_fraction: float, test_size: int | None, seed: int,
+                 classes, classes_by: str) -> tuple[list[str], tuple[Split, Split, Split]]:
+    """(class names, (train, val, test)) carved from a pack's whole splits (see `load_splits`).
+
+    Here, and only here, a data set is whole before splitting: its images (pack rows), its
+    labels and its class names. A selection of classes applies to `train`/`test` here.
+    """
     if classes is not None:  # issue #16: a subset of the classes, relabelled 0..n-1
         class_names, whole = select_classes(class_names, whole, classes, classes_by)
     train = whole["train"]
-    if "test" not in pack.splits:  # carve a fixed 20% test split
+    if "test" not in whole:  # carve a fixed 20% test split
         test_idx, rest = stratified_indices(train.y, len(train) // 5, TEST_SPLIT_SEED)
         test, train = train.subset(test_idx), train.subset(rest)
     else:
         test = whole["test"]
     if test_size is not None:  # the same fixed subset for every seed
         test = _test_subset(test, test_size, name)
-    if "val" in pack.splits:
+    if "val" in whole:
         val = whole["val"]
     else:
         n_val = int(round(len(train) * val_fraction))
@@ -224,10 +312,7 @@ def load_splits(name: str, *, train_size: int | None = None, val_fraction: float
                             f"samples of {name} left after the validation split")
         keep, _ = stratified_indices(train.y, train_size, seed + 2)
         train = train.subset(keep)
-    mean, std = _channel_stats(train.rows(torch.arange(min(4096, len(train)))))
-    return DataSplits(name, train, val, test, class_names, mean, std,
-                      pack.info["flip"] if flip is None else flip, pack_summary(pack),
-                      pack.info.get("policy"))
+    return class_names, (train, val, test)
 
 
 def _whole(pack: Pack, split: str) -> Split:
@@ -287,9 +372,10 @@ def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 
-def check_splits(data: DataSplits, val_fraction: float) -> None:
+def check_splits(data: DataSplits | DataPreview, val_fraction: float) -> None:
     """Refuse splits a run cannot use: an empty train or test split, an empty validation
-    split when one was asked for, or a class with no training sample.
+    split when one was asked for, or a class with no training sample (the same for a
+    preview: only labels are looked at).
 
     Raises:
         UserError: one line naming the split and the option that emptied it.

@@ -18,7 +18,8 @@ import torch
 
 from edgetrain.config import RunConfig
 from edgetrain.data.preprocess import PREPROCESSING, Preprocessing, read_preprocessing
-from edgetrain.data.splits import DataSplits, check_splits, load_splits
+from edgetrain.data.splits import (DataPreview, DataSplits, check_splits, load_splits,
+                                   preview_splits)
 from edgetrain.errors import Stopped, UserError
 from edgetrain.measure import PhaseRecorder, peak_rss_mib
 from edgetrain.method.heads import head_spec
@@ -91,14 +92,26 @@ def load_data(cfg: RunConfig, gone_folder: bool = False) -> DataSplits:
     """The run's train / val / test splits, as its config describes them (checked usable:
     `edgetrain.data.splits.check_splits`). `gone_folder`: a finished run's image folder that
     no longer exists is read from its pack in the data cache (eval)."""
-    data = load_splits(cfg.data, train_size=cfg.train_size, val_fraction=cfg.val_fraction,
-                       test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
-                       synthetic_size=cfg.synthetic_size, data_cache=cfg.data_cache,
-                       image_size=cfg.image_size, channels=cfg.channels,
-                       skip_bad_images=cfg.skip_bad_images, flip=cfg.flip,
-                       classes=cfg.classes, classes_by=cfg.classes_by, gone_folder=gone_folder)
+    data = load_splits(cfg.data, **_data_options(cfg), flip=cfg.flip, gone_folder=gone_folder)
     check_splits(data, cfg.val_fraction)
     return data
+
+
+def preview_run_data(cfg: RunConfig) -> DataPreview:
+    """What `load_data(cfg)` will give (shape, classes, split sizes, checked as usable) and
+    the data pack it will write, without writing anything: the planner's view (#21)."""
+    data = preview_splits(cfg.data, **_data_options(cfg))
+    check_splits(data, cfg.val_fraction)
+    return data
+
+
+def _data_options(cfg: RunConfig) -> dict:
+    return dict(train_size=cfg.train_size, val_fraction=cfg.val_fraction,
+                test_size=cfg.test_size, seed=cfg.seed, input_shape=cfg.input_shape,
+                synthetic_size=cfg.synthetic_size, data_cache=cfg.data_cache,
+                image_size=cfg.image_size, channels=cfg.channels,
+                skip_bad_images=cfg.skip_bad_images, classes=cfg.classes,
+                classes_by=cfg.classes_by)
 
 
 def build_run(cfg: RunConfig, data: DataSplits | None = None,

@@ -46,5 +46,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def json_text(obj) -> str:
+    """The text `atomic_write_json` writes for `obj` (also what a planner counts)."""
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+    atomic_write_text(path, json_text(obj))

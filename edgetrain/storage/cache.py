@@ -37,8 +37,9 @@ import torch
 from edgetrain.data.batches import batch_indices, epoch_generator
 from edgetrain.errors import UserError
 from edgetrain.storage import atomic  # atomic.atomic_write: where fault tests inject
-from edgetrain.storage.atomic import atomic_write_json
-from edgetrain.storage.codec import DTYPE_CODES, open_safetensors, safetensors_parts
+from edgetrain.storage.atomic import atomic_write_json, json_text
+from edgetrain.storage.codec import (DTYPE_CODES, open_safetensors, safetensors_header,
+                                     safetensors_parts)
 from edgetrain.units import MIB
 
 MANIFEST = "manifest.json"
@@ -61,6 +62,39 @@ def planned_bytes(rows: int, shape: tuple[int, ...], dtype: str) -> int:
     return rows * math.prod(shape) * DTYPES[dtype].itemsize
 
 
+def free_space_margin(need_bytes: int) -> int:
+    """Bytes kept free beyond `need_bytes` by `check_free_space` (headers, manifests and
+    checkpoints): 1% plus 8 MiB. A planner that checks ahead keeps the same margin."""
+    return need_bytes // 100 + 8 * MIB
+
+
+def written_bytes(n: int, shape: tuple[int, ...], dtype: str, views: int = 1,
+                  shard_bytes: int = 8 * MIB, extra: dict | None = None) -> int:
+    """Bytes of the files a `CacheWriter` with these arguments writes: each shard's rows and
+    safetensors header, and the manifest as `CacheWriter.close` renders it (the key and the
+    shard checksums, not known before writing, as placeholders of their length)."""
+    rows, row_bytes = n * views, planned_bytes(1, shape, dtype)
+    per = max(1, shard_bytes // row_bytes)
+    shards = [{"file": f"shard-{i:05d}.safetensors", "rows": r, "sha256": "0" * 64,
+               "bytes": 8 + r * row_bytes + len(safetensors_header(
+                   [("x", DTYPE_CODES[DTYPES[dtype]], [r, *shape], r * row_bytes)]))}
+              for i, r in enumerate(_shard_rows(rows, per))]
+    manifest = cache_manifest("0" * 64, shape, dtype, n, views, per, shards, extra or {})
+    return sum(sh["bytes"] for sh in shards) + len(json_text(manifest))
+
+
+def _shard_rows(rows: int, per: int) -> list[int]:
+    return [min(per, rows - i) for i in range(0, rows, per)]
+
+
+def cache_manifest(key: str, shape, dtype: str, n: int, views: int, rows_per_shard: int,
+                   shards: list[dict], extra: dict) -> dict:
+    """A cache's manifest.json (what `CacheWriter.close` writes)."""
+    return {"format": FORMAT, "key": key, "shape": list(shape), "dtype": dtype, "n": n,
+            "views": views, "count": n * views, "rows_per_shard": rows_per_shard,
+            "shards": shards, **extra}
+
+
 def check_free_space(directory: Path, need_bytes: int, what: str) -> None:
     """Raise a `UserError` when `directory`'s file system has less than `need_bytes` free.
 
@@ -72,7 +106,7 @@ def check_free_space(directory: Path, need_bytes: int, what: str) -> None:
         free = shutil.disk_usage(directory).free
     except OSError as e:
         raise UserError(f"cannot use cache directory {directory}: {e.strerror or e}") from None
-    margin = need_bytes // 100 + 8 * MIB
+    margin = free_space_margin(need_bytes)
     if need_bytes + margin > free:
         raise UserError(f"{what} needs {(need_bytes + margin) / MIB:.1f} MiB in {directory} but "
                         f"only {free / MIB:.1f} MiB are free: free space or use --cache-dir, "
@@ -171,9 +205,8 @@ class CacheWriter:
         self._flush()
         if self.rows != self.n * self.views:
             raise ValueError(f"cache got {self.rows} rows, expected {self.n * self.views}")
-        manifest = {"format": FORMAT, "key": self.key, "shape": list(self.shape),
-                    "dtype": self.dtype, "n": self.n, "views": self.views, "count": self.rows,
-                    "rows_per_shard": self.rows_per_shard, "shards": self.shards, **self.extra}
+        manifest = cache_manifest(self.key, self.shape, self.dtype, self.n, self.views,
+                                  self.rows_per_shard, self.shards, self.extra)
         atomic_write_json(self.dir / MANIFEST, manifest)
         return manifest
 

@@ -35,16 +35,26 @@ def safetensors_parts(entries: list[tuple[str, str, list[int], list[torch.Tensor
     into Python bytes: a second (for `save`, a third) copy of a module and its optimizer
     state at every checkpoint. Read back with `safetensors.torch.load_file`
     (tests/test_store_format.py)."""
+    sizes = [(name, dtype, shape, sum(c.numel() * c.element_size() for c in chunks))
+             for name, dtype, shape, chunks in entries]
+    data = [memoryview(c.reshape(-1).view(torch.uint8).numpy())
+            for *_, chunks in entries for c in chunks if c.numel()]
+    text = safetensors_header(sizes, meta)
+    return [len(text).to_bytes(8, "little"), text, *data]
+
+
+def safetensors_header(tensors: list[tuple[str, str, list[int], int]],
+                       meta: dict[str, str] | None = None) -> bytes:
+    """The JSON header (padded to 8 bytes; the file adds its 8-byte length before it) of a
+    safetensors file holding `tensors`, each (name, dtype code, shape, data bytes), in order.
+    Also what a planner counts for a file not yet written (`edgetrain.storage.cache`)."""
     header: dict = {"__metadata__": meta} if meta else {}
-    data, offset = [], 0
-    for name, dtype, shape, chunks in entries:
-        n = sum(c.numel() * c.element_size() for c in chunks)
+    offset = 0
+    for name, dtype, shape, n in tensors:
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
-        data += [memoryview(c.reshape(-1).view(torch.uint8).numpy()) for c in chunks if c.numel()]
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return [len(text).to_bytes(8, "little"), text, *data]
+    return text + b" " * (-len(text) % 8)
 
 
 def write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
