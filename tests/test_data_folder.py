@@ -14,6 +14,7 @@ import torch
 
 from edgetrain.cli import cli
 from edgetrain.data.builtin import FASHION_DIR, _read_idx, fashion_available
+from edgetrain.data.folder import folder_digest, scan_folder
 from edgetrain.data.pack import PACK_JSON, open_folder_pack, read_pack
 from edgetrain.data.splits import load_splits
 from edgetrain.errors import UserError
@@ -326,6 +327,76 @@ def test_eval_reads_the_pack_when_the_folder_is_gone_and_says_when_both_are(tmp_
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert str(data) in lines[0] and "is gone" in lines[0]  # what is missing
     assert f"looked for {pack_dir}" in lines[0]  # and where it looked
+
+
+def _reference_digest(root: Path) -> str:
+    """The staleness digest as first written: os.walk, every path sorted, then hashed."""
+    import hashlib  # the reference only
+    h = hashlib.sha256()
+    layout = {s: root / s for s in ("test", "train", "val") if (root / s).is_dir()}
+    for name, base in (layout if "train" in layout else {"all": root}).items():
+        rows = []
+        for cls in (d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            for dirpath, _, names in os.walk(cls):
+                for n in names:
+                    p = Path(dirpath) / n
+                    if n.lower().endswith((".png", ".jpg")) and not n.startswith("."):
+                        st = p.stat()
+                        rows.append((str(p.relative_to(base)), st.st_size, st.st_mtime_ns))
+        h.update(f"[{name}]\n".encode())
+        pre = "" if name == "all" else f"{name}/"
+        for f, size, mtime in sorted(rows):
+            h.update(f"{pre}{f}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("split_layout", [False, True])
+def test_the_streamed_digest_is_the_scans_and_packs_stay_valid(tmp_path, split_layout):
+    """`folder_digest` walks one folder at a time and gives the digest of today's packs
+    (sorted relative paths), also where walking class by class is not that order: class
+    "a" sorts before "a-b" but "a-b/..." before "a/..."; nested folders; ignored files."""
+    root = tmp_path / "f"
+    x = digits_arrays(12)[0]
+    for i, rel in enumerate(["a/z.png", "a/sub/b.png", "a/sub.png", "a-b/1.png", "a-b/x/2.jpg",
+                             "a.b/3.png", "b/.hidden.png", "b/4.png", "b/notes.txt"]):
+        for part in (["train/", "test/"] if split_layout else [""]):
+            path = root / f"{part}{rel}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if rel.endswith(".txt"):
+                path.write_text("not an image")
+            else:
+                Image.fromarray(x[i]).save(path)
+    if not split_layout:  # a symlinked sub-folder is not entered (as os.walk)
+        (root / "b" / "loop").symlink_to(root / "a")
+    scan = scan_folder(root)
+    files = [f for sp in scan.splits.values() for f in sp.files]
+    assert all(sp.files == sorted(sp.files) for sp in scan.splits.values())
+    assert len(files) == (14 if split_layout else 7) and scan.ignored == (4 if split_layout else 2)
+    assert folder_digest(root) == scan.sources_digest() == _reference_digest(root)
+    sp = scan.splits["test" if split_layout else "all"]
+    assert [scan.class_names[i] for i in sp.labels] == \
+        [f.split("/")[1 if split_layout else 0] for f in sp.files]
+
+
+def test_a_packed_folder_is_not_scanned_again_and_holds_its_labels_in_int32(tmp_path,
+                                                                            monkeypatch,
+                                                                            digits_folder):
+    """Opening a pack that exists walks the folder for its digest only (no file list), and
+    keeps labels and row numbers in 4 bytes per image; batches carry int64 labels."""
+    import edgetrain.data.pack as pack_mod  # the scan that must not run
+    open_folder_pack(digits_folder, tmp_path / "c")
+
+    def no_scan(root):
+        raise AssertionError("scanned")
+
+    monkeypatch.setattr(pack_mod, "scan_folder", no_scan)
+    pack = open_folder_pack(digits_folder, tmp_path / "c")
+    assert "labels" not in pack.splits["train"].reader.manifest  # the JSON list let go
+    data = load_splits(str(digits_folder), data_cache=str(tmp_path / "c"), seed=3)
+    for sp in (data.train, data.val, data.test):
+        assert sp.index.dtype == sp.y.dtype == torch.int32
+    _, yb = next(iter(RawSource(data, data.train, 16, torch.device("cpu")).epoch()))
+    assert yb.dtype == torch.int64
 
 
 @pytest.mark.slow  # ~15 s: train, then torch.export
