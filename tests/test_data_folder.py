@@ -17,10 +17,10 @@ from edgetrain.data.builtin import FASHION_DIR, _read_idx, fashion_available
 from edgetrain.data.folder import folder_digest, scan_folder
 from edgetrain.data.pack import PACK_JSON, open_folder_pack, read_pack
 from edgetrain.data.splits import load_splits
-from edgetrain.errors import UserError
+from edgetrain.errors import Stopped, UserError
 from edgetrain.export.predict import predict
 from edgetrain.method.loop import RawSource
-from edgetrain.regimes.schedule import evaluate_run, train
+from edgetrain.regimes.schedule import evaluate_run, resume, train
 from tests.conftest import tiny_cfg
 
 
@@ -327,6 +327,74 @@ def test_eval_reads_the_pack_when_the_folder_is_gone_and_says_when_both_are(tmp_
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert str(data) in lines[0] and "is gone" in lines[0]  # what is missing
     assert f"looked for {pack_dir}" in lines[0]  # and where it looked
+
+
+def _one_line_exit_2(args: list[str]) -> str:
+    r = CliRunner().invoke(cli, args)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    return lines[0]
+
+
+def test_resume_reads_the_pack_when_the_folder_is_gone(tmp_path):
+    """`train --resume` of a run stopped mid-way, its folder deleted: it ends as the run that
+    was never stopped; with the pack moved away too, one line names both, exit 2."""
+    import shutil  # only these tests remove folders
+    x, y = digits_arrays(100)
+    folder = write_folder(tmp_path / "gone", x, y % 3)
+    cfg = dict(data=str(folder), train_size=None, mode="sequential", epochs=2,
+               data_cache=str(tmp_path / "c"))
+    whole = train(tiny_cfg(**cfg), tmp_path / "whole")
+    steps = iter(range(1000))
+    with pytest.raises(Stopped):
+        train(tiny_cfg(**cfg), tmp_path / "run", stop=lambda: next(steps) == 2)  # mid-epoch
+    shutil.rmtree(folder)
+    pack_dir = next(p for p in (tmp_path / "c").iterdir() if not p.name.startswith("."))
+    pack_dir.rename(tmp_path / "moved")
+    line = _one_line_exit_2(["train", "--resume", str(tmp_path / "run"), "--no-progress"])
+    assert str(folder) in line and "is gone" in line and f"looked for {pack_dir}" in line
+    (tmp_path / "moved").rename(pack_dir)
+    m = resume(tmp_path / "run")
+    assert [e["test_acc"] for e in m["modules"]] == [e["test_acc"] for e in whole["modules"]]
+    assert [e["train_loss"] for e in m["modules"]] == [e["train_loss"] for e in whole["modules"]]
+
+
+def test_init_from_a_run_whose_folder_is_gone(tmp_path):
+    """`--init RUN_DIR` of a run whose folder is gone reads that run's pack; folder and pack
+    both gone: one line naming them and the --init source, exit 2."""
+    import shutil  # only these tests remove folders
+    folder, source, _ = _gone_folder_run(tmp_path)  # 1x8x8 images, as digits
+    shutil.rmtree(folder)
+    m = train(tiny_cfg(mode="e2e", epochs=1, train_size=100, init=str(source)), tmp_path / "ft")
+    assert m["init"]["kind"] == "run" and m["init"]["heads"] == "new"  # 3 classes, not 10
+    pack_dir = next(p for p in (tmp_path / "c").iterdir() if not p.name.startswith("."))
+    shutil.rmtree(pack_dir)
+    line = _one_line_exit_2(["train", "--data", "digits", "--init", str(source), "--mode", "e2e",
+                             "--width", "8", "--depth", "4", "--epochs", "1",
+                             "--out", str(tmp_path / "ft2"), "--no-progress"])
+    assert f"--init {source}" in line and str(folder) in line and "is gone" in line
+    assert f"looked for {pack_dir}" in line and not (tmp_path / "ft2").exists()
+
+
+def test_a_relative_data_cache_is_stored_absolute(tmp_path, monkeypatch):
+    """config.json names the data cache by its absolute path: eval from another working
+    directory finds the pack of a folder that is gone."""
+    import shutil  # only these tests remove folders
+    x, y = digits_arrays(100)
+    folder = write_folder(tmp_path / "gone", x, y % 3)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    r = CliRunner().invoke(cli, ["train", "--data", str(folder), "--data-cache", "rel-cache",
+                                 "--mode", "e2e", "--epochs", "1", "--model", "kmresnet",
+                                 "--width", "4", "--depth", "2", "--out", "run", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "here" / "run"
+    assert json.loads((run / "config.json").read_text())["data_cache"] == \
+        str(tmp_path / "here" / "rel-cache")
+    shutil.rmtree(folder)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["eval", str(run)])
+    assert r.exit_code == 0, r.output
 
 
 def _reference_digest(root: Path) -> str:
