@@ -121,6 +121,8 @@ class RunConfig:
         _check_types(self)  # wrong types and non-finite floats first: the checks below compare
         if os.path.isdir(self.data):  # config.json names the folder by its absolute path
             self.data = str(Path(self.data).resolve())
+        if self.data_cache:  # and the data cache: eval, --resume, --init
+            self.data_cache = str(Path(self.data_cache).expanduser().resolve())  # from any cwd
         self.image_size = parse_image_size(self.image_size)
         _check(self.channels in (None, 1, 3), f"--channels must be 1 or 3 (got {self.channels})")
         if self.input_shape is not None:
@@ -295,6 +297,8 @@ def _check_types(cfg: "RunConfig") -> None:
                f"{_flag(name)} must be a string (got {getattr(cfg, name)!r})")
     _check(cfg.cache_dir is None or isinstance(cfg.cache_dir, str),
            f"--cache-dir must be a path (got {cfg.cache_dir!r})")
+    _check(cfg.data_cache is None or isinstance(cfg.data_cache, str),
+           f"--data-cache must be a path (got {cfg.data_cache!r})")
     _check(isinstance(cfg.extra, dict), f"extra must be a JSON object (got {cfg.extra!r})")
     _check(cfg.input_shape is None or isinstance(cfg.input_shape, (list, tuple))
            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)

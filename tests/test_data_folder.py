@@ -14,12 +14,13 @@ import torch
 
 from edgetrain.cli import cli
 from edgetrain.data.builtin import FASHION_DIR, _read_idx, fashion_available
+from edgetrain.data.folder import folder_digest, scan_folder
 from edgetrain.data.pack import PACK_JSON, open_folder_pack, read_pack
 from edgetrain.data.splits import load_splits
-from edgetrain.errors import UserError
+from edgetrain.errors import Stopped, UserError
 from edgetrain.export.predict import predict
 from edgetrain.method.loop import RawSource
-from edgetrain.regimes.schedule import evaluate_run, train
+from edgetrain.regimes.schedule import evaluate_run, resume, train
 from tests.conftest import tiny_cfg
 
 
@@ -326,6 +327,144 @@ def test_eval_reads_the_pack_when_the_folder_is_gone_and_says_when_both_are(tmp_
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert str(data) in lines[0] and "is gone" in lines[0]  # what is missing
     assert f"looked for {pack_dir}" in lines[0]  # and where it looked
+
+
+def _one_line_exit_2(args: list[str]) -> str:
+    r = CliRunner().invoke(cli, args)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    return lines[0]
+
+
+def test_resume_reads_the_pack_when_the_folder_is_gone(tmp_path):
+    """`train --resume` of a run stopped mid-way, its folder deleted: it ends as the run that
+    was never stopped; with the pack moved away too, one line names both, exit 2."""
+    import shutil  # only these tests remove folders
+    x, y = digits_arrays(100)
+    folder = write_folder(tmp_path / "gone", x, y % 3)
+    cfg = dict(data=str(folder), train_size=None, mode="sequential", epochs=2,
+               data_cache=str(tmp_path / "c"))
+    whole = train(tiny_cfg(**cfg), tmp_path / "whole")
+    steps = iter(range(1000))
+    with pytest.raises(Stopped):
+        train(tiny_cfg(**cfg), tmp_path / "run", stop=lambda: next(steps) == 2)  # mid-epoch
+    shutil.rmtree(folder)
+    pack_dir = next(p for p in (tmp_path / "c").iterdir() if not p.name.startswith("."))
+    pack_dir.rename(tmp_path / "moved")
+    line = _one_line_exit_2(["train", "--resume", str(tmp_path / "run"), "--no-progress"])
+    assert str(folder) in line and "is gone" in line and f"looked for {pack_dir}" in line
+    (tmp_path / "moved").rename(pack_dir)
+    m = resume(tmp_path / "run")
+    assert [e["test_acc"] for e in m["modules"]] == [e["test_acc"] for e in whole["modules"]]
+    assert [e["train_loss"] for e in m["modules"]] == [e["train_loss"] for e in whole["modules"]]
+
+
+def test_init_from_a_run_whose_folder_is_gone(tmp_path):
+    """`--init RUN_DIR` of a run whose folder is gone reads that run's pack; folder and pack
+    both gone: one line naming them and the --init source, exit 2."""
+    import shutil  # only these tests remove folders
+    folder, source, _ = _gone_folder_run(tmp_path)  # 1x8x8 images, as digits
+    shutil.rmtree(folder)
+    m = train(tiny_cfg(mode="e2e", epochs=1, train_size=100, init=str(source)), tmp_path / "ft")
+    assert m["init"]["kind"] == "run" and m["init"]["heads"] == "new"  # 3 classes, not 10
+    pack_dir = next(p for p in (tmp_path / "c").iterdir() if not p.name.startswith("."))
+    shutil.rmtree(pack_dir)
+    line = _one_line_exit_2(["train", "--data", "digits", "--init", str(source), "--mode", "e2e",
+                             "--width", "8", "--depth", "4", "--epochs", "1",
+                             "--out", str(tmp_path / "ft2"), "--no-progress"])
+    assert f"--init {source}" in line and str(folder) in line and "is gone" in line
+    assert f"looked for {pack_dir}" in line and not (tmp_path / "ft2").exists()
+
+
+def test_a_relative_data_cache_is_stored_absolute(tmp_path, monkeypatch):
+    """config.json names the data cache by its absolute path: eval from another working
+    directory finds the pack of a folder that is gone."""
+    import shutil  # only these tests remove folders
+    x, y = digits_arrays(100)
+    folder = write_folder(tmp_path / "gone", x, y % 3)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    r = CliRunner().invoke(cli, ["train", "--data", str(folder), "--data-cache", "rel-cache",
+                                 "--mode", "e2e", "--epochs", "1", "--model", "kmresnet",
+                                 "--width", "4", "--depth", "2", "--out", "run", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "here" / "run"
+    assert json.loads((run / "config.json").read_text())["data_cache"] == \
+        str(tmp_path / "here" / "rel-cache")
+    shutil.rmtree(folder)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["eval", str(run)])
+    assert r.exit_code == 0, r.output
+
+
+def _reference_digest(root: Path) -> str:
+    """The staleness digest as first written: os.walk, every path sorted, then hashed."""
+    import hashlib  # the reference only
+    h = hashlib.sha256()
+    layout = {s: root / s for s in ("test", "train", "val") if (root / s).is_dir()}
+    for name, base in (layout if "train" in layout else {"all": root}).items():
+        rows = []
+        for cls in (d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            for dirpath, _, names in os.walk(cls):
+                for n in names:
+                    p = Path(dirpath) / n
+                    if n.lower().endswith((".png", ".jpg")) and not n.startswith("."):
+                        st = p.stat()
+                        rows.append((str(p.relative_to(base)), st.st_size, st.st_mtime_ns))
+        h.update(f"[{name}]\n".encode())
+        pre = "" if name == "all" else f"{name}/"
+        for f, size, mtime in sorted(rows):
+            h.update(f"{pre}{f}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("split_layout", [False, True])
+def test_the_streamed_digest_is_the_scans_and_packs_stay_valid(tmp_path, split_layout):
+    """`folder_digest` walks one folder at a time and gives the digest of today's packs
+    (sorted relative paths), also where walking class by class is not that order: class
+    "a" sorts before "a-b" but "a-b/..." before "a/..."; nested folders; ignored files."""
+    root = tmp_path / "f"
+    x = digits_arrays(12)[0]
+    for i, rel in enumerate(["a/z.png", "a/sub/b.png", "a/sub.png", "a-b/1.png", "a-b/x/2.jpg",
+                             "a.b/3.png", "b/.hidden.png", "b/4.png", "b/notes.txt"]):
+        for part in (["train/", "test/"] if split_layout else [""]):
+            path = root / f"{part}{rel}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if rel.endswith(".txt"):
+                path.write_text("not an image")
+            else:
+                Image.fromarray(x[i]).save(path)
+    if not split_layout:  # a symlinked sub-folder is not entered (as os.walk)
+        (root / "b" / "loop").symlink_to(root / "a")
+    scan = scan_folder(root)
+    files = [f for sp in scan.splits.values() for f in sp.files]
+    assert all(sp.files == sorted(sp.files) for sp in scan.splits.values())
+    assert len(files) == (14 if split_layout else 7) and scan.ignored == (4 if split_layout else 2)
+    assert folder_digest(root) == scan.sources_digest() == _reference_digest(root)
+    sp = scan.splits["test" if split_layout else "all"]
+    assert [scan.class_names[i] for i in sp.labels] == \
+        [f.split("/")[1 if split_layout else 0] for f in sp.files]
+
+
+def test_a_packed_folder_is_not_scanned_again_and_holds_its_labels_in_int32(tmp_path,
+                                                                            monkeypatch,
+                                                                            digits_folder):
+    """Opening a pack that exists walks the folder for its digest only (no file list), and
+    keeps labels and row numbers in 4 bytes per image; batches carry int64 labels."""
+    import edgetrain.data.pack as pack_mod  # the scan that must not run
+    open_folder_pack(digits_folder, tmp_path / "c")
+
+    def no_scan(root):
+        raise AssertionError("scanned")
+
+    monkeypatch.setattr(pack_mod, "scan_folder", no_scan)
+    pack = open_folder_pack(digits_folder, tmp_path / "c")
+    assert "labels" not in pack.splits["train"].reader.manifest  # the JSON list let go
+    data = load_splits(str(digits_folder), data_cache=str(tmp_path / "c"), seed=3)
+    for sp in (data.train, data.val, data.test):
+        assert sp.index.dtype == sp.y.dtype == torch.int32
+    _, yb = next(iter(RawSource(data, data.train, 16, torch.device("cpu")).epoch()))
+    assert yb.dtype == torch.int64
 
 
 @pytest.mark.slow  # ~15 s: train, then torch.export

@@ -101,7 +101,7 @@ def test_prediction_covers_real_accounting_of_e2e():
     run = build_run(cfg)
     whole = Stage(list(run.net.blocks), run.stages[-1].head, stem=run.net.stem).train()
     x = run.data.normalize(run.data.train.x[:cfg.batch_size])
-    y = run.data.train.y[:cfg.batch_size]
+    y = run.data.train.labels(torch.arange(cfg.batch_size))  # int64, as a loss takes
     held = []
 
     def loss():

@@ -100,7 +100,7 @@ class RamSource:
         gen = epoch_generator(d.seed, salt, epoch)
         off = (epoch % d.reader.views) * d.reader.n
         for idx in batch_indices(d.reader.n, d.batch_size, True, gen):
-            yield self.rows[idx + off].float(), d.labels[idx]
+            yield self.rows[idx + off].float(), d.labels[idx].long()
 
 
 def _evict(reader) -> None:

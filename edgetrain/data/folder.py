@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import hashlib
 import os
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -66,15 +67,19 @@ class FolderScan:
 
     def sources_digest(self) -> str:
         """What decides whether a pack is stale: sha256 over every split's files with their
-        size and mtime, streamed (a pack keeps this, not the list: a list of 40,000 files
-        held by a run grew its peak RSS by tens of MiB, benchmarks/data_stream_memory.md)."""
-        h = hashlib.sha256()
-        for name in sorted(self.splits):
-            sp = self.splits[name]
-            h.update(f"[{name}]\n".encode())
-            for f, (size, mtime) in zip(sp.files, sp.stats):
-                h.update(f"{f}\0{size}\0{mtime}\n".encode())
-        return h.hexdigest()
+        size and mtime (`folder_digest` computes the same without a scan)."""
+        return _sources_sha256((name, ((f, *st) for f, st in zip(sp.files, sp.stats)))
+                               for name, sp in sorted(self.splits.items()))
+
+
+def _sources_sha256(splits: Iterable[tuple[str, Iterable[tuple[str, int, int]]]]) -> str:
+    """sha256 over (split name, its (relative path, size, mtime_ns) rows), streamed."""
+    h = hashlib.sha256()
+    for name, rows in splits:
+        h.update(f"[{name}]\n".encode())
+        for f, size, mtime in rows:
+            h.update(f"{f}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
 
 
 def is_image_name(name: str) -> bool:
@@ -85,59 +90,112 @@ def _class_dirs(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _scan_split(root: Path, class_names: list[str], where: str) -> tuple[FolderSplit, int]:
-    files, labels, stats, ignored = [], [], [], 0
-    for label, cls in enumerate(class_names):
+@dataclass
+class _Layout:
+    """A checked folder: its class names and, per split, the classes it has a folder for."""
+
+    root: Path
+    class_names: list[str]
+    splits: dict[str, list[str]]  # "train", "val", "test" (this order) or "all"
+
+
+def _layout(root: Path) -> _Layout:
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise UserError(f"no image folder {root}")
+    subs = _class_dirs(root)
+    if "train" not in subs or "test" not in subs:
+        _check_classes(root, subs)
+        return _Layout(root, subs, {"all": subs})
+    classes = _class_dirs(root / "train")
+    _check_classes(root / "train", classes)
+    splits = {}
+    for name in [s for s in SPLIT_NAMES if s in subs]:
+        extra = sorted(set(_class_dirs(root / name)) - set(classes))
+        if extra:
+            raise UserError(f"{root / name} has classes that {root / 'train'} lacks: "
+                            f"{', '.join(extra[:5])}")
+        splits[name] = [c for c in classes if (root / name / c).is_dir()]
+    return _Layout(root, classes, splits)
+
+
+def _split_rows(lay: _Layout, name: str, ignored: list[int]
+                ) -> Iterator[tuple[str, int, int, int]]:
+    """(path relative to the root, label, size, mtime_ns) of split `name`'s images, in sorted
+    path order, one class folder at a time (a class's rows are contiguous in that order:
+    its paths share the prefix "CLASS/"). Non-image files are counted in `ignored[0]`."""
+    base = lay.root if name == "all" else lay.root / name
+    prefix = "" if name == "all" else f"{name}/"
+    label = {c: i for i, c in enumerate(lay.class_names)}
+    for cls in sorted(lay.splits[name], key=lambda c: c + "/"):
         found = 0
-        for dirpath, dirnames, names in os.walk(root / cls):
-            dirnames.sort()
-            for name in sorted(names):
-                p = Path(dirpath) / name
-                if not is_image_name(name) or name.startswith("."):
-                    ignored += 1
-                    continue
-                st = p.stat()
-                files.append(str(p.relative_to(root)))
-                labels.append(label)
-                stats.append((st.st_size, st.st_mtime_ns))
-                found += 1
+        for rel, size, mtime in _walk_images(str(base / cls), f"{prefix}{cls}/", ignored):
+            found += 1
+            yield rel, label[cls], size, mtime
         if not found:
-            raise UserError(f"class folder {root / cls} holds no image ({where}); remove it or "
+            raise UserError(f"class folder {base / cls} holds no image ({name}); remove it or "
                             f"add images ({', '.join(IMAGE_EXTS)})")
-    order = sorted(range(len(files)), key=lambda i: files[i])
-    return FolderSplit([files[i] for i in order], [labels[i] for i in order],
-                       [stats[i] for i in order]), ignored
+
+
+def _walk_images(directory: str, rel: str, ignored: list[int]) -> Iterator[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of the images under `directory` (`rel` is its path
+    relative to the split) in sorted relative-path order: a folder's entries sorted with
+    "NAME/" for sub-folders, each sub-folder walked at its place. The files are those
+    `os.walk` finds: symlinked sub-folders are not entered, an unreadable folder is empty.
+    Only the names of the folders being walked are held."""
+    try:
+        with os.scandir(directory) as it:
+            keys = sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
+    except OSError:
+        return
+    for key in keys:
+        path = os.path.join(directory, key.rstrip("/"))
+        if key.endswith("/"):
+            if not os.path.islink(path):
+                yield from _walk_images(path, rel + key, ignored)
+        elif not is_image_name(key) or key.startswith("."):
+            ignored[0] += 1
+        else:
+            st = os.stat(path)
+            yield rel + key, st.st_size, st.st_mtime_ns
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def scan_folder(root: Path) -> FolderScan:
-    """Scan an image folder (see the module docstring).
+    """Scan an image folder (see the module docstring): every file of every split, for
+    packing it.
 
     Raises:
         UserError: missing path, no class sub-folders, one class, an empty class, classes in
             test/ or val/ that train/ lacks.
     """
-    root = Path(root).resolve()
-    if not root.is_dir():
-        raise UserError(f"no image folder {root}")
-    subs = _class_dirs(root)
-    if "train" in subs and "test" in subs:
-        classes = _class_dirs(root / "train")
-        _check_classes(root / "train", classes)
-        splits, ignored = {}, 0
-        for name in [s for s in SPLIT_NAMES if s in subs]:
-            extra = sorted(set(_class_dirs(root / name)) - set(classes))
-            if extra:
-                raise UserError(f"{root / name} has classes that {root / 'train'} lacks: "
-                                f"{', '.join(extra[:5])}")
-            present = [c for c in classes if (root / name / c).is_dir()]
-            sp, ign = _scan_split(root / name, present, name)
-            sp.labels = [classes.index(present[i]) for i in sp.labels]
-            sp.files = [f"{name}/{f}" for f in sp.files]
-            splits[name], ignored = sp, ignored + ign
-        return FolderScan(root, classes, splits, ignored)
-    _check_classes(root, subs)
-    sp, ignored = _scan_split(root, subs, "all")
-    return FolderScan(root, subs, {"all": sp}, ignored)
+    lay, ignored, splits = _layout(root), [0], {}
+    for name in lay.splits:
+        sp = splits[name] = FolderSplit([], [], [])
+        for rel, label, size, mtime in _split_rows(lay, name, ignored):
+            sp.files.append(rel)
+            sp.labels.append(label)
+            sp.stats.append((size, mtime))
+    return FolderScan(lay.root, lay.class_names, splits, ignored[0])
+
+
+def folder_digest(root: Path) -> str:
+    """`scan_folder(root).sources_digest()`, streamed: the folder walked one class folder
+    at a time, nothing kept per image (whether a pack is stale is asked by every run).
+
+    Raises:
+        UserError: as `scan_folder`.
+    """
+    lay = _layout(root)
+    return _sources_sha256((name, ((f, size, mtime) for f, _, size, mtime
+                                   in _split_rows(lay, name, [0])))
+                           for name in sorted(lay.splits))
 
 
 def _check_classes(root: Path, classes: list[str]) -> None:

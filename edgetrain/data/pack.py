@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edgetrain.data.folder import FolderScan, ResizePolicy, decode, probe_policy, scan_folder
+from edgetrain.data.folder import (FolderScan, ResizePolicy, decode, folder_digest, probe_policy,
+                                   scan_folder)
 from edgetrain.errors import UserError
 from edgetrain.storage.atomic import atomic_write_json, json_text
 from edgetrain.storage.cache import (CacheInvalid, CacheReader, CacheWriter, check_free_space,
@@ -55,6 +56,7 @@ PACK_JSON = "pack.json"
 DEFAULT_DATA_CACHE = Path.home() / ".cache" / "edgetrain" / "data"
 SHARD_BYTES = 16 * MIB
 DECODE_BATCH = 256
+LABEL_DTYPE = torch.int32  # labels held per image (a batch's are int64: `Split.labels`)
 log = logging.getLogger("edgetrain")
 
 
@@ -63,7 +65,7 @@ class PackedSplit:
     """One split of a pack: the row reader (uint8 (N, C, H, W) by pread) and its labels."""
 
     reader: CacheReader
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) LABEL_DTYPE
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -92,15 +94,18 @@ def open_folder_pack(root: Path, data_cache: str | Path | None = None,
                      skip_bad: bool = False) -> Pack:
     """The pack of image folder `root` under the policy, packed first if absent or stale.
 
+    Whether the pack is stale is decided by `folder_digest` (streamed, nothing kept per
+    image); the folder is scanned file by file only to (re)pack it.
+
     Raises:
         UserError: any bad folder (see `scan_folder`), a corrupt image without `skip_bad`,
             images of different sizes without `size`, the folder changed while packing,
             the disk full.
     """
-    scan = scan_folder(root)
-    final, key = folder_pack_location(scan.root, data_cache, size, channels, skip_bad)
-    return _open_or_pack(final, key, scan.sources_digest(),
-                         lambda tmp: _write_folder(tmp, key, scan, size, channels, skip_bad))
+    sources = folder_digest(root)
+    final, key = folder_pack_location(root, data_cache, size, channels, skip_bad)
+    return _open_or_pack(final, key, sources, lambda tmp: _write_folder(
+        tmp, key, scan_folder(root), size, channels, skip_bad))
 
 
 def folder_pack_location(root: Path, data_cache: str | Path | None,
@@ -261,7 +266,7 @@ def _open_or_pack(final: Path, key: str, sources: str | None,
 
 def _try_open(final: Path, key: str, sources: str | None, warn: bool = True) -> Pack | None:
     """The pack in `final` when complete, of this key, verified and (folders) not stale:
-    `sources` is the folder's `FolderScan.sources_digest()` (None: a built-in data set)."""
+    `sources` is the folder's `folder_digest` (None: a built-in data set)."""
     if not (final / PACK_JSON).is_file():
         return None
     try:
@@ -293,7 +298,7 @@ def read_pack(directory: Path, key: str | None = None) -> Pack:
     splits = {}
     for name in info["splits"]:
         reader = CacheReader(directory / name, info["key"])
-        labels = torch.tensor(reader.manifest["labels"], dtype=torch.int64)
+        labels = torch.tensor(reader.manifest.pop("labels"), dtype=LABEL_DTYPE)  # list let go
         if len(labels) != reader.count:
             raise CacheInvalid(f"data pack {directory / name} has {len(labels)} labels for "
                                f"{reader.count} rows")
@@ -424,7 +429,8 @@ def _write_folder(tmp: Path, key: str, scan: FolderScan, size, channels, skip_ba
                                          stats if split == "train" else None)
     seconds = time.perf_counter() - t0
     atomic_write_json(tmp / SOURCES_JSON, scan.sources())  # for people; runs read the digest
-    if scan_folder(scan.root).sources_digest() != scan.sources_digest():
+    sources = scan.sources_digest()
+    if folder_digest(scan.root) != sources:
         raise UserError(f"{scan.root} changed while it was being packed; nothing was kept: "
                         "run again when it is complete")
     for split, n in counts.items():

@@ -17,14 +17,15 @@ from typing import Callable
 import torch
 
 from edgetrain.data import DATASETS
-from edgetrain.data.pack import (Pack, PackPreview, open_builtin_pack, open_folder_pack,
-                                 open_gone_folder_pack, pack_summary, preview_builtin_pack,
-                                 preview_folder_pack)
+from edgetrain.data.pack import (LABEL_DTYPE, Pack, PackPreview, open_builtin_pack,
+                                 open_folder_pack, open_gone_folder_pack, pack_summary,
+                                 preview_builtin_pack, preview_folder_pack)
 from edgetrain.data.preprocess import Preprocessing
 from edgetrain.errors import UserError
 from edgetrain.storage.cache import CacheReader
 
 TEST_SPLIT_SEED = 1234  # the carved test split never depends on the run's seed
+INDEX_DTYPE = torch.int32  # row numbers held per image (half of int64's bytes)
 
 @dataclass
 class RawData:
@@ -40,11 +41,14 @@ class RawData:
 
 @dataclass
 class Split:
-    """Rows `index` of a pack split (uint8 (N, C, H, W), read on demand) and their labels."""
+    """Rows `index` of a pack split (uint8 (N, C, H, W), read on demand) and their labels.
+
+    Both are held in 4 bytes per image (`INDEX_DTYPE`, `LABEL_DTYPE`); a batch's labels
+    come out as int64 (`labels`), the dtype the losses take."""
 
     reader: CacheReader | None  # None: a preview's split, labels only (`DataPreview`)
-    index: torch.Tensor  # (N,) int64 row numbers in the pack split
-    y: torch.Tensor  # (N,) int64
+    index: torch.Tensor  # (N,) INDEX_DTYPE row numbers in the pack split
+    y: torch.Tensor  # (N,) LABEL_DTYPE
 
     def __len__(self) -> int:
         return len(self.y)
@@ -52,6 +56,10 @@ class Split:
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """uint8 images (len(idx), C, H, W) of split positions `idx`, read by pread."""
         return self.reader.raw_rows(self.index[idx])
+
+    def labels(self, idx: torch.Tensor) -> torch.Tensor:
+        """int64 labels (len(idx),) of split positions `idx`."""
+        return self.y[idx].long()
 
     def subset(self, idx: torch.Tensor) -> "Split":
         return Split(self.reader, self.index[idx], self.y[idx])
@@ -124,7 +132,7 @@ def stratified_indices(y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor
     """Pick `n` indices with the class proportions of `y` (seeded); return (picked, rest)."""
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(y)
-    counts = torch.stack([(y == c).sum() for c in classes]).double()
+    counts = torch.bincount(y)[classes].double()
     quota = torch.floor(counts / counts.sum() * n).long()
     # hand out the rounding remainder to the largest fractional parts, deterministically
     frac = counts / counts.sum() * n - quota.double()
@@ -317,7 +325,7 @@ def carve_splits(name: str, class_names: list[str], whole: dict[str, Split], *,
 
 def _whole(pack: Pack, split: str) -> Split:
     ps = pack.splits[split]
-    return Split(ps.reader, torch.arange(len(ps)), ps.labels)
+    return Split(ps.reader, torch.arange(len(ps), dtype=INDEX_DTYPE), ps.labels)
 
 
 def select_classes(class_names: list[str], splits: dict[str, Split], classes, by: str = "name"
@@ -345,8 +353,8 @@ def select_classes(class_names: list[str], splits: dict[str, Split], classes, by
             raise UserError(f"--classes {','.join(bad)}: no such class; the classes are "
                             f"{','.join(names)} (or --classes-by index)")
         idx = [names.index(c) for c in classes]
-    lut = torch.full((len(names),), -1, dtype=torch.long)
-    lut[torch.tensor(idx)] = torch.arange(len(idx))
+    lut = torch.full((len(names),), -1, dtype=LABEL_DTYPE)
+    lut[torch.tensor(idx)] = torch.arange(len(idx), dtype=LABEL_DTYPE)
     kept = {}
     for name, sp in splits.items():
         m = lut[sp.y] >= 0
@@ -388,7 +396,8 @@ def check_splits(data: DataSplits | DataPreview, val_fraction: float) -> None:
     if val_fraction > 0 and len(data.val) == 0:
         raise UserError(f"--val-fraction {val_fraction} leaves no validation sample of "
                         f"{data.name}: raise it, or use 0 for no validation split")
-    missing = sorted(set(range(data.num_classes)) - set(data.train.y.tolist()))
+    counts = torch.bincount(data.train.y, minlength=data.num_classes)
+    missing = torch.nonzero(counts == 0).flatten().tolist()
     if missing:
         names = ", ".join(str(data.class_names[c]) for c in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

@@ -79,7 +79,7 @@ class RawSource:
             x = self.data.normalize(xb.to(self.device))
             if self.train and self.augment:
                 x = augment(x, gen, self.data.flip)
-            yield x, self.split.y[idx].to(self.device)
+            yield x, self.split.labels(idx).to(self.device)
 
 
 @dataclass
@@ -184,7 +184,7 @@ def stage_loss(tr: Trainer, x, y, label_smoothing: float, scaling: str, precisio
 def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
                label_smoothing: float, scaling: str, precision: str = "fp32") -> list[dict]:
     """One optimiser step of every trainer on a chain; returns per-stage statistics."""
-    stats = []
+    stats, y = [], y.long()  # the losses take int64 (a split holds its labels in int32)
     for tr in trainers:
         t0 = time.perf_counter()
         tr.stage.train()

@@ -128,8 +128,9 @@ class OutOfCore:
         sp = getattr(self.run.data, split)
         h = hashlib.sha256()  # the pack (its key names source and policy) and the rows taken
         h.update(sp.reader.manifest["key"].encode())
-        h.update(sp.index.contiguous().numpy().tobytes())
-        h.update(sp.y.contiguous().numpy().tobytes())
+        for values in (sp.index, sp.y):  # as int64 (the key of before int32), in chunks
+            for part in values.split(1 << 16):
+                h.update(part.long().numpy().tobytes())
         views = self.views if split == "train" else 1
         return digest(h.hexdigest(), split, self.cfg.seed, self.cfg.augment and split == "train",
                       views, self.run.data.mean, self.run.data.std)

@@ -151,8 +151,16 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
 
 def source_data_info(run_dir: Path) -> tuple[tuple[int, int, int], list[str]]:
     """(input shape, class names) an edgetrain run was trained on (its data, rebuilt from
-    its config.json)."""
-    data = load_data(RunConfig.load(Path(run_dir) / "config.json"))
+    its config.json; an image folder that is gone is read from its pack, as eval does).
+
+    Raises:
+        UserError: the run's data cannot be opened (its folder and pack both gone), named
+            with `--init RUN_DIR`.
+    """
+    try:
+        data = load_data(RunConfig.load(Path(run_dir) / "config.json"), gone_folder=True)
+    except UserError as e:
+        raise UserError(f"--init {run_dir}: {e}") from None
     return data.input_shape, data.class_names
 
 

@@ -35,9 +35,12 @@ def resume(run_dir: Path, progress: bool = False, stop=None, launch=None) -> dic
     distributed run resumes under torchrun: `launch` is this rank's place (rank 0 holds the
     lock and returns the metrics; the other ranks return None).
 
+    An image folder that is gone is read from its pack in the data cache (as `edgetrain eval`).
+
     Raises:
         UserError: no run there, another edgetrain version, a changed config.json, a run
-            that is not resumable (distributed, in-memory sequential), or any error of `train`.
+            that is not resumable (distributed, in-memory sequential), an image folder gone
+            with its pack, or any error of `train`.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
@@ -73,8 +76,8 @@ def _resume(run_dir: Path, progress: bool, stop) -> dict:
         raise UserError(f"{run_dir} is an in-memory run; it does not checkpoint and cannot be "
                         "resumed")
     check_precision(cfg.precision, resolve_device(cfg.device))
-    with out_of_memory_as_user_error(cfg, None, None):
-        run = with_log(build_run(cfg), run_dir)
+    with out_of_memory_as_user_error(cfg, None, None):  # a gone folder: its pack (as eval)
+        run = with_log(build_run(cfg, data=load_data(cfg, gone_folder=True)), run_dir)
     run.stop, run.memory = stop, PhaseRecorder(run.device)
     with out_of_memory_as_user_error(cfg, run.memory, run_dir, run.device):
         if not cfg.out_of_core:

@@ -391,7 +391,7 @@ class CacheSource:
     """
 
     reader: CacheReader
-    labels: torch.Tensor  # (n,) int64
+    labels: torch.Tensor  # (n,) any integer dtype; batches get int64
     batch_size: int
     device: torch.device
     train: bool = True
@@ -411,7 +411,7 @@ class CacheSource:
         order = list(batch_indices(self.reader.n, self.batch_size, self.train, gen))
         batches = ((self.reader.rows(idx + offset), idx) for idx in order)
         for x, idx in prefetch(batches, self._max_batches()):
-            yield x.to(self.device), self.labels[idx].to(self.device)
+            yield x.to(self.device), self.labels[idx].to(self.device, torch.int64)
 
 
 def sequential_rows(reader: CacheReader, batch_size: int, prefetch_bytes: int
