@@ -88,8 +88,13 @@ def _child_train(spec: dict) -> dict:
         schedule.load_data = load_in_ram
     t0 = time.perf_counter()
     m = schedule.train(cfg, Path(spec["out_dir"]))
-    return {"peak_rss_mib": measure.peak_rss_bytes() / MIB, "import_rss_mib": base / MIB,
-            "train_peak_above_imports_mib": (measure.peak_rss_bytes() - base) / MIB,
+    # the run resets VmHWM at every phase boundary (PhaseRecorder): the process peak is the
+    # run's own `peak_rss_mib` (the max across those resets, loading included), not VmHWM now
+    peak = max(measure.peak_rss_bytes(), int(m["peak_rss_mib"] * MIB))
+    return {"peak_rss_mib": peak / MIB, "import_rss_mib": base / MIB,
+            "train_peak_above_imports_mib": (peak - base) / MIB,
+            "phases_mib": {k: round(v["peak_rss_mib"] - base / MIB, 2)
+                           for k, v in m.get("memory", {}).items()},
             "wall_s": time.perf_counter() - t0, "best_test_acc": m["best_test_acc"]}
 
 

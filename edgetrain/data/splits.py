@@ -243,7 +243,7 @@ def load_splits(name: str, *, train_size: int | None = None, val_fraction: float
     class_names, (train, val, test) = carve_splits(
         name, pack.class_names, whole, train_size=train_size, val_fraction=val_fraction,
         test_size=test_size, seed=seed, classes=classes, classes_by=classes_by)
-    mean, std = _channel_stats(train.rows(torch.arange(min(4096, len(train)))))
+    mean, std = _channel_stats(train, min(4096, len(train)))
     return DataSplits(name, train, val, test, class_names, mean, std,
                       pack.info["flip"] if flip is None else flip, pack_summary(pack),
                       pack.info.get("policy"))
@@ -369,12 +369,22 @@ def _test_subset(test: Split, n: int, name: str) -> Split:
     return test.subset(keep)
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    if len(x) < 2:  # no spread to measure (an empty train split is refused by check_splits)
-        return [0.0] * x.shape[1], [1.0] * x.shape[1]
-    xf = x[:4096].float() / 255.0
-    mean = xf.mean(dim=(0, 2, 3))
-    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+def _channel_stats(train: Split, n: int, chunk: int = 256) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the first `n` training rows, read `chunk` rows at a time
+    (sums in float64): a bounded memory, whatever the image size (a 4,096-row float copy of
+    3x224x224 images would be 2.4 GB)."""
+    c = train.rows(torch.arange(min(n, 1))).shape[1]
+    if n < 2:  # no spread to measure (an empty train split is refused by check_splits)
+        return [0.0] * c, [1.0] * c
+    s1 = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    for a in range(0, n, chunk):
+        x = train.rows(torch.arange(a, min(n, a + chunk))).to(torch.float64) / 255.0
+        s1 += x.sum(dim=(0, 2, 3))
+        s2 += x.square().sum(dim=(0, 2, 3))
+        m = n * x.shape[2] * x.shape[3]
+    mean = s1 / m
+    std = ((s2 - m * mean * mean) / (m - 1)).clamp_min(0).sqrt().clamp_min(1e-3)
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
