@@ -17,8 +17,9 @@ if __name__ == "__main__":
     ap.add_argument("--mode", default="sequential")
     ap.add_argument("--modules", type=int, default=16)
     ap.add_argument("--recompute", nargs="+", default=["none", "blocks", "segments:2"])
+    ap.add_argument("--split", default="depth", choices=["depth", "memory"])
     ap.add_argument("--out-dir", default="benchmarks/results")
     a = ap.parse_args()
     res = floor_report(a.model, parse_shape(a.input), a.batch, a.mode, a.modules, a.recompute,
-                       Path(a.out_dir))
+                       Path(a.out_dir), split=a.split)
     print("\n".join(f"wrote {p}" for p in res["paths"]))

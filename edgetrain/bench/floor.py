@@ -17,7 +17,7 @@ from edgetrain.units import MIB
 
 
 def floor_report(model: str, input_shape, batch: int, mode: str, modules: int,
-                 recompute: list[str], out_dir: Path) -> dict:
+                 recompute: list[str], out_dir: Path, split: str = "depth") -> dict:
     """Breakdown of the heaviest module's training peak for each `recompute` setting, beside
     the estimated e2e peak; writes JSON and Markdown to `out_dir`."""
     shape = tuple(input_shape)
@@ -25,7 +25,7 @@ def floor_report(model: str, input_shape, batch: int, mode: str, modules: int,
     e2e_mib = estimate_peak(e2e, shape, 10, n_train=e2e.train_size).peak_bytes / MIB
     rows = []
     for r in recompute:
-        cfg = bench_config(model, shape, batch, mode, modules, True, recompute=r)
+        cfg = bench_config(model, shape, batch, mode, modules, True, recompute=r, split=split)
         est = estimate_peak(cfg, shape, 10, n_train=cfg.train_size)
         b = peak_breakdown(cfg, shape, 10)
         by_op = collections.Counter()
@@ -38,10 +38,12 @@ def floor_report(model: str, input_shape, batch: int, mode: str, modules: int,
                      "tensors": [t for t in b["tensors"] if t["mib"] >= 0.5]})
     res = {"benchmark": "floor", "edgetrain_version": __version__, "model": model,
            "input_shape": list(shape), "batch_size": batch, "mode": mode, "modules": modules,
+           "split": split,
            "estimated_e2e_peak_mib": round(e2e_mib, 1), "rows": rows,
            "method": "estimate_peak / peak_breakdown: the product's step on the meta device "
                      "under a dispatch mode that tracks every live storage (no compute)"}
-    stem = f"floor_{model}_{'x'.join(map(str, shape))}_b{batch}_{mode}-K{modules}"
+    stem = (f"floor_{model}_{'x'.join(map(str, shape))}_b{batch}_{mode}-K{modules}"
+            + ("" if split == "depth" else f"-split-{split}"))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / f"{stem}.json", res)
     atomic_write_text(out_dir / f"{stem}.md", format_floor(res))
@@ -51,7 +53,8 @@ def floor_report(model: str, input_shape, batch: int, mode: str, modules: int,
 
 def format_floor(res: dict) -> str:
     lines = [f"# Floor analysis: {res['model']} {'x'.join(map(str, res['input_shape']))} "
-             f"batch {res['batch_size']}, {res['mode']} K={res['modules']}", "",
+             f"batch {res['batch_size']}, {res['mode']} K={res['modules']}, "
+             f"--split {res.get('split', 'depth')}", "",
              f"Estimated e2e peak: {res['estimated_e2e_peak_mib']} MiB. {res['method']}.", "",
              "| recompute | estimated peak MiB | saved vs e2e | heaviest module | its step peak MiB |",
              "|---|---:|---:|---:|---:|"]
