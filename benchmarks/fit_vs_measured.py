@@ -17,9 +17,12 @@ from edgetrain.bench.fit_vs_measured import HEADER, bench_fit_vs_measured
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the completed rows of the existing result; run only the missing ones")
     args = ap.parse_args()
     print(HEADER, flush=True)
-    res = bench_fit_vs_measured(out_dir=args.out, log=lambda line: print(line, flush=True))
+    res = bench_fit_vs_measured(out_dir=args.out, log=lambda line: print(line, flush=True),
+                                keep=args.keep)
     print(f"all within budget: {res['all_within_budget']}  ({res['json_path']}, {res['md_path']})")
 
 

@@ -279,3 +279,28 @@ def test_one_file_system_counts_the_pack_and_the_caches_against_one_free_space(
     assert (packed.mode, packed.modules, packed.batch_size) == (cfg.mode, cfg.modules,
                                                                  cfg.batch_size)
     assert cfg.extra["fit"]["written_bytes"] == packed.extra["fit"]["written_bytes"] + pack
+
+
+def test_fit_vs_measured_keep_runs_only_the_missing_rows(tmp_path, monkeypatch):
+    """`benchmarks/fit_vs_measured.py --keep`: completed rows of the existing result stay (with
+    the date each was measured), only the missing (profile, model) pairs run."""
+    import json as _json
+
+    from edgetrain.bench import fit_vs_measured as fvm
+    row = {"profile": "cpu-2gb", "model": "resnet56", "input": "3x64x64", "budget_mib": 1792.0,
+           "completed": True, "plan": None, "predicted_process_mib": 1.0,
+           "planned_needed_mib": 2.0, "measured_peak_rss_mib": 1.0, "within_budget": True,
+           "ratio_measured_to_predicted": 1.0, "wall_s": 1.0, "load_before": [0.0],
+           "load_after": [0.0], "error": None, "measured_at": "earlier"}
+    (tmp_path / "fit_vs_measured.json").write_text(_json.dumps({"rows": [row]}))
+    ran = []
+
+    def fake(profile, model, shape, tmp, env, timeout_s):
+        ran.append((profile, model))
+        return {**row, "profile": profile, "model": model}
+    monkeypatch.setattr(fvm, "measure_row", fake)
+    res = fvm.bench_fit_vs_measured(profiles=("cpu-2gb",), models=fvm.MODELS, out_dir=tmp_path,
+                                    keep=True)
+    assert ran == [("cpu-2gb", "resnet110")]
+    assert [r["model"] for r in res["rows"]] == ["resnet56", "resnet110"]
+    assert "resnet56: earlier" in (tmp_path / "fit_vs_measured.md").read_text()

@@ -97,18 +97,30 @@ def measure_row(profile: str, model: str, shape: str, tmp: Path, env: dict,
 
 
 def bench_fit_vs_measured(profiles=PROFILES, models=MODELS, out_dir: Path = Path("benchmarks/results"),
-                          timeout_s: float = 3600, log: Callable[[str], None] | None = None) -> dict:
+                          timeout_s: float = 3600, log: Callable[[str], None] | None = None,
+                          keep: bool = False) -> dict:
     """Run every (profile, model) `--fit` row, one at a time; write JSON and Markdown.
+
+    `keep`: start from the rows of the existing fit_vs_measured.json and run only the
+    (profile, model) pairs it lacks (every row carries the date it was measured).
 
     Returns:
         The result dict, with `json_path` and `md_path`.
     """
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    rows, todo = [], len(profiles) * len(models)
+    old = Path(out_dir) / "fit_vs_measured.json"
+    rows = [r for r in json.loads(old.read_text())["rows"] if r.get("completed")] \
+        if keep and old.is_file() else []
+    done = {(r["profile"], r["model"]) for r in rows}
+    todo = len(profiles) * len(models)
+    result = _result(rows, todo)
     with tempfile.TemporaryDirectory(prefix="edgetrain-fit-") as tmp:
         for profile in profiles:
             for model, shape in models:
+                if (profile, model) in done:
+                    continue
                 rows.append(measure_row(profile, model, shape, Path(tmp), env, timeout_s))
+                rows[-1]["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                 if log:
                     log(format_row(rows[-1]))
                 result = _result(rows, todo)  # written after every row: a stopped run keeps them
@@ -161,6 +173,9 @@ def format_markdown(result: dict) -> str:
              "other engineers' jobs while this ran (load averages per row): wall times are not "
              "device speeds.", "", HEADER, "|" + "---|" * 12]
     lines += [format_row(r) for r in result["rows"]]
+    lines += ["", "When each row was measured:"] + [
+        f"- {r['profile']} {r['model']}: {r.get('measured_at', result['date'])}"
+        for r in result["rows"]]
     missing = result.get("rows_planned", len(result["rows"])) - len(result["rows"])
     lines += ["", f"All completed within the profile's budget: "
                   f"{'yes' if result['all_within_budget'] else 'no'}"
