@@ -169,9 +169,8 @@ def format_markdown(result: dict) -> str:
              f"running `edgetrain train --fit --device-profile NAME --data synthetic --input "
              f"CxHxW --synthetic-size {SAMPLES} --model M --epochs 1` (plan, then train with the "
              "budget guard on). Measured: " + result["measured"] + ". Profiles are emulated on "
-             "this x86_64 machine: their budgets, not their CPUs. The machine was shared with "
-             "other engineers' jobs while this ran (load averages per row): wall times are not "
-             "device speeds.", "", HEADER, "|" + "---|" * 12]
+             "this x86_64 machine: their budgets, not their CPUs. Wall times are this machine's "
+             "(load averages per row), not device speeds.", "", HEADER, "|" + "---|" * 12]
     lines += [format_row(r) for r in result["rows"]]
     lines += ["", "When each row was measured:"] + [
         f"- {r['profile']} {r['model']}: {r.get('measured_at', result['date'])}"
