@@ -91,7 +91,7 @@ def test_given_recompute_is_kept(fake, given):
 
 
 # --------------------------------------------------------------------------- real estimator
-REAL = RunConfig(data="synthetic", input_shape=(3, 32, 32), model="resnet8", width=8,
+REAL = RunConfig(data="synthetic", input_shape=(3, 32, 32), model="resnet20", width=8,
                  mode="e2e", modules=1, batch_size=32, epochs=1)
 REAL_FIXED = {"mode", "batch_size"}  # keeps the search to one candidate per setting
 
