@@ -373,16 +373,15 @@ def _channel_stats(train: Split, n: int, chunk: int = 256) -> tuple[list[float],
     """Per-channel mean and std of the first `n` training rows, read `chunk` rows at a time
     (sums in float64): a bounded memory, whatever the image size (a 4,096-row float copy of
     3x224x224 images would be 2.4 GB)."""
-    c = train.rows(torch.arange(min(n, 1))).shape[1]
     if n < 2:  # no spread to measure (an empty train split is refused by check_splits)
+        c = train.rows(torch.arange(n)).shape[1]
         return [0.0] * c, [1.0] * c
-    s1 = torch.zeros(c, dtype=torch.float64)
-    s2 = torch.zeros(c, dtype=torch.float64)
+    s1 = s2 = 0.0
     for a in range(0, n, chunk):
         x = train.rows(torch.arange(a, min(n, a + chunk))).to(torch.float64) / 255.0
-        s1 += x.sum(dim=(0, 2, 3))
-        s2 += x.square().sum(dim=(0, 2, 3))
-        m = n * x.shape[2] * x.shape[3]
+        s1 = s1 + x.sum(dim=(0, 2, 3))
+        s2 = s2 + x.square().sum(dim=(0, 2, 3))
+    m = n * x.shape[2] * x.shape[3]
     mean = s1 / m
     std = ((s2 - m * mean * mean) / (m - 1)).clamp_min(0).sqrt().clamp_min(1e-3)
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
