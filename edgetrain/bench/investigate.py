@@ -36,8 +36,9 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
     (64*4*4 = 1,024 numbers) half its weight: per-sample scaling differs from per-element
     scaling only in how it weighs feature maps of different sizes;
     `e2e-long`: e2e with `E2E_LONG` times the compute-matched epochs (is e2e's accuracy
-    limited by its budget?); `vangl-lr`: VanGL at TRGL's tuned lr (does TRGL's edge come
-    from the transport term or from its smaller lr?)."""
+    limited by its budget?); `vangl-lr`: VanGL at TRGL's tuned lr, at both of t13-digits'
+    sizes and with all its seeds (does TRGL's edge come from the transport term or from its
+    smaller lr?)."""
     t13 = part_grid("t13", "digits", tuned)
     over = {**TUNED, **(tuned or {})}.get(t13.name, {})
     parts = []
@@ -64,8 +65,8 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
     van = dict(over.get("parallel-vangl", {}), lr=trgl.get("lr", t13.base["lr"]))
     parts.append(dataclasses.replace(
         t13, name="investigate-vangl-lr", arms=["parallel-vangl"],
-        datasets={"digits": {INV_SIZE: t13.datasets["digits"][INV_SIZE]}},
-        seeds=list(INV_SEEDS), arm_overrides={"parallel-vangl": van},
+        datasets={"digits": dict(t13.datasets["digits"])}, seeds=list(t13.seeds),
+        arm_overrides={"parallel-vangl": van},
         notes="t13-digits VanGL at TRGL's learning rate"))
     parts = [parts[i] for i in (0, 2, 4, 3, 1)]  # the 40-module runs, the longest, last
     return GridSet(name="investigate", parts=parts, runner=run_traced,
@@ -95,11 +96,12 @@ def _plt():
     return plt
 
 
-def plot_transport_vs_ce(res: dict, n: int, path: Path) -> Path | None:
+def plot_transport_vs_ce(res: dict, n: int, path: Path, mode: str = "parallel") -> Path | None:
     """Per module, over training (mean over seeds): TRGL's cross-entropy and its transport
     term W / (2 tau_k), and VanGL's cross-entropy and (unpenalised) W / (2 tau_k) at TRGL's
-    tau, for a few modules; right: the end-of-training values for every module."""
-    trgl, van = _runs(res, "parallel-trgl", n), _runs(res, "parallel-vangl", n)
+    tau, for a few modules; right: the end-of-training values for every module. `mode`:
+    the regime whose arms are drawn (parallel, sequential or multilap)."""
+    trgl, van = _runs(res, f"{mode}-trgl", n), _runs(res, f"{mode}-vangl", n)
     if not trgl or not van:
         return None
     plt = _plt()
@@ -114,8 +116,9 @@ def plot_transport_vs_ce(res: dict, n: int, path: Path) -> Path | None:
         a1.plot(range(1, len(w) + 1), [v / (2 * taus[k]) for v in w], "--", color=color,
                 label=f"module {k + 1} W/2tau")
     a1.set_yscale("log")
-    a1.set_xlabel("epoch")
-    a1.set_title(f"TRGL, n={n}: CE (solid) vs transport term (dashed)", fontsize=9)
+    a1.set_xlabel("epoch of the module")
+    part = res["grid"]["name"].removeprefix("paper-cpu-")
+    a1.set_title(f"{part} {mode} TRGL, n={n}: CE (solid) vs transport term (dashed)", fontsize=9)
     a1.legend(fontsize=6, ncol=2)
     xs = list(range(1, K + 1))
     for runs, kind, color in ((trgl, "TRGL", "tab:red"), (van, "VanGL", "tab:blue")):
@@ -213,9 +216,12 @@ def write_investigation(out_dir: Path) -> list[Path]:
              ("t13-digits", "t12-digits", "t13-fashion-mnist", "t12-fashion-mnist")}
     t13 = parts["t13-digits"]
     paths = []
-    for n in (150, 600):
-        p = plot_transport_vs_ce(t13, n, out_dir / f"investigate-paper-cpu-transport-n{n}.png")
-        paths += [p] if p else []
+    for name, res in parts.items():
+        for n in sorted({r["train_size"] for r in (res or {}).get("runs", [])}):
+            mode = "parallel" if name.startswith("t13") else "sequential"
+            p = plot_transport_vs_ce(
+                res, n, out_dir / f"investigate-paper-cpu-transport-{name}-n{n}.png", mode)
+            paths += [p] if p else []
     for p in (plot_residues(parts, out_dir / "investigate-paper-cpu-residues.png"),
               plot_modules_and_sizes(out_dir, t13, out_dir / "investigate-paper-cpu-modules.png")):
         paths += [p] if p else []

@@ -192,14 +192,16 @@ def _part_section(name: str, res: dict) -> list[str]:
              "Train CE: the last module's training cross-entropy over the last 10% of the "
              "epochs, and its ratio to the CE over 70-80% of the epochs (near 1: the loss has "
              "plateaued; well below 1: still falling; the cosine schedule ends at lr 0), mean "
-             "over seeds.", "",
+             "over seeds; train acc.: its training accuracy (augmented batches) over the last 10% "
+             "of the epochs, in %.", "",
              "| size | arm | seeds | last (ours) | best depth (ours) | depths chosen | "
-             "train CE (last 10%, ratio to 70-80%) | mean run time (s) |",
-             "|---:|---|---:|---:|---:|---|---:|---:|"]
+             "train CE (last 10%, ratio to 70-80%) | train acc. (last 10%) | mean run time (s) |",
+             "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
     for (n, a), c in sorted(cells.items(), key=lambda kv: (kv[0][0], g["arms"].index(kv[0][1]))):
         lines.append(f"| {n} | {a} | {c['n_seeds']} | {_fmt(c['last_test_acc'])} | "
                      f"{_fmt(c['best_test_acc'])} | {c['best_depths']} | "
-                     f"{_plateau(res['runs'], n, a)} | {c['run_s']['mean']:.0f} |")
+                     f"{_plateau(res['runs'], n, a)} | {_pct(_last_tenth(res['runs'], n, a, 'train_acc', 100))} | "
+                     f"{c['run_s']['mean']:.0f} |")
     lines += ["", f"Paper, {paper['table']}, last block:", "",
               "| size | " + " | ".join(g["arms"]) + " |",
               "|---:|" + "---:|" * len(g["arms"])]
@@ -210,15 +212,27 @@ def _part_section(name: str, res: dict) -> list[str]:
 
 
 def _plateau(runs: list[dict], n: int, arm: str) -> str:
-    curves = [r["modules"][-1]["curve"]["ce"] for r in runs
+    last = _last_tenth(runs, n, arm, "ce")
+    before = _last_tenth(runs, n, arm, "ce", window=(0.7, 0.8))
+    return "—" if last != last else f"{last:.3f} ({last / before:.2f})"
+
+
+def _pct(v: float) -> str:
+    return "—" if v != v else f"{v:.2f}"
+
+
+def _last_tenth(runs: list[dict], n: int, arm: str, key: str, scale: float = 1.0,
+                window: tuple[float, float] = (0.9, 1.0)) -> float:
+    """Mean over seeds of the last module's curve `key` averaged over the `window` fraction
+    of its epochs (NaN when no run has curves)."""
+    curves = [r["modules"][-1]["curve"][key] for r in runs
               if r["train_size"] == n and r["arm"] == arm and "curve" in r["modules"][-1]]
     if not curves:
-        return "—"
-    def window(c, lo, hi):
-        return statistics.fmean(c[int(lo * len(c)):max(int(hi * len(c)), int(lo * len(c)) + 1)])
-    last = statistics.fmean(window(c, 0.9, 1.0) for c in curves)
-    before = statistics.fmean(window(c, 0.7, 0.8) for c in curves)
-    return f"{last:.3f} ({last / before:.2f})"
+        return float("nan")
+    lo, hi = window
+    return scale * statistics.fmean(
+        statistics.fmean(c[int(lo * len(c)):max(int(hi * len(c)), int(lo * len(c)) + 1)])
+        for c in curves)
 
 
 # --------------------------------------------------------------------------- figures
@@ -234,13 +248,28 @@ def _panels(parts: dict[str, dict]) -> list[tuple[str, int, dict]]:
             for n in sorted({r["train_size"] for r in res["runs"]})]
 
 
+def _grid_axes(plt, parts: dict[str, dict], per_panel: int = 1, size=(4.2, 3.2)):
+    """One row per part, one column per (train size, per_panel): {(part, n): [axes]}."""
+    sizes = {name: sorted({r["train_size"] for r in res["runs"]}) for name, res in parts.items()}
+    ncol = per_panel * max(len(v) for v in sizes.values())
+    fig, axes = plt.subplots(len(parts), ncol, squeeze=False,
+                             figsize=(size[0] * ncol, size[1] * len(parts)))
+    out = {}
+    for i, name in enumerate(parts):
+        for j, n in enumerate(sizes[name]):
+            out[(name, n)] = list(axes[i][j * per_panel:(j + 1) * per_panel])
+        for ax in axes[i][len(sizes[name]) * per_panel:]:
+            ax.set_visible(False)
+    return fig, out
+
+
 def plot_modules(parts: dict[str, dict], path: Path) -> Path:
     """Test accuracy after each module, mean and 95% CI band over seeds (Figures 2-3), one
     panel per (part, train size); e2e's last-block mean as a grey line."""
     plt = _plt()
-    panels = _panels(parts)
-    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(4.2 * len(panels), 3.4))
-    for ax, (name, n, res) in zip(axes[0], panels):
+    fig, axes = _grid_axes(plt, parts, size=(4.2, 3.4))
+    for name, n, res in _panels(parts):
+        (ax,) = axes[(name, n)]
         cells = {c["arm"]: c for c in res["cells"] if c["train_size"] == n}
         for arm, c in cells.items():
             if arm == "e2e":
@@ -272,29 +301,37 @@ def _band(ax, stats: list[dict], color: str, ls: str, label: str) -> None:
 
 
 def plot_curves(parts: dict[str, dict], path: Path) -> Path:
-    """Training cross-entropy of the last module against its epochs (mean over seeds): the
-    evidence that the epochs suffice for the training loss to plateau."""
+    """Training cross-entropy (log scale) and training accuracy of the last module against
+    its epochs (mean over seeds), per (part, train size): the evidence of how far the
+    epochs take the training loss (training accuracy on augmented batches)."""
     plt = _plt()
-    panels = _panels(parts)
-    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(4.2 * len(panels), 3.2))
-    for ax, (name, n, res) in zip(axes[0], panels):
+    fig, axes = _grid_axes(plt, parts, per_panel=2, size=(3.6, 3.0))
+    for name, n, res in _panels(parts):
+        ax_ce, ax_acc = axes[(name, n)]
         for arm in res["grid"]["arms"]:
-            curves = [r["modules"][-1]["curve"]["ce"] for r in res["runs"]
-                      if r["train_size"] == n and r["arm"] == arm and "curve" in r["modules"][-1]]
-            if not curves:
+            runs = [r["modules"][-1]["curve"] for r in res["runs"]
+                    if r["train_size"] == n and r["arm"] == arm and "curve" in r["modules"][-1]]
+            if not runs:
                 continue
-            mean = [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
-            ax.plot(range(1, len(mean) + 1), mean, label=arm)
-        ax.set_yscale("log")
-        ax.set_title(f"{name.removeprefix('paper-cpu-')}, n={n}", fontsize=9)
-        ax.set_xlabel("epoch of the last module", fontsize=8)
-        ax.set_ylabel("train cross-entropy", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+            for ax, key in ((ax_ce, "ce"), (ax_acc, "train_acc")):
+                mean = _mean_curve([c[key] for c in runs])
+                ax.plot(range(1, len(mean) + 1), mean, label=arm)
+        title = f"{name.removeprefix('paper-cpu-')}, n={n}"
+        ax_ce.set_yscale("log")
+        for ax, what in ((ax_ce, "train cross-entropy"), (ax_acc, "train accuracy")):
+            ax.set_title(f"{title}: {what}", fontsize=8)
+            ax.set_xlabel("epoch of the last module", fontsize=8)
+            ax.set_ylabel(what, fontsize=8)
+            ax.tick_params(labelsize=7)
+        ax_acc.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    return [statistics.fmean(c[i] for c in curves) for i in range(min(map(len, curves)))]
 
 
 # --------------------------------------------------------------------------- tuning
