@@ -280,6 +280,30 @@ def test_paper_cpu_tuning_chooses_on_validation_and_stores_no_test(tmp_path):
     assert len(again["runs"]) == n and again["best"] == t["best"]
 
 
+def test_paper_cpu_tuning_scores_a_diverged_setting_zero_and_goes_on(tmp_path):
+    """A tau small enough to blow the loss up is a result of the sweep, not the end of it."""
+    from edgetrain.bench import paper_cpu as pc
+    from edgetrain.bench.paper_cpu_report import write_tuning_report
+    from edgetrain.method.loop import NonFiniteLoss
+
+    def runner(cfg):
+        if cfg.transport and cfg.tau == 0.01:
+            raise NonFiniteLoss("parallel: non-finite loss (inf) at step 6")
+        return _fake_runner(cfg)
+
+    g = _paper_parts()["t13-digits"]
+    t = pc.tune_part(g, 150, tmp_path / "accuracy-paper-cpu-tuning-t13-digits.json",
+                     seeds=[100, 101], runner=runner)
+    bad = [r for r in t["runs"] if "diverged" in r]
+    assert len(bad) == 2 and {r["overrides"]["tau"] for r in bad} == {0.01}
+    assert all(r["last_val_acc"] == 0.0 for r in bad)
+    assert t["best"]["parallel-trgl"] == {"lr": 0.05, "tau": 10.0}
+    write_tuning_report(tmp_path)
+    row = [l for l in (tmp_path / "accuracy-paper-cpu-tuning.md").read_text().splitlines()
+           if '"tau": 0.01' in l]
+    assert len(row) == 1 and row[0].rstrip(" |").endswith("2")
+
+
 def test_paper_cpu_gridset_runs_and_reports(tmp_path):
     """A tiny GridSet through run_traced: per-part JSON with curves and residue energies,
     then the combined page with a verdict per claim."""

@@ -26,6 +26,22 @@ def test_train_then_eval_through_cli_runner(tmp_path):
         [mm["test_acc"] for mm in m["modules"]], abs=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_metrics_keep_every_epoch_and_tau_only_with_transport(tmp_path, mode):
+    """metrics.json's modules carry their per-epoch history (resident and out-of-core
+    regimes alike) and a tau only when the transport penalty trained them."""
+    for name, extra in (("trgl", []), ("vangl", ["--no-transport"])):
+        out = tmp_path / name
+        r = CliRunner().invoke(cli, ["train", *TINY, "--mode", mode, *extra, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        m = json.loads((out / "metrics.json").read_text())
+        for mm in m["modules"]:
+            assert [h["epoch"] for h in mm["history"]] == [0, 1]
+            assert mm["history"][-1]["train_loss"] == mm["train_loss"]
+            assert 0 <= mm["history"][0]["train_acc"] <= 1
+            assert (mm["tau"] is None) == (name == "vangl")
+
+
 def test_installed_script_runs_in_a_subprocess(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "edgetrain")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "edgetrain.cli"]

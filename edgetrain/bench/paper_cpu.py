@@ -68,6 +68,7 @@ import torch
 
 from edgetrain.bench.accuracy import AccuracyGrid, run_config, torch_threads
 from edgetrain.errors import UserError
+from edgetrain.method.loop import NonFiniteLoss
 from edgetrain.regimes.resident import REGIMES
 from edgetrain.regimes.run import build_run, evaluate, load_run, run_metrics
 from edgetrain.regimes.schedule import train
@@ -246,7 +247,8 @@ def tune_part(grid: AccuracyGrid, size: int, json_path: Path, *, seeds: list[int
     (sequential) instead of a sweep of their own; TRGL arms in `LR_FROM` take their VanGL
     arm's lr and sweep tau only. A value is scored by the last module's validation accuracy (the tables' metric; ties
     go to the best-depth validation accuracy), mean over `seeds`. Only validation
-    accuracies are stored; nothing is chosen on test. Rewrites `json_path` after every run
+    accuracies are stored; nothing is chosen on test. A setting that diverges (a non-finite
+    loss) is recorded with its message and scores 0. Rewrites `json_path` after every run
     and skips the runs it already holds (resumable).
 
     Returns:
@@ -319,17 +321,25 @@ def _tune_run(grid, arm, over, size, seed, res, device, runner, json_path, log) 
             return r
     g = dataclasses.replace(grid, arm_overrides={arm: over})
     cfg = run_config(g, only_dataset(grid), size, arm, seed, device)
-    rec = runner(cfg)
-    r = {"arm": arm, "overrides": over, "seed": seed,
-         "val_acc": [m["val_acc"] for m in rec["modules"]],
-         "last_val_acc": rec["modules"][-1]["val_acc"], "best_val_acc": rec["best_val_acc"],
-         "last_ce": [m["curve"]["ce"][-1] for m in rec["modules"]] if "curve" in
-         rec["modules"][0] else None, "run_s": rec["run_s"]}
+    t0 = time.perf_counter()
+    try:
+        rec = runner(cfg)
+    except NonFiniteLoss as e:  # a diverged setting is a result of the sweep: it scores 0
+        r = {"arm": arm, "overrides": over, "seed": seed, "diverged": str(e), "val_acc": None,
+             "last_val_acc": 0.0, "best_val_acc": 0.0, "last_ce": None,
+             "run_s": time.perf_counter() - t0}
+    else:
+        r = {"arm": arm, "overrides": over, "seed": seed,
+             "val_acc": [m["val_acc"] for m in rec["modules"]],
+             "last_val_acc": rec["modules"][-1]["val_acc"], "best_val_acc": rec["best_val_acc"],
+             "last_ce": [m["curve"]["ce"][-1] for m in rec["modules"]] if "curve" in
+             rec["modules"][0] else None, "run_s": rec["run_s"]}
     res["runs"].append(r)
     _write(json_path, res)
     if log:
-        log(f"tune {grid.name} n={size} {arm} {over} seed={seed}: last val "
-            f"{r['last_val_acc']:.4f} best val {r['best_val_acc']:.4f} {r['run_s']:.0f}s")
+        what = (f"diverged ({r['diverged']})" if "diverged" in r else
+                f"last val {r['last_val_acc']:.4f} best val {r['best_val_acc']:.4f}")
+        log(f"tune {grid.name} n={size} {arm} {over} seed={seed}: {what} {r['run_s']:.0f}s")
     return r
 
 

@@ -357,7 +357,8 @@ def sweep_table(t: dict) -> list[dict]:
         groups.setdefault((r["arm"], json.dumps(r["overrides"], sort_keys=True)), []).append(r)
     return [{"arm": a, "overrides": json.loads(o),
              "last_val_acc": mean_ci95([r["last_val_acc"] for r in rs]),
-             "best_val_acc": mean_ci95([r["best_val_acc"] for r in rs]), "n": len(rs)}
+             "best_val_acc": mean_ci95([r["best_val_acc"] for r in rs]), "n": len(rs),
+             "diverged": sum("diverged" in r for r in rs)}
             for (a, o), rs in groups.items()]
 
 
@@ -367,14 +368,16 @@ def tuning_markdown(tunings: list[dict]) -> str:
              "validation accuracy (mean over the tuning seeds, ties by best-depth validation "
              "accuracy). Test accuracy is never read. Values in %, mean ± 95% CI; with 2 "
              "tuning seeds the t quantile is 12.7 and the intervals are wide: most "
-             "differences between neighbouring values are within noise.", ""]
+             "differences between neighbouring values are within noise. A run whose loss "
+             "went non-finite scores 0 (column `diverged`: how many of the seeds).", ""]
     for t in tunings:
         lines += [f"## {t['part']} (train size {t['size']}, {t['epochs']} epochs, seeds "
                   f"{t['seeds']})", "", f"Chosen: `{json.dumps(t['best'], sort_keys=True)}`", "",
-                  "| arm | lr / tau | last-module val | best-depth val |", "|---|---|---:|---:|"]
+                  "| arm | lr / tau | last-module val | best-depth val | diverged |",
+                  "|---|---|---:|---:|---:|"]
         lines += [f"| {r['arm']} | `{json.dumps(r['overrides'], sort_keys=True)}` | "
-                  f"{_fmt(r['last_val_acc'])} | {_fmt(r['best_val_acc'])} |"
-                  for r in sweep_table(t)]
+                  f"{_fmt(r['last_val_acc'])} | {_fmt(r['best_val_acc'])} | "
+                  f"{r['diverged'] or ''} |" for r in sweep_table(t)]
         lines.append("")
     return "\n".join(lines)
 

@@ -120,8 +120,10 @@ class Trainer:
     scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA: the optimizer's loss scaler
 
     def record(self) -> dict:
-        """What metrics.json keeps of the training: history, tau, step, blocks."""
-        return {"history": self.history, "tau": self.weighting.effective_tau,
+        """What metrics.json keeps of the training: history, tau (None when the stage
+        trains without the transport penalty: VanGL, e2e, a head alone), step, blocks."""
+        tau = self.weighting.effective_tau if self.weighting.transport else None
+        return {"history": self.history, "tau": tau,
                 "step": self.step, "blocks": len(self.stage.blocks)}
 
     def set_lr(self) -> None:

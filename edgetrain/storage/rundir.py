@@ -142,12 +142,18 @@ def module_entry(index: int, record: dict, evals: dict, **extra) -> dict:
             (`Trainer.record()`, or the summary an out-of-core run keeps in state.json).
         evals: val_acc, val_loss, test_acc, test_loss.
         extra: more keys (a distributed run adds the rank).
+
+    `train_loss` / `transport` are the last epoch's; `history` keeps every epoch's
+    (epoch, train_loss, train_acc, transport: the mean W of the module's residues, measured
+    with the penalty off too; step_s). `tau` is None when the module trained without the
+    transport penalty.
     """
     last = record["history"][-1] if record["history"] else {}
     return {"index": index, **evals, "train_loss": last.get("train_loss"),
             "transport": last.get("transport"), "tau": record["tau"],
             "epochs": len(record["history"]), "steps": record["step"],
-            "blocks": record["blocks"], **extra}
+            "blocks": record["blocks"], "history": [dict(h) for h in record["history"]],
+            **extra}
 
 
 def metrics_record(mode: str, bounds: list[int], modules: list[dict], *, max_resident: int,
