@@ -330,6 +330,16 @@ def test_paper_cpu_gridset_runs_and_reports(tmp_path):
         "shown", "not", "contradicted"}
     md = (tmp_path / "accuracy-paper-cpu.md").read_text()
     assert "81.84" in md and "45.67" in md  # the paper's numbers beside ours
+    # the investigation's figures and tables from the same results, for every part
+    from edgetrain.bench.investigate import write_investigation
+    names = {p.name for p in write_investigation(tmp_path)}
+    assert {"investigate-paper-cpu-transport-t13-digits-n100.png",
+            "investigate-paper-cpu-transport-t12-digits-n100.png",
+            "investigate-paper-cpu-tables.md"} <= names, names
+    tables = (tmp_path / "investigate-paper-cpu-tables.md").read_text()
+    for row in ("| t13-digits | 100 | parallel-vangl |", "| t12-digits | 100 | sequential-trgl |",
+                "| t13-digits | 100 | parallel |", "| t12-digits | 100 | sequential |"):
+        assert row in tables
 
 
 def test_verdicts_read_the_interval():
