@@ -26,13 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--figures-only", action="store_true")
+    ap.add_argument("--part", action="append", default=[],
+                    help="only this run, e.g. k40 (repeatable; default: all, in order)")
     a = ap.parse_args(argv)
     out = Path(a.out_dir)
     try:
         if not a.figures_only:
             tuning = out / "accuracy-paper-cpu-tuning-t13-digits.json"
             tuned = tuned_overrides(json.loads(tuning.read_text())) if tuning.is_file() else None
-            run_benchmark(investigation_gridset(tuned), out, device="cpu", threads=a.threads,
+            gs = investigation_gridset(tuned)
+            gs.parts = [p for p in gs.parts
+                        if not a.part or p.name.removeprefix("investigate-") in a.part]
+            if not gs.parts:
+                raise UserError(f"no investigation part among {a.part}")
+            run_benchmark(gs, out, device="cpu", threads=a.threads,
                           log=lambda s: print(s, flush=True))
         for p in write_investigation(out):
             print(f"wrote {p}", flush=True)

@@ -39,7 +39,9 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
     `e2e-long`: e2e with `E2E_LONG` times the compute-matched epochs (is e2e's accuracy
     limited by its budget?); `vangl-lr`: VanGL at TRGL's tuned lr, at both of t13-digits'
     sizes and with all its seeds (does TRGL's edge come from the transport term or from its
-    smaller lr?)."""
+    smaller lr?); `init`: VanGL and TRGL (same lr) with PyTorch's default initialisation
+    instead of the orthogonal gain 0.05 that starts every block at the identity (do later
+    modules degrade when the blocks start far from the identity?)."""
     t13 = part_grid("t13", "digits", tuned)
     over = {**TUNED, **(tuned or {})}.get(t13.name, {})
     parts = []
@@ -69,7 +71,15 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
         datasets={"digits": dict(t13.datasets["digits"])}, seeds=list(t13.seeds),
         arm_overrides={"parallel-vangl": van},
         notes="t13-digits VanGL at TRGL's learning rate"))
-    parts = [parts[i] for i in (0, 2, 4, 3, 1)]  # the 40-module runs, the longest, last
+    parts.append(dataclasses.replace(
+        t13, name="investigate-init", arms=["parallel-vangl", "parallel-trgl"],
+        datasets={"digits": {INV_SIZE: t13.datasets["digits"][INV_SIZE]}},
+        seeds=list(INV_SEEDS), base={**t13.base, "init_gain": None},
+        arm_overrides={"parallel-vangl": van, "parallel-trgl": dict(over.get("parallel-trgl", {}))},
+        notes="t13-digits with PyTorch's default init (blocks far from the identity), "
+              "VanGL and TRGL at the same lr"))
+    # the 40-module runs, the longest, next to last; the init runs (added last) after them
+    parts = [parts[i] for i in (0, 2, 4, 3, 1, 5)]
     return GridSet(name="investigate", parts=parts, runner=run_traced,
                    report=lambda res, prefix, plots: write_investigation(Path(prefix).parent))
 
@@ -175,12 +185,15 @@ def plot_residues(parts: dict[str, dict], path: Path) -> Path | None:
 
 def plot_modules_and_sizes(out_dir: Path, t13: dict | None, path: Path) -> Path | None:
     """Per-module test accuracy (mean, 95% CI) of parallel VanGL / TRGL with K = 10, 20, 40
-    one-block modules at 150 samples, and with K = 20 at 150 and 600 samples."""
+    one-block modules at 150 samples, with K = 20 at 150 and 600 samples, and with the
+    default init (`investigate-init`)."""
     series = []
     for k, res in ((10, _load(out_dir, "investigate-k10")), (20, t13),
                    (40, _load(out_dir, "investigate-k40"))):
         series.append((f"K={k}, n={INV_SIZE}", res, INV_SIZE))
     series.append(("K=20, n=600", t13, 600))
+    series.append((f"K=20, n={INV_SIZE}, default init, same lr",
+                   _load(out_dir, "investigate-init"), INV_SIZE))
     series = [s for s in series if _runs(s[1], "parallel-trgl", s[2])]
     if not series:
         return None
@@ -378,6 +391,23 @@ def tables_markdown(out_dir: Path, parts: dict[str, dict | None]) -> str:
         st = [_paired(trgl, van2, f) for f in (_module1, _last, _best)]
         L.append(f"| {n} | {st[0]['n']} | " + " | ".join(_pp(x) for x in st)
                  + f" | {_pp(_paired(van2, van5, _last))} |")
+    init = _load(out_dir, "investigate-init")
+    van, trgl = _runs(init, "parallel-vangl", INV_SIZE), _runs(init, "parallel-trgl", INV_SIZE)
+    if van and trgl:
+        L += ["", "## 6. Blocks far from the identity (PyTorch's default init, same lr; digits, "
+              f"{INV_SIZE} samples, parallel, 20 modules)", "",
+              "| arm | seeds | module 1 | peak module (mean) | last | best - last (pp) |",
+              "|---|---:|---:|---:|---:|---:|"]
+        for arm, rs in (("parallel-vangl", van), ("parallel-trgl", trgl)):
+            per = [statistics.fmean(r["modules"][k]["test_acc"] for r in rs)
+                   for k in range(len(rs[0]["modules"]))]
+            L.append(f"| {arm} | {len(rs)} | {_acc(mean_ci95([_module1(r) for r in rs]))} | "
+                     f"{100 * max(per):.2f} (module {per.index(max(per)) + 1}) | "
+                     f"{_acc(mean_ci95([_last(r) for r in rs]))} | "
+                     f"{_pp(mean_ci95([_drop(r) for r in rs]))} |")
+        L += ["", "TRGL - VanGL (pp): module 1 " + _pp(_paired(trgl, van, _module1)) + ", last "
+              + _pp(_paired(trgl, van, _last)) + ", best depth " + _pp(_paired(trgl, van, _best))
+              + "; VanGL drop - TRGL drop " + _pp(_paired(van, trgl, _drop)) + "."]
     return "\n".join(L + [""])
 
 
