@@ -280,15 +280,18 @@ def test_paper_cpu_tuning_chooses_on_validation_and_stores_no_test(tmp_path):
     assert len(again["runs"]) == n and again["best"] == t["best"]
 
 
-def test_paper_cpu_tuning_scores_a_diverged_setting_zero_and_goes_on(tmp_path):
-    """A tau small enough to blow the loss up is a result of the sweep, not the end of it."""
+@pytest.mark.parametrize("failure", ["loss", "cache"])
+def test_paper_cpu_tuning_scores_a_diverged_setting_zero_and_goes_on(tmp_path, failure):
+    """A tau small enough to blow the loss (or the activations, beyond the float16 cache's
+    range) up is a result of the sweep, not the end of it."""
     from edgetrain.bench import paper_cpu as pc
     from edgetrain.bench.paper_cpu_report import write_tuning_report
     from edgetrain.method.loop import NonFiniteLoss
+    from edgetrain.storage.cache import CacheOverflow
 
     def runner(cfg):
         if cfg.transport and cfg.tau == 0.01:
-            raise NonFiniteLoss("parallel: non-finite loss (inf) at step 6")
+            raise (NonFiniteLoss if failure == "loss" else CacheOverflow)("blew up")
         return _fake_runner(cfg)
 
     g = _paper_parts()["t13-digits"]

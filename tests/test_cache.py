@@ -39,6 +39,19 @@ def test_low_precision_storage_returns_the_rounded_values(tmp_path, dtype):
     assert torch.equal(got, x.to(getattr(torch, dtype)).float())
 
 
+def test_float16_overflow_is_refused_not_stored_as_infinity(tmp_path):
+    """Finite activations beyond float16's range would be stored as inf and turn the next
+    module's loss into NaN; the writer refuses them with one line naming the way out."""
+    from edgetrain.storage.cache import CacheOverflow
+    x = torch.randn(20, 5)
+    x[13, 2] = 1e6
+    with pytest.raises(CacheOverflow, match="1e\\+06.*--cache-dtype bfloat16"):
+        _write(tmp_path, x, dtype="float16")
+    _write(tmp_path, x, dtype="bfloat16")  # bfloat16 holds the range
+    x[13, 2] = float("inf")  # already infinite: stored as it is (the loss check reports it)
+    _write(tmp_path, x, dtype="float16")
+
+
 def test_batches_follow_the_raw_order_for_a_seed_and_views_rotate(tmp_path):
     n, views = 30, 2
     x = torch.arange(n * views, dtype=torch.float32).view(-1, 1)  # row value = row number
@@ -117,3 +130,22 @@ def test_prefetch_stays_within_its_bound_and_passes_errors():
             out.append(it)
     assert out == list(range(20))
     assert max(ahead) <= 3 + 2  # queue bound + the one being put + the one being consumed
+
+
+def test_a_sequential_run_whose_activations_overflow_float16_stops_with_one_line(
+        tmp_path, monkeypatch):
+    """Module 1's outputs beyond float16's range: the run stops at the cache write, exit 2,
+    one line naming the module and --cache-dtype (before: NaN at module 2's first step)."""
+    from click.testing import CliRunner
+    from edgetrain.cli import cli
+    from edgetrain.method.stage import Stage
+    features = Stage.features
+    monkeypatch.setattr(Stage, "features", lambda self, x: features(self, x) * 1e6)
+    r = CliRunner().invoke(cli, ["train", "--data", "digits", "--train-size", "200", "--model",
+                                 "kmresnet", "--width", "4", "--depth", "2", "--modules", "2",
+                                 "--epochs", "1", "--mode", "sequential", "--no-progress",
+                                 "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2, r.output
+    (line,) = [l for l in r.output.splitlines() if l.strip()]
+    assert "module 1's outputs (the train activation cache of module 2)" in line and "--cache-dtype bfloat16" in line
+    assert (tmp_path / "run" / "modules" / "00.safetensors").is_file()  # module 1 kept

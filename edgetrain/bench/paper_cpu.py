@@ -69,6 +69,7 @@ import torch
 from edgetrain.bench.accuracy import AccuracyGrid, run_config, torch_threads
 from edgetrain.errors import UserError
 from edgetrain.method.loop import NonFiniteLoss
+from edgetrain.storage.cache import CacheOverflow
 from edgetrain.regimes.resident import REGIMES
 from edgetrain.regimes.run import build_run, evaluate, load_run, run_metrics
 from edgetrain.regimes.schedule import train
@@ -248,7 +249,8 @@ def tune_part(grid: AccuracyGrid, size: int, json_path: Path, *, seeds: list[int
     arm's lr and sweep tau only. A value is scored by the last module's validation accuracy (the tables' metric; ties
     go to the best-depth validation accuracy), mean over `seeds`. Only validation
     accuracies are stored; nothing is chosen on test. A setting that diverges (a non-finite
-    loss) is recorded with its message and scores 0. Rewrites `json_path` after every run
+    loss, or activations beyond the float16 cache's range) is recorded with its message and
+    scores 0. Rewrites `json_path` after every run
     and skips the runs it already holds (resumable).
 
     Returns:
@@ -324,7 +326,7 @@ def _tune_run(grid, arm, over, size, seed, res, device, runner, json_path, log) 
     t0 = time.perf_counter()
     try:
         rec = runner(cfg)
-    except NonFiniteLoss as e:  # a diverged setting is a result of the sweep: it scores 0
+    except (NonFiniteLoss, CacheOverflow) as e:  # a diverged setting is a result: it scores 0
         r = {"arm": arm, "overrides": over, "seed": seed, "diverged": str(e), "val_acc": None,
              "last_val_acc": 0.0, "best_val_acc": 0.0, "last_ce": None,
              "run_s": time.perf_counter() - t0}

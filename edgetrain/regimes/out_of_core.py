@@ -43,9 +43,9 @@ from edgetrain.method.loop import (Interrupted, NonFiniteLoss, Trainer, evaluate
 from edgetrain.method.precision import autocast, compute_input
 from edgetrain.regimes.run import Run, run_metrics, stopped
 from edgetrain.storage.atomic import atomic_write_json
-from edgetrain.storage.cache import (CacheInvalid, CacheReader, CacheSource, CacheWriter,
-                                     check_free_space, digest, planned_bytes, remove_cache,
-                                     sequential_rows)
+from edgetrain.storage.cache import (CacheInvalid, CacheOverflow, CacheReader, CacheSource,
+                                     CacheWriter, check_free_space, digest, planned_bytes,
+                                     remove_cache, sequential_rows)
 from edgetrain.storage.modules import ModuleStore
 from edgetrain.storage.rundir import (STATE, config_hash, remove_temporaries, rng_state,
                                       set_rng_state)
@@ -203,7 +203,12 @@ class OutOfCore:
                 writer = CacheWriter(self.cache_dir(k, split), self.cache_key(k, split),
                                      tuple(z.shape[1:]), self.cfg.cache_dtype, n, views,
                                      shard_bytes=max(MIB, self.prefetch_bytes // 4))
-            writer.add(z)
+            try:
+                writer.add(z)
+            except CacheOverflow as e:
+                raise CacheOverflow(f"module {k}'s outputs (the {split} activation cache of "
+                                    f"module {k + 1}): {e}; "
+                                    f"the trained modules in {self.out} are kept") from None
         writer.close()
 
     def source(self, k: int, split: str, train: bool):

@@ -52,6 +52,11 @@ class CacheInvalid(UserError):
     """A cache that must not be read: missing, incomplete, stale (key) or corrupt."""
 
 
+class CacheOverflow(UserError):
+    """Finite activations that the storage dtype cannot hold (float16 beyond 65,504): stored,
+    they would be infinities and the next module's loss NaN."""
+
+
 def digest(*parts) -> str:
     """sha256 of the JSON of `parts` (the cache key builder)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -136,7 +141,8 @@ def check_cache_dir(directory: Path, flag: str = "--cache-dir") -> None:
 
 
 class CacheWriter:
-    """Appends rows (any float dtype, cast to the storage dtype) and writes shards.
+    """Appends rows (any float dtype, cast to the storage dtype) and writes shards. Finite
+    rows that float16 storage would turn into infinities raise `CacheOverflow`.
 
     Args:
         directory: the cache directory (created; an old manifest there is removed first).
@@ -166,7 +172,13 @@ class CacheWriter:
         """Append a batch of rows (B, *shape) in sample order."""
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"row shape {tuple(x.shape[1:])} != cache shape {self.shape}")
-        x = x.detach().to("cpu", DTYPES[self.dtype]).contiguous()
+        src, x = x, x.detach().to("cpu", DTYPES[self.dtype]).contiguous()
+        if self.dtype == "float16" and not bool(torch.isfinite(x).all()):
+            peak = float(src.detach().abs().max())
+            if math.isfinite(peak):
+                raise CacheOverflow(f"activations reach {peak:.3g}, beyond float16's range "
+                                    "(65,504); the cache would hold infinities: use "
+                                    "--cache-dtype bfloat16 (same size) or float32")
         while len(x):
             take = min(len(x), self.rows_per_shard - self._buffered)
             self._buf.append(x[:take])
