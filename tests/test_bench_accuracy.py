@@ -370,10 +370,14 @@ def test_investigation_runs_vary_one_thing_each():
 def test_paper_cpu_multilap_takes_sequentials_tuned_values(tmp_path):
     from edgetrain.bench import paper_cpu as pc
     g = _paper_parts()["t12-digits"]
-    t = pc.tune_part(g, 300, tmp_path / "t.json", seeds=[100, 101], runner=_fake_runner)
+    t = pc.tune_part(g, 300, tmp_path / "accuracy-paper-cpu-tuning-t12-digits.json",
+                     seeds=[100, 101], runner=_fake_runner)
     assert not [r for r in t["runs"] if r["arm"].startswith("multilap")]
     assert t["best"]["multilap-trgl"] == t["best"]["sequential-trgl"] == {"lr": 0.05, "tau": 10.0}
     assert t["best"]["multilap-vangl"] == t["best"]["sequential-vangl"]
+    # the sweep's page and figure: one panel per arm that swept (multilap once crashed it)
+    from edgetrain.bench.paper_cpu_report import write_tuning_report
+    assert [p.name for p in write_tuning_report(tmp_path)][-1] == "accuracy-paper-cpu-tau-sweep.png"
 
 
 def test_plots_of_an_e2e_only_grid(tmp_path):

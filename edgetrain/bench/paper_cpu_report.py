@@ -387,8 +387,11 @@ def plot_tau_sweep(tunings: list[dict], path: Path) -> Path:
     seed: with 2 seeds a 95% interval is too wide to draw), VanGL at its chosen lr as a
     horizontal line (the paper's Figure 4, on validation)."""
     plt = _plt()
+    # a panel per TRGL arm with a tau sweep of its own (multilap takes sequential's values)
     panels = [(t, m) for t in tunings for m in ("parallel", "sequential", "multilap")
-              if f"{m}-trgl" in t["best"]]
+              if f"{m}-trgl" in t["best"] and any(
+                  r["arm"] == f"{m}-trgl" and r["overrides"].get("lr") == t["best"][f"{m}-trgl"]["lr"]
+                  for r in t["runs"])]
     fig, axes = plt.subplots(1, max(len(panels), 1), squeeze=False,
                              figsize=(4.0 * max(len(panels), 1), 3.2))
     for ax, (t, m) in zip(axes[0], panels):
