@@ -37,6 +37,7 @@ def test_metrics_keep_every_epoch_and_tau_only_with_transport(tmp_path, mode):
         m = json.loads((out / "metrics.json").read_text())
         for mm in m["modules"]:
             assert [h["epoch"] for h in mm["history"]] == [0, 1]
+            assert set(mm["history"][0]) == {"epoch", "train_loss", "train_acc", "transport"}
             assert mm["history"][-1]["train_loss"] == mm["train_loss"]
             assert 0 <= mm["history"][0]["train_acc"] <= 1
             assert (mm["tau"] is None) == (name == "vangl")

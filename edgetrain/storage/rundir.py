@@ -133,6 +133,9 @@ def best_depth(per_module: list[dict]) -> int:
     return accs.index(max(accs)) + 1
 
 
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "transport")
+
+
 def module_entry(index: int, record: dict, evals: dict, **extra) -> dict:
     """One module's entry of metrics.json["modules"].
 
@@ -144,15 +147,15 @@ def module_entry(index: int, record: dict, evals: dict, **extra) -> dict:
         extra: more keys (a distributed run adds the rank).
 
     `train_loss` / `transport` are the last epoch's; `history` keeps every epoch's
-    (epoch, train_loss, train_acc, transport: the mean W of the module's residues, measured
-    with the penalty off too; step_s). `tau` is None when the module trained without the
-    transport penalty.
+    `HISTORY_KEYS` (transport: the mean W of the module's residues, measured with the
+    penalty off too), the figures a fixed seed reproduces bit for bit (the epoch times are
+    in log.jsonl). `tau` is None when the module trained without the transport penalty.
     """
     last = record["history"][-1] if record["history"] else {}
     return {"index": index, **evals, "train_loss": last.get("train_loss"),
             "transport": last.get("transport"), "tau": record["tau"],
             "epochs": len(record["history"]), "steps": record["step"],
-            "blocks": record["blocks"], "history": [dict(h) for h in record["history"]],
+            "blocks": record["blocks"], "history": [{k: h[k] for k in HISTORY_KEYS if k in h} for h in record["history"]],
             **extra}
 
 
