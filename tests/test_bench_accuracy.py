@@ -333,6 +333,9 @@ def test_paper_cpu_gridset_runs_and_reports(tmp_path):
         "shown", "not", "contradicted"}
     md = (tmp_path / "accuracy-paper-cpu.md").read_text()
     assert "81.84" in md and "45.67" in md  # the paper's numbers beside ours
+    glance = md.split("## Verdicts at a glance")[1].split("\n## ")[0]
+    assert "| t13-digits n=100 | t12-digits n=100 |" in glance
+    assert glance.count("\n| parallel TRGL > VanGL, last block |") == 1
     # the investigation's figures and tables from the same results, for every part
     from edgetrain.bench.investigate import write_investigation
     names = {p.name for p in write_investigation(tmp_path)}

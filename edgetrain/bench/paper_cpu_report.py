@@ -164,6 +164,7 @@ def markdown(parts: dict[str, dict], claims: list[dict]) -> str:
              "set and scale, not ours). Settings, compute matching and tuning: "
              "`edgetrain.bench.paper_cpu`; the lr / tau sweeps: accuracy-paper-cpu-tuning.md.",
              ""]
+    lines += verdict_matrix(claims)
     for name, res in parts.items():
         lines += _part_section(name, res)
     lines += ["## Claims: paired differences over seeds (percentage points, 95% CI)", "",
@@ -178,6 +179,35 @@ def markdown(parts: dict[str, dict], claims: list[dict]) -> str:
               f"{_fmt(c['diff'], sign='+')} (n={c['diff']['n']}) | {c['verdict']} |"
               for c in claims]
     return "\n".join(lines + [""])
+
+
+def verdict_matrix(claims: list[dict]) -> list[str]:
+    """The verdicts at a glance: a row per claim, a column per (part, size); each cell the
+    verdict and the paired difference in pp (details in the claims table below)."""
+    if not claims:
+        return []
+    cols = list(dict.fromkeys((c["part"].removeprefix("paper-cpu-"), c["train_size"])
+                              for c in claims))
+    rows: dict[str, dict] = {}
+    for c in claims:
+        rows.setdefault(c["claim"], {})[(c["part"].removeprefix("paper-cpu-"),
+                                         c["train_size"])] = c
+    short = {"shown": "**shown**", "contradicted": "**contradicted**", "not measured": "—"}
+
+    def cell(c):
+        if c is None:
+            return ""
+        v = short.get(c["verdict"], "not shown")
+        return v if c["diff"]["mean"] is None else f"{v} ({_fmt(c['diff'], sign='+')})"
+    out = ["## Verdicts at a glance", "",
+           "A row per claim, a column per part and train size: the verdict and the paired "
+           "difference in percentage points (mean ± 95% CI); the claims table at the end has "
+           "the seeds behind each.", "",
+           "| claim | " + " | ".join(f"{p} n={n}" for p, n in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+    out += [f"| {claim} | " + " | ".join(cell(r.get(col)) for col in cols) + " |"
+            for claim, r in rows.items()]
+    return out + [""]
 
 
 def _part_section(name: str, res: dict) -> list[str]:
