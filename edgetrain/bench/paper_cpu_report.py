@@ -427,19 +427,26 @@ def plot_tau_sweep(tunings: list[dict], path: Path) -> Path:
     for ax, (t, m) in zip(axes[0], panels):
         rows = sweep_table(t)
         lr = t["best"][f"{m}-trgl"]["lr"]
-        pts = sorted((r["overrides"]["tau"], r["last_val_acc"], r["best_val_acc"]) for r in rows
-                     if r["arm"] == f"{m}-trgl" and r["overrides"].get("lr") == lr)
+        mine = [r for r in rows if r["arm"] == f"{m}-trgl" and r["overrides"].get("lr") == lr]
+        pts = sorted((r["overrides"]["tau"], r["last_val_acc"], r["best_val_acc"]) for r in mine
+                     if not r["diverged"])  # a diverged tau is marked, not drawn at 0
+        bad = sorted(r["overrides"]["tau"] for r in mine if r["diverged"])
         for j, (style, lab) in enumerate((("-o", "last module"), ("--s", "best depth"))):
             ax.plot([p[0] for p in pts], [100 * p[1 + j]["mean"] for p in pts], style,
                     color="tab:red", ms=3, label=f"TRGL, {lab} (mean)")
         seeds = [(r["overrides"]["tau"], r["last_val_acc"]) for r in t["runs"]
-                 if r["arm"] == f"{m}-trgl" and r["overrides"].get("lr") == lr]
+                 if r["arm"] == f"{m}-trgl" and r["overrides"].get("lr") == lr
+                 and "diverged" not in r]
         ax.scatter([a for a, _ in seeds], [100 * b for _, b in seeds], s=8, color="tab:red",
                    alpha=0.4, label="TRGL, last module (each seed)")
         van = [r for r in rows if r["arm"] == f"{m}-vangl"
                and r["overrides"].get("lr") == t["best"].get(f"{m}-vangl", {}).get("lr")]
         if van:
             ax.axhline(100 * van[0]["last_val_acc"]["mean"], color="tab:blue", label="VanGL, last")
+        if bad:
+            lo = min([100 * p[1]["mean"] for p in pts] + [100 * b for _, b in seeds] or [0.0])
+            ax.scatter(bad, [lo] * len(bad), marker="x", s=30, color="black",
+                       label="diverged (scored 0)")
         ax.set_xscale("log")
         ax.set_xlabel("tau")
         ax.set_ylabel("validation accuracy (%)")
