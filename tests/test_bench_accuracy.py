@@ -336,6 +336,11 @@ def test_paper_cpu_gridset_runs_and_reports(tmp_path):
     glance = md.split("## Verdicts at a glance")[1].split("\n## ")[0]
     assert "| t13-digits n=100 | t12-digits n=100 |" in glance
     assert glance.count("\n| parallel TRGL > VanGL, last block |") == 1
+    pooled = [c for c in summary["claims"] if c["part"] == "all"]
+    n_pairs = sum(1 for res in (json.loads((tmp_path / f"accuracy-{n}.json").read_text())
+                                for n in ("paper-cpu-t13-digits", "paper-cpu-t12-digits"))
+                  for r in res["runs"] if r["arm"].endswith("-trgl"))
+    assert [c["diff"]["n"] for c in pooled] == [n_pairs, n_pairs]  # every TRGL run, paired
     # the investigation's figures and tables from the same results, for every part
     from edgetrain.bench.investigate import write_investigation
     names = {p.name for p in write_investigation(tmp_path)}

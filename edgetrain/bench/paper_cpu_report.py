@@ -22,7 +22,7 @@ import statistics
 
 from edgetrain.bench.accuracy import GridSet
 from edgetrain.bench.accuracy_report import mean_ci95
-from edgetrain.bench.paper_cpu import PAPER, paper_cpu_parts, run_traced
+from edgetrain.bench.paper_cpu import LR_FROM, PAPER, paper_cpu_parts, run_traced
 from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
 
 COLORS = {"vangl": "tab:blue", "trgl": "tab:red"}
@@ -106,6 +106,44 @@ def same_lr_claims(parts: dict[str, dict], out_dir: Path) -> list[dict]:
     return out
 
 
+def pooled_claims(parts: dict[str, dict], out_dir: Path) -> list[dict]:
+    """TRGL > VanGL and "TRGL degrades less", pooled over every (part, size, regime) at the
+    same lr: the per-seed paired differences of all cells in one interval (t13-digits,
+    tuned at different lrs, enters with `investigate-vangl-lr`'s VanGL). A descriptive
+    summary: the cells differ in variance, so the interval is approximate."""
+    path = Path(out_dir) / "accuracy-investigate-vangl-lr.json"
+    same = json.loads(path.read_text())["runs"] if path.is_file() else None
+    last, drops = [], []
+    for name, res in parts.items():
+        for m in ("parallel", "sequential", "multilap"):
+            t = [r for r in res["runs"] if r["arm"] == f"{m}-trgl"]
+            v = [r for r in res["runs"] if r["arm"] == f"{m}-vangl"]
+            if not t or not v:
+                continue
+            if name == "paper-cpu-t13-digits" and LR_FROM.get(f"{m}-trgl") and (
+                    res["grid"]["arm_overrides"].get(f"{m}-trgl", {}).get("lr")
+                    != res["grid"]["arm_overrides"].get(f"{m}-vangl", {}).get("lr")):
+                if same is None:
+                    continue  # tuned at different lrs and no same-lr rerun: left out
+                v = same
+            vb = {(r["train_size"], r["seed"]): r for r in v}
+            for r in t:
+                w = vb.get((r["train_size"], r["seed"]))
+                if w is not None:
+                    last.append(r["last_test_acc"] - w["last_test_acc"])
+                    drops.append(drop(w) - drop(r))
+    if not last:
+        return []
+    out = []
+    for claim, vals in (("TRGL > VanGL, last block, pooled over every cell at the same lr", last),
+                        ("TRGL degrades less than VanGL, pooled over every cell at the same lr",
+                         drops)):
+        s = mean_ci95(vals)
+        out.append({"part": "all", "train_size": "all", "claim": claim, "diff": s,
+                    "verdict": verdict(s)})
+    return out
+
+
 def _single(runs: list[dict], n: int, arm: str) -> dict:
     return mean_ci95([drop(r) for r in runs if r["train_size"] == n and r["arm"] == arm])
 
@@ -128,6 +166,7 @@ def write_paper_report(results: dict, prefix: Path, plots: bool = True) -> list[
     parts = load_parts(results, prefix.parent)
     claims = [c for name, res in parts.items() for c in claim_rows(name, res)]
     claims += same_lr_claims(parts, prefix.parent)
+    claims += pooled_claims(parts, prefix.parent)
     summary = {"preset": "paper-cpu", "paper": _paper_json(),
                "parts": {n: {"grid": r["grid"], "cells": r["cells"], "complete": r["complete"],
                              "n_runs": len(r["runs"]), "wall_s": r["wall_s"]}
