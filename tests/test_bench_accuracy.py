@@ -370,6 +370,10 @@ def test_investigation_runs_vary_one_thing_each():
         g = parts[f"investigate-k{k}"]
         assert g.base == {**t13.base, "depth": k, "modules": k}
         assert g.datasets == {"digits": {150: t13.datasets["digits"][150]}}
+        same = parts[f"investigate-k{k}-vangl-lr"]  # VanGL of the K runs at TRGL's lr
+        assert same.base == g.base and same.datasets == g.datasets and same.seeds == g.seeds
+        assert same.arms == ["parallel-vangl"]
+        assert same.arm_overrides["parallel-vangl"]["lr"] == 0.05  # TRGL's (tuned above)
     s = parts["investigate-sample"]
     assert s.base == {**t13.base, "transport_scaling": "sample"}
     assert s.arm_overrides["parallel-trgl"] == {"lr": 0.05, "tau": 0.1 * 32 * 8 * 8}

@@ -41,7 +41,8 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
     sizes and with all its seeds (does TRGL's edge come from the transport term or from its
     smaller lr?); `init`: VanGL and TRGL (same lr) with PyTorch's default initialisation
     instead of the orthogonal gain 0.05 that starts every block at the identity (do later
-    modules degrade when the blocks start far from the identity?)."""
+    modules degrade when the blocks start far from the identity?); `k10-vangl-lr` /
+    `k40-vangl-lr`: the K runs' VanGL at TRGL's lr."""
     t13 = part_grid("t13", "digits", tuned)
     over = {**TUNED, **(tuned or {})}.get(t13.name, {})
     parts = []
@@ -78,8 +79,15 @@ def investigation_gridset(tuned: dict | None = None) -> GridSet:
         arm_overrides={"parallel-vangl": van, "parallel-trgl": dict(over.get("parallel-trgl", {}))},
         notes="t13-digits with PyTorch's default init (blocks far from the identity), "
               "VanGL and TRGL at the same lr"))
-    # the 40-module runs, the longest, next to last; the init runs (added last) after them
-    parts = [parts[i] for i in (0, 2, 4, 3, 1, 5)]
+    for k in (10, 40):  # the K runs' VanGL at TRGL's lr (they inherit t13-digits' lr confound)
+        parts.append(dataclasses.replace(
+            t13, name=f"investigate-k{k}-vangl-lr", arms=["parallel-vangl"],
+            datasets={"digits": {INV_SIZE: t13.datasets["digits"][INV_SIZE]}},
+            seeds=list(INV_SEEDS), base={**t13.base, "depth": k, "modules": k},
+            arm_overrides={"parallel-vangl": van},
+            notes=f"t13-digits VanGL with {k} one-block modules at TRGL's learning rate"))
+    # the 40-module runs, the longest, next to last; the runs added later after them
+    parts = [parts[i] for i in (0, 2, 4, 3, 1, 5, 6, 7)]
     return GridSet(name="investigate", parts=parts, runner=run_traced,
                    report=lambda res, prefix, plots: write_investigation(Path(prefix).parent))
 
@@ -362,17 +370,29 @@ def tables_markdown(out_dir: Path, parts: dict[str, dict | None]) -> str:
                                  f"{fmt(sh)}{'x' if sh is not None else ''} |")
     L += [""] + diffs + [""] + trans + [""]
     L += ["## 4. The number of modules (digits, 150 samples, parallel, one block per module)",
-          "", "| K | seeds | VanGL last | TRGL last | TRGL - VanGL last (pp) | VanGL best - last "
-          "(pp) | TRGL best - last (pp) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+          "", "VanGL at its tuned lr (0.05 on t13-digits) and, where run, at TRGL's lr (`same "
+          "lr`: `investigate-k10-vangl-lr`, `-k40-vangl-lr`, `-vangl-lr`).", "",
+          "| K | seeds | VanGL last | TRGL last | TRGL - VanGL last (pp) | TRGL - VanGL same lr, "
+          "last (pp) | VanGL best - last (pp) | VanGL same lr, best - last (pp) | TRGL best - "
+          "last (pp) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     t13 = parts.get("t13-digits")
-    for k, res in ((10, _load(out_dir, "investigate-k10")), (20, t13),
-                   (40, _load(out_dir, "investigate-k40"))):
+    for k, res, same in ((10, _load(out_dir, "investigate-k10"),
+                          _load(out_dir, "investigate-k10-vangl-lr")),
+                         (20, t13, _load(out_dir, "investigate-vangl-lr")),
+                         (40, _load(out_dir, "investigate-k40"),
+                          _load(out_dir, "investigate-k40-vangl-lr"))):
         van, trgl = _runs(res, "parallel-vangl", INV_SIZE), _runs(res, "parallel-trgl", INV_SIZE)
         if not van or not trgl:
             continue
+        van2 = _runs(same, "parallel-vangl", INV_SIZE)
+        seeds = {r["seed"] for r in van}  # the same seeds as the tuned-lr VanGL
+        van2 = [r for r in van2 if r["seed"] in seeds]
         L.append(f"| {k} | {len(van)}/{len(trgl)} | {_acc(mean_ci95([_last(r) for r in van]))} | "
                  f"{_acc(mean_ci95([_last(r) for r in trgl]))} | "
-                 f"{_pp(_paired(trgl, van, _last))} | {_pp(mean_ci95([_drop(r) for r in van]))} | "
+                 f"{_pp(_paired(trgl, van, _last))} | "
+                 f"{_pp(_paired(trgl, van2, _last)) if van2 else '—'} | "
+                 f"{_pp(mean_ci95([_drop(r) for r in van]))} | "
+                 f"{_pp(mean_ci95([_drop(r) for r in van2])) if van2 else '—'} | "
                  f"{_pp(mean_ci95([_drop(r) for r in trgl]))} |")
     same = _load(out_dir, "investigate-vangl-lr")
     lr = {a: (res or {}).get("grid", {}).get("arm_overrides", {}).get("parallel-vangl" if
