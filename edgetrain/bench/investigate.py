@@ -21,6 +21,7 @@ import statistics
 from edgetrain.bench.accuracy import GridSet
 from edgetrain.bench.accuracy_report import mean_ci95
 from edgetrain.bench.paper_cpu import SEEDS, TUNED, part_grid, run_traced
+from edgetrain.bench.paper_cpu_report import drop, fmt_stat, mean_curve
 from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
 
 INV_SIZE = 150
@@ -102,11 +103,6 @@ def _runs(res: dict | None, arm: str, n: int) -> list[dict]:
     return [r for r in (res or {}).get("runs", []) if r["arm"] == arm and r["train_size"] == n]
 
 
-def _mean_curve(curves: list[list[float]]) -> list[float]:
-    k = min(len(c) for c in curves)
-    return [statistics.fmean(c[i] for c in curves) for i in range(k)]
-
-
 # --------------------------------------------------------------------------- figures
 def _plt():
     import matplotlib
@@ -129,8 +125,8 @@ def plot_transport_vs_ce(res: dict, n: int, path: Path, mode: str = "parallel") 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for k, color in zip(sorted({0, K // 4, K // 2, 3 * K // 4, K - 1}), plt.cm.viridis(
             [i / 4 for i in range(5)])):
-        ce = _mean_curve([r["modules"][k]["curve"]["ce"] for r in trgl])
-        w = _mean_curve([r["modules"][k]["curve"]["transport"] for r in trgl])
+        ce = mean_curve([r["modules"][k]["curve"]["ce"] for r in trgl])
+        w = mean_curve([r["modules"][k]["curve"]["transport"] for r in trgl])
         a1.plot(range(1, len(ce) + 1), ce, "-", color=color, label=f"module {k + 1} CE")
         a1.plot(range(1, len(w) + 1), [v / (2 * taus[k]) for v in w], "--", color=color,
                 label=f"module {k + 1} W/2tau")
@@ -172,10 +168,10 @@ def plot_residues(parts: dict[str, dict], path: Path) -> Path | None:
             if not rs:
                 continue
             for i, key in enumerate(("mean", "relative")):
-                ys = _mean_curve([r["residue_energy"][key] for r in rs])
+                ys = mean_curve([r["residue_energy"][key] for r in rs])
                 axes[i][j].plot(range(1, len(ys) + 1), ys, "-o", ms=2, label=arm)
-            e = _mean_curve([r["residue_energy"]["mean"] for r in rs])
-            rel = _mean_curve([r["residue_energy"]["relative"] for r in rs])
+            e = mean_curve([r["residue_energy"]["mean"] for r in rs])
+            rel = mean_curve([r["residue_energy"]["relative"] for r in rs])
             x2 = [a / max(b * b, 1e-30) for a, b in zip(e, rel)]  # mean x**2 = r**2 / rel**2
             axes[2][j].plot(range(1, len(x2) + 1), x2, "-o", ms=2, label=arm)
         for i, lab in enumerate(("mean r^2 per element", "||r|| / ||x||",
@@ -259,24 +255,13 @@ MODES = ("parallel", "sequential", "multilap")
 
 
 def _pp(stat: dict) -> str:
-    if stat["mean"] is None:
-        return "—"
-    ci = "" if stat["ci95"] is None else f" ± {100 * stat['ci95']:.2f}"
-    return f"{100 * stat['mean']:+.2f}{ci}"
-
-
-def _acc(stat: dict) -> str:
-    return "—" if stat["mean"] is None else _pp(stat).lstrip("+")
+    return fmt_stat(stat, sign="+")
 
 
 def _paired(a: list[dict], b: list[dict], get) -> dict:
     """mean_ci95 over the seeds both lists hold of get(run of a) - get(run of b)."""
     bs = {r["seed"]: r for r in b}
     return mean_ci95([get(r) - get(bs[r["seed"]]) for r in a if r["seed"] in bs])
-
-
-def _drop(r: dict) -> float:
-    return r["best_test_acc"] - r["last_test_acc"]
 
 
 def _module1(r: dict) -> float:
@@ -289,6 +274,20 @@ def _last(r: dict) -> float:
 
 def _best(r: dict) -> float:
     return r["best_test_acc"]
+
+
+def _per_module(rs: list[dict]) -> list[float]:
+    """Per module, the mean test accuracy over the runs."""
+    return [statistics.fmean(r["modules"][k]["test_acc"] for r in rs)
+            for k in range(len(rs[0]["modules"]))]
+
+
+def _depth_cells(rs: list[dict]) -> str:
+    """module 1 | peak module (mean) | last | best - last: the depth columns of one arm."""
+    per = _per_module(rs)
+    return (f"{fmt_stat(mean_ci95([_module1(r) for r in rs]))} | "
+            f"{100 * max(per):.2f} (module {per.index(max(per)) + 1}) | "
+            f"{fmt_stat(mean_ci95([_last(r) for r in rs]))} | {_pp(mean_ci95([drop(r) for r in rs]))}")
 
 
 def _ratio_rows(rs: list[dict], epoch: int) -> float | None:
@@ -350,18 +349,12 @@ def tables_markdown(out_dir: Path, parts: dict[str, dict | None]) -> str:
                 for arm, rs in ((f"{mode}-vangl", van), (f"{mode}-trgl", trgl)):
                     if not rs:
                         continue
-                    K = len(rs[0]["modules"])
-                    per = [statistics.fmean(r["modules"][k]["test_acc"] for r in rs)
-                           for k in range(K)]
-                    L.append(f"| {name} | {n} | {arm} | {len(rs)} | "
-                             f"{_acc(mean_ci95([_module1(r) for r in rs]))} | "
-                             f"{100 * max(per):.2f} (module {per.index(max(per)) + 1}) | "
-                             f"{_acc(mean_ci95([_last(r) for r in rs]))} | "
-                             f"{_pp(mean_ci95([_drop(r) for r in rs]))} | "
+                    per = _per_module(rs)
+                    L.append(f"| {name} | {n} | {arm} | {len(rs)} | {_depth_cells(rs)} | "
                              f"{100 * (max(per) - per[-1]):+.2f} |")
                 if van and trgl:
                     st = [_paired(trgl, van, f) for f in (_module1, _last, _best)]
-                    dd = _paired(van, trgl, _drop)
+                    dd = _paired(van, trgl, drop)
                     diffs.append(f"| {name} | {n} | {mode} | {st[0]['n']} | "
                                  + " | ".join(_pp(x) for x in st) + f" | {_pp(dd)} |")
                     r1, r2, sh = _ratio_rows(trgl, 0), _ratio_rows(trgl, -1), _shrink(trgl, van)
@@ -387,19 +380,18 @@ def tables_markdown(out_dir: Path, parts: dict[str, dict | None]) -> str:
         van2 = _runs(same, "parallel-vangl", INV_SIZE)
         seeds = {r["seed"] for r in van}  # the same seeds as the tuned-lr VanGL
         van2 = [r for r in van2 if r["seed"] in seeds]
-        L.append(f"| {k} | {len(van)}/{len(trgl)} | {_acc(mean_ci95([_last(r) for r in van]))} | "
-                 f"{_acc(mean_ci95([_last(r) for r in trgl]))} | "
+        L.append(f"| {k} | {len(van)}/{len(trgl)} | {fmt_stat(mean_ci95([_last(r) for r in van]))} | "
+                 f"{fmt_stat(mean_ci95([_last(r) for r in trgl]))} | "
                  f"{_pp(_paired(trgl, van, _last))} | "
                  f"{_pp(_paired(trgl, van2, _last)) if van2 else '—'} | "
-                 f"{_pp(mean_ci95([_drop(r) for r in van]))} | "
-                 f"{_pp(mean_ci95([_drop(r) for r in van2])) if van2 else '—'} | "
-                 f"{_pp(mean_ci95([_drop(r) for r in trgl]))} |")
+                 f"{_pp(mean_ci95([drop(r) for r in van]))} | "
+                 f"{_pp(mean_ci95([drop(r) for r in van2])) if van2 else '—'} | "
+                 f"{_pp(mean_ci95([drop(r) for r in trgl]))} |")
     same = _load(out_dir, "investigate-vangl-lr")
-    lr = {a: (res or {}).get("grid", {}).get("arm_overrides", {}).get("parallel-vangl" if
-          a == "vangl" else "parallel-trgl", {}).get("lr")
-          for a, res in (("vangl", t13), ("trgl", t13))}
-    lr2 = ((same or {}).get("grid", {}).get("arm_overrides", {}).get("parallel-vangl", {})
-           .get("lr"))
+    def lr_of(res, arm):
+        return (res or {}).get("grid", {}).get("arm_overrides", {}).get(arm, {}).get("lr")
+    lr = {"vangl": lr_of(t13, "parallel-vangl"), "trgl": lr_of(t13, "parallel-trgl")}
+    lr2 = lr_of(same, "parallel-vangl")
     L += ["", "## 5. At the same learning rate (digits, parallel, 20 modules)", "",
           f"t13-digits was tuned per arm before the preset gave TRGL its VanGL arm's lr (VanGL "
           f"{lr['vangl']}, TRGL {lr['trgl']}); `investigate-vangl-lr` reruns VanGL at {lr2}.",
@@ -419,15 +411,10 @@ def tables_markdown(out_dir: Path, parts: dict[str, dict | None]) -> str:
               "| arm | seeds | module 1 | peak module (mean) | last | best - last (pp) |",
               "|---|---:|---:|---:|---:|---:|"]
         for arm, rs in (("parallel-vangl", van), ("parallel-trgl", trgl)):
-            per = [statistics.fmean(r["modules"][k]["test_acc"] for r in rs)
-                   for k in range(len(rs[0]["modules"]))]
-            L.append(f"| {arm} | {len(rs)} | {_acc(mean_ci95([_module1(r) for r in rs]))} | "
-                     f"{100 * max(per):.2f} (module {per.index(max(per)) + 1}) | "
-                     f"{_acc(mean_ci95([_last(r) for r in rs]))} | "
-                     f"{_pp(mean_ci95([_drop(r) for r in rs]))} |")
+            L.append(f"| {arm} | {len(rs)} | {_depth_cells(rs)} |")
         L += ["", "TRGL - VanGL (pp): module 1 " + _pp(_paired(trgl, van, _module1)) + ", last "
               + _pp(_paired(trgl, van, _last)) + ", best depth " + _pp(_paired(trgl, van, _best))
-              + "; VanGL drop - TRGL drop " + _pp(_paired(van, trgl, _drop)) + "."]
+              + "; VanGL drop - TRGL drop " + _pp(_paired(van, trgl, drop)) + "."]
     return "\n".join(L + [""])
 
 
@@ -489,6 +476,6 @@ def numbers(out_dir: Path, parts: dict[str, dict | None]) -> dict:
                         r["modules"][k]["curve"]["transport"][-1] for r in rs)
                         for k in range(K)] if "curve" in rs[0]["modules"][0] else None,
                     "tau": [m.get("tau") for m in rs[0]["modules"]],
-                    "residue_relative": _mean_curve([r["residue_energy"]["relative"] for r in rs])
+                    "residue_relative": mean_curve([r["residue_energy"]["relative"] for r in rs])
                     if "residue_energy" in rs[0] else None}
     return out

@@ -22,7 +22,7 @@ import statistics
 
 from edgetrain.bench.accuracy import GridSet
 from edgetrain.bench.accuracy_report import mean_ci95
-from edgetrain.bench.paper_cpu import LR_FROM, PAPER, paper_cpu_parts, run_traced
+from edgetrain.bench.paper_cpu import PAPER, paper_cpu_parts, run_traced
 from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
 
 COLORS = {"vangl": "tab:blue", "trgl": "tab:red"}
@@ -120,10 +120,9 @@ def pooled_claims(parts: dict[str, dict], out_dir: Path) -> list[dict]:
             v = [r for r in res["runs"] if r["arm"] == f"{m}-vangl"]
             if not t or not v:
                 continue
-            if name == "paper-cpu-t13-digits" and LR_FROM.get(f"{m}-trgl") and (
-                    res["grid"]["arm_overrides"].get(f"{m}-trgl", {}).get("lr")
-                    != res["grid"]["arm_overrides"].get(f"{m}-vangl", {}).get("lr")):
-                if same is None:
+            ov = res["grid"]["arm_overrides"]
+            if ov.get(f"{m}-trgl", {}).get("lr") != ov.get(f"{m}-vangl", {}).get("lr"):
+                if name != "paper-cpu-t13-digits" or same is None:
                     continue  # tuned at different lrs and no same-lr rerun: left out
                 v = same
             vb = {(r["train_size"], r["seed"]): r for r in v}
@@ -188,7 +187,8 @@ def _paper_json() -> dict:
             for t, v in PAPER.items()}
 
 
-def _fmt(stat: dict, scale: float = 100.0, sign: str = "") -> str:
+def fmt_stat(stat: dict, scale: float = 100.0, sign: str = "") -> str:
+    """A mean_ci95 dict as "mean ± ci95" in percent (or `scale`); "—" without a mean."""
     if stat["mean"] is None:
         return "—"
     ci = "" if stat["ci95"] is None else f" ± {scale * stat['ci95']:.2f}"
@@ -215,7 +215,7 @@ def markdown(parts: dict[str, dict], claims: list[dict]) -> str:
               "last module.", "",
               "| part | size | claim | difference (pp) | verdict |", "|---|---:|---|---:|---|"]
     lines += [f"| {c['part'].removeprefix('paper-cpu-')} | {c['train_size']} | {c['claim']} | "
-              f"{_fmt(c['diff'], sign='+')} (n={c['diff']['n']}) | {c['verdict']} |"
+              f"{fmt_stat(c['diff'], sign='+')} (n={c['diff']['n']}) | {c['verdict']} |"
               for c in claims]
     return "\n".join(lines + [""])
 
@@ -237,7 +237,7 @@ def verdict_matrix(claims: list[dict]) -> list[str]:
         if c is None:
             return ""
         v = short.get(c["verdict"], "not shown")
-        return v if c["diff"]["mean"] is None else f"{v} ({_fmt(c['diff'], sign='+')})"
+        return v if c["diff"]["mean"] is None else f"{v} ({fmt_stat(c['diff'], sign='+')})"
     out = ["## Verdicts at a glance", "",
            "A row per claim, a column per part and train size: the verdict and the paired "
            "difference in percentage points (mean ± 95% CI); the claims table at the end has "
@@ -267,9 +267,9 @@ def _part_section(name: str, res: dict) -> list[str]:
              "train CE (last 10%, ratio to 70-80%) | train acc. (last 10%) | mean run time (s) |",
              "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
     for (n, a), c in sorted(cells.items(), key=lambda kv: (kv[0][0], g["arms"].index(kv[0][1]))):
-        lines.append(f"| {n} | {a} | {c['n_seeds']} | {_fmt(c['last_test_acc'])} | "
-                     f"{_fmt(c['best_test_acc'])} | {c['best_depths']} | "
-                     f"{_plateau(res['runs'], n, a)} | {_pct(_last_tenth(res['runs'], n, a, 'train_acc', 100))} | "
+        lines.append(f"| {n} | {a} | {c['n_seeds']} | {fmt_stat(c['last_test_acc'])} | "
+                     f"{fmt_stat(c['best_test_acc'])} | {c['best_depths']} | "
+                     f"{_plateau(res['runs'], n, a)} | {_pct(_window_mean(res['runs'], n, a, 'train_acc', 100))} | "
                      f"{c['run_s']['mean']:.0f} |")
     lines += ["", f"Paper, {paper['table']}, last block:", "",
               "| size | " + " | ".join(g["arms"]) + " |",
@@ -281,8 +281,8 @@ def _part_section(name: str, res: dict) -> list[str]:
 
 
 def _plateau(runs: list[dict], n: int, arm: str) -> str:
-    last = _last_tenth(runs, n, arm, "ce")
-    before = _last_tenth(runs, n, arm, "ce", window=(0.7, 0.8))
+    last = _window_mean(runs, n, arm, "ce")
+    before = _window_mean(runs, n, arm, "ce", window=(0.7, 0.8))
     return "—" if last != last else f"{last:.3f} ({last / before:.2f})"
 
 
@@ -290,10 +290,10 @@ def _pct(v: float) -> str:
     return "—" if v != v else f"{v:.2f}"
 
 
-def _last_tenth(runs: list[dict], n: int, arm: str, key: str, scale: float = 1.0,
+def _window_mean(runs: list[dict], n: int, arm: str, key: str, scale: float = 1.0,
                 window: tuple[float, float] = (0.9, 1.0)) -> float:
     """Mean over seeds of the last module's curve `key` averaged over the `window` fraction
-    of its epochs (NaN when no run has curves)."""
+    of its epochs (default: the last 10%; NaN when no run has curves)."""
     curves = [r["modules"][-1]["curve"][key] for r in runs
               if r["train_size"] == n and r["arm"] == arm and "curve" in r["modules"][-1]]
     if not curves:
@@ -383,7 +383,7 @@ def plot_curves(parts: dict[str, dict], path: Path) -> Path:
             if not runs:
                 continue
             for ax, key in ((ax_ce, "ce"), (ax_acc, "train_acc")):
-                mean = _mean_curve([c[key] for c in runs])
+                mean = mean_curve([c[key] for c in runs])
                 ax.plot(range(1, len(mean) + 1), mean, label=arm)
         title = f"{name.removeprefix('paper-cpu-')}, n={n}"
         ax_ce.set_yscale("log")
@@ -399,7 +399,8 @@ def plot_curves(parts: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def _mean_curve(curves: list[list[float]]) -> list[float]:
+def mean_curve(curves: list[list[float]]) -> list[float]:
+    """Element-wise mean of curves over their common length."""
     return [statistics.fmean(c[i] for c in curves) for i in range(min(map(len, curves)))]
 
 
@@ -445,7 +446,7 @@ def tuning_markdown(tunings: list[dict]) -> str:
                   "| arm | lr / tau | last-module val | best-depth val | diverged |",
                   "|---|---|---:|---:|---:|"]
         lines += [f"| {r['arm']} | `{json.dumps(r['overrides'], sort_keys=True)}` | "
-                  f"{_fmt(r['last_val_acc'])} | {_fmt(r['best_val_acc'])} | "
+                  f"{fmt_stat(r['last_val_acc'])} | {fmt_stat(r['best_val_acc'])} | "
                   f"{r['diverged'] or ''} |" for r in sweep_table(t)]
         lines.append("")
     return "\n".join(lines)
