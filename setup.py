@@ -13,7 +13,10 @@ setup(
     description="Module-wise (TRGL) training for memory-constrained devices",
     long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["edgetrain", "edgetrain.*"]),
+    # devices/ (the repository's profiles) is installed inside the package as edgetrain/devices/
+    packages=find_packages(include=["edgetrain", "edgetrain.*"]) + ["edgetrain.devices"],
+    package_dir={"edgetrain.devices": "devices"},
+    package_data={"edgetrain.devices": ["*.toml", "README.md"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1,<2.15",
@@ -25,12 +28,13 @@ setup(
         "tqdm>=4.64",
         "Pillow>=9.1",  # image folders: decoding (Image.draft, Resampling) for packs and predict
         "scikit-learn>=1.2",
-        "scipy>=1.9,<2",  # scipy.stats.t: the confidence intervals of the accuracy benchmark
         "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={
         "export": ["onnx>=1.15", "onnxscript>=0.7", "onnxruntime>=1.17"],
         "plots": ["matplotlib>=3.7"],
+        # research/: the paper reproduction and studies (scipy.stats.t for their intervals)
+        "research": ["scipy>=1.9,<2", "matplotlib>=3.7"],
         "test": ["pytest>=7.4", "hypothesis>=6.0", "onnx>=1.15", "onnxscript>=0.7", "onnxruntime>=1.17", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["edgetrain=edgetrain.cli:main"]},

@@ -10,7 +10,7 @@ The public API, documented in the README, lives here and nowhere else:
 Everything else is internal and may move. The names are resolved lazily, so that
 `import edgetrain` (and `edgetrain --help`) does not import torch.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from edgetrain.errors import UserError  # noqa: E402,F401
 

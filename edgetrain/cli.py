@@ -13,7 +13,7 @@ import click
 
 from edgetrain import __version__
 from edgetrain.bench.cli import bench
-from edgetrain.budget.devices import list_profiles, load_profile
+from edgetrain.budget.devices import find_profiles, load_profile, read_profile
 from edgetrain.config import (CACHE_DTYPES, DEVICES, HEADS, MODES, OPTIMIZERS, PRECISIONS,
                               SPLITS, TAU_SCHEDULES, TRANSPORT_SCALINGS, RunConfig,
                               config_from_options)
@@ -274,14 +274,17 @@ def predict_cmd(run_dir, paths, depth, top_k, as_json):
 @cli.group("devices", invoke_without_command=True)
 @click.pass_context
 def devices_cmd(ctx):
-    """List the device profiles in devices/ and the budget each leaves for training."""
+    """List the device profiles (shipped, and calibrated ones in your config directory)."""
     if ctx.invoked_subcommand is not None:
         return
-    click.echo(f"{'name':<22} {'total':>10} {'reserved':>10} {'budget':>10} {'accel':>5}  cache")
-    for p in list_profiles():
+    click.echo(f"{'name':<22} {'total':>10} {'reserved':>10} {'budget':>10} {'accel':>5}  "
+               f"{'cache':<8} origin")
+    for name, f in find_profiles().items():
+        p = read_profile(f.path)
+        origin = f.origin + (" (overrides shipped)" if f.shadows is not None else "")
         click.echo(f"{p.name:<22} {fmt_bytes(p.total_memory_mib * 2**20):>10} "
                    f"{fmt_bytes(p.reserved_mib * 2**20):>10} {fmt_bytes(p.budget_bytes):>10} "
-                   f"{p.accelerator:>5}  {p.cache_dtype}")
+                   f"{p.accelerator:>5}  {p.cache_dtype:<8} {origin}")
 
 
 @devices_cmd.command("calibrate")
@@ -291,7 +294,9 @@ def devices_cmd(ctx):
 @click.option("--storage-mib", type=int, default=256, show_default=True,
               help="size of the file written and read back")
 def calibrate_cmd(name, cache_dir, storage_mib):
-    """On the device itself: measure runtime, storage, bf16/fp16, cores; write devices/NAME.toml."""
+    """On the device itself: measure runtime, storage, bf16/fp16, cores; write NAME.toml to
+    your profiles directory ($EDGETRAIN_DEVICES_DIR, else $XDG_CONFIG_HOME/edgetrain/devices,
+    else ~/.config/edgetrain/devices), starting from the shipped profile of that name."""
     from edgetrain.budget.calibrate import calibrate  # imports torch: deferred
     if storage_mib < 1:
         raise UserError(f"--storage-mib must be >= 1 (got {storage_mib})")

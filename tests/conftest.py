@@ -20,3 +20,9 @@ def tiny_cfg(**kw) -> RunConfig:
 @pytest.fixture
 def tiny():
     return tiny_cfg
+
+
+@pytest.fixture(autouse=True)
+def _own_profiles_dir(tmp_path_factory, monkeypatch):
+    """Calibrated profiles go to a fresh directory per test, never the user's ~/.config."""
+    monkeypatch.setenv("EDGETRAIN_DEVICES_DIR", str(tmp_path_factory.mktemp("user-devices")))

@@ -2,6 +2,7 @@
 `edgetrain devices` lists and the validator accepts, keeping the source of every figure."""
 from __future__ import annotations
 
+from pathlib import Path
 import shutil
 
 from click.testing import CliRunner
@@ -14,9 +15,10 @@ from edgetrain.cli import cli
 
 @pytest.fixture
 def devdir(tmp_path, monkeypatch):
+    """The user's profiles directory (where calibrate writes), empty."""
     d = tmp_path / "devices"
     d.mkdir()
-    monkeypatch.setattr(devices, "DEVICES_DIR", d)
+    monkeypatch.setenv(devices.DEVICES_ENV, str(d))
     return d
 
 
@@ -66,3 +68,31 @@ def test_calibrate_updates_keeping_published_figures(devdir, tmp_path, monkeypat
 def test_calibrate_bad_name_is_one_line(devdir):
     res = CliRunner().invoke(cli, ["devices", "calibrate", "Bad Name"])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+
+
+def test_user_profiles_dir_follows_the_environment(tmp_path):
+    home = str(Path("~").expanduser())
+    assert devices.user_devices_dir({}) == Path(home) / ".config" / "edgetrain" / "devices"
+    assert devices.user_devices_dir({"XDG_CONFIG_HOME": str(tmp_path)}) == \
+        tmp_path / "edgetrain" / "devices"
+    assert devices.user_devices_dir({"XDG_CONFIG_HOME": "/x",
+                                     devices.DEVICES_ENV: str(tmp_path)}) == tmp_path
+
+
+def test_calibrating_a_shipped_name_writes_a_user_copy_that_wins(devdir, tmp_path, monkeypatch):
+    """Calibrating a shipped profile starts from its published figures, writes the user's
+    directory (never the shipped one), and the listing says the user copy overrides it."""
+    shipped = read_profile(DEVICES_DIR / "cpu-2gb.toml")
+    before = (DEVICES_DIR / "cpu-2gb.toml").read_text()
+    monkeypatch.setattr(calibrate, "memory_mib", lambda: (2048, 300))  # this box is 2 GiB
+    monkeypatch.setattr(calibrate, "runtime_rss_bytes",
+                        lambda: {"import_rss_bytes": 500 * 2**20, "warm_rss_bytes": 640 * 2**20})
+    p, path = calibrate.calibrate("cpu-2gb", tmp_path / "cache", storage_mib=4)
+    assert path == devdir / "cpu-2gb.toml" and (DEVICES_DIR / "cpu-2gb.toml").read_text() == before
+    assert p.notes == shipped.notes and p.runtime_baseline_mib == 640.0
+    assert devices.load_profile("cpu-2gb").runtime_baseline_mib == 640.0  # the user copy wins
+    res = CliRunner().invoke(cli, ["devices"])
+    rows = {line.split()[0]: line for line in res.output.splitlines()[1:]}
+    assert res.exit_code == 0 and rows["cpu-2gb"].endswith("user (overrides shipped)")
+    assert rows["raspberry-pi-4-4gb"].endswith("shipped")
+    assert len(rows) == len(list(DEVICES_DIR.glob("*.toml")))

@@ -151,16 +151,21 @@ def _new_profile(name: str) -> dict:
                                     "measured on this device (see the measured table)."}
 
 
-def _existing(path: Path) -> dict | None:
-    if not path.is_file():
+def _existing(name: str, root: Path | None) -> dict | None:
+    """The profile `name` calibration starts from: the target directory's own copy, else (for
+    the user's directory) the shipped profile of that name."""
+    found = devices.find_profiles(root if root is not None else None)
+    if name not in found:
         return None
-    p = read_profile(path)
+    p = read_profile(found[name].path)
     return {k: getattr(p, k) for k in {**PROFILE_FIELDS, **OPTIONAL_FIELDS}}
 
 
 def calibrate(name: str, cache_dir: Path, root: Path | None = None,
               storage_mib: int = 256) -> tuple[DeviceProfile, Path]:
-    """Measure this device and write or update `root/NAME.toml`.
+    """Measure this device and write or update `root/NAME.toml` (default root: the user's
+    profiles directory, `devices.user_devices_dir()`; a shipped profile of that name is the
+    starting point, and the written copy overrides it).
 
     Returns:
         (the profile as read back, its path).
@@ -170,8 +175,8 @@ def calibrate(name: str, cache_dir: Path, root: Path | None = None,
     """
     if not NAME_RE.match(name):
         raise UserError(f"profile name {name!r} must be lower-case letters, digits, '.' and '-'")
-    path = Path(root or devices.DEVICES_DIR) / f"{name}.toml"
-    old = _existing(path)
+    path = Path(root or devices.user_devices_dir()) / f"{name}.toml"
+    old = _existing(name, root)
     values, how = measure_device(Path(cache_dir), storage_mib)
     d = old or _new_profile(name)
     if old is not None:

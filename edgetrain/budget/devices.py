@@ -1,8 +1,16 @@
 """Device profiles (`devices/*.toml`) and memory sizes.
 
 What this file holds: `DeviceProfile`, reading and validating the profile files
-(`read_profile`, `load_profile`, `list_profiles`, `profile_names`, `DEVICES_DIR`,
-`PROFILE_FIELDS`). Sizes and their units are `edgetrain.units`.
+(`read_profile`, `load_profile`, `list_profiles`, `profile_names`, `PROFILE_FIELDS`) and where
+they are found (`DEVICES_DIR`, `user_devices_dir`, `profile_roots`, `find_profiles`). Sizes and
+their units are `edgetrain.units`.
+
+Two places hold profiles, searched in this order:
+- the user's directory (`user_devices_dir`): `$EDGETRAIN_DEVICES_DIR`, else
+  `$XDG_CONFIG_HOME/edgetrain/devices`, else `~/.config/edgetrain/devices`. `edgetrain devices
+  calibrate` writes there; a profile there with a shipped profile's name wins.
+- the shipped profiles (`DEVICES_DIR`): the repository's top-level `devices/`, installed inside
+  the package as `edgetrain/devices/` (setup.py maps it), so a wheel finds them too.
 
 The planner that searches for a configuration fitting a profile's budget is
 `edgetrain.budget.planner`; enforcing the budget during training is `edgetrain.budget.guard`.
@@ -10,14 +18,25 @@ The planner that searches for a configuration fitting a profile's budget is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 import re
+from typing import Mapping, NamedTuple, Sequence
 
 from edgetrain.config import CACHE_DTYPES
 from edgetrain.errors import UserError
 from edgetrain.units import MIB
 
-DEVICES_DIR = Path(__file__).resolve().parents[2] / "devices"
+
+def _shipped_dir() -> Path:
+    """`edgetrain/devices/` in an installed package, else the checkout's top-level `devices/`."""
+    here = Path(__file__).resolve().parents[1]  # the edgetrain package
+    installed = here / "devices"
+    return installed if installed.is_dir() else here.parent / "devices"
+
+
+DEVICES_DIR = _shipped_dir()
+DEVICES_ENV = "EDGETRAIN_DEVICES_DIR"
 ACCELERATORS = ("none", "cuda")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
@@ -142,26 +161,72 @@ def read_profile(path: Path) -> DeviceProfile:
     return DeviceProfile(**d)
 
 
-def profile_names(root: Path | None = None) -> list[str]:
-    """Names of the profiles in `root` (default: the repository's `devices/`)."""
-    root = Path(root or DEVICES_DIR)
-    return sorted(p.stem for p in root.glob("*.toml"))
+def user_devices_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where calibrated profiles live: `$EDGETRAIN_DEVICES_DIR`, else
+    `$XDG_CONFIG_HOME/edgetrain/devices`, else `~/.config/edgetrain/devices`."""
+    env = os.environ if env is None else env
+    if env.get(DEVICES_ENV):
+        return Path(env[DEVICES_ENV]).expanduser()
+    config = env.get("XDG_CONFIG_HOME") or str(Path("~/.config").expanduser())
+    return Path(config) / "edgetrain" / "devices"
 
 
-def load_profile(name: str, root: Path | None = None) -> DeviceProfile:
-    """The profile called `name`.
+def profile_roots(root: Path | Sequence[Path] | None = None) -> tuple[Path, ...]:
+    """The directories searched, first match wins: `root` when given (one or several),
+    else the user's directory then the shipped one."""
+    if root is None:
+        return (user_devices_dir(), DEVICES_DIR)
+    if isinstance(root, (str, os.PathLike)):
+        return (Path(root),)
+    return tuple(Path(r) for r in root)
+
+
+class ProfileFile(NamedTuple):
+    """Where a profile name resolves: its file, its origin and what it shadows."""
+
+    path: Path
+    origin: str  # "user" or "shipped" (or the directory, for any other root)
+    shadows: Path | None  # the file of the same name it hides (a user copy of a shipped one)
+
+
+def _origin(root: Path) -> str:
+    if root == DEVICES_DIR:
+        return "shipped"
+    return "user" if root == user_devices_dir() else str(root)
+
+
+def find_profiles(root: Path | Sequence[Path] | None = None) -> dict[str, ProfileFile]:
+    """Every profile name under the search roots, mapped to the file that wins."""
+    found: dict[str, ProfileFile] = {}
+    for r in profile_roots(root):
+        for path in sorted(r.glob("*.toml")) if r.is_dir() else ():
+            if path.stem in found:
+                if found[path.stem].shadows is None:
+                    found[path.stem] = found[path.stem]._replace(shadows=path)
+                continue
+            found[path.stem] = ProfileFile(path, _origin(r), None)
+    return dict(sorted(found.items()))
+
+
+def profile_names(root: Path | Sequence[Path] | None = None) -> list[str]:
+    """Names of the profiles found (default: the user's directory and the shipped ones)."""
+    return list(find_profiles(root))
+
+
+def load_profile(name: str, root: Path | Sequence[Path] | None = None) -> DeviceProfile:
+    """The profile called `name` (the user's copy first, then the shipped one).
 
     Raises:
         UserError: no such profile, or the file is malformed.
     """
-    root = Path(root or DEVICES_DIR)
-    path = root / f"{name}.toml"
-    if not NAME_RE.match(name) or not path.is_file():
-        known = ", ".join(profile_names(root)) or f"none in {root}"
+    found = find_profiles(root)
+    if not NAME_RE.match(name) or name not in found:
+        where = " or ".join(str(r) for r in profile_roots(root))
+        known = ", ".join(found) or f"none in {where}"
         raise UserError(f"unknown device profile {name!r}; known profiles: {known}")
-    return read_profile(path)
+    return read_profile(found[name].path)
 
 
-def list_profiles(root: Path | None = None) -> list[DeviceProfile]:
-    """Every profile in `root`, validated (a malformed file raises `UserError`)."""
-    return [load_profile(n, root) for n in profile_names(root)]
+def list_profiles(root: Path | Sequence[Path] | None = None) -> list[DeviceProfile]:
+    """Every profile found, validated (a malformed file raises `UserError`)."""
+    return [read_profile(f.path) for f in find_profiles(root).values()]

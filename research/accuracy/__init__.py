@@ -1,0 +1,1 @@
+"""Study `accuracy` (see README.md beside this file)."""

@@ -1,0 +1,1 @@
+"""Study `distributed` (see README.md beside this file)."""

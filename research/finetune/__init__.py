@@ -1,0 +1,1 @@
+"""Study `finetune` (see README.md beside this file)."""

@@ -1,0 +1,1 @@
+"""Study `folder_accuracy` (see README.md beside this file)."""

@@ -1,0 +1,1 @@
+"""Study `head_cost` (see README.md beside this file)."""

@@ -1,0 +1,1 @@
+"""Study `investigate` (see README.md beside this file)."""

@@ -1,0 +1,1 @@
+"""Study `paper_cpu` (see README.md beside this file)."""

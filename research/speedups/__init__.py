@@ -1,0 +1,1 @@
+"""Study `speedups` (see README.md beside this file)."""
