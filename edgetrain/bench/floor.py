@@ -12,7 +12,8 @@ from pathlib import Path
 from edgetrain import __version__
 from edgetrain.bench.memory import bench_config
 from edgetrain.budget.estimate import estimate_peak, peak_breakdown
-from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
+from edgetrain.storage.atomic import atomic_write_text
+from edgetrain.bench.results import write_result_json
 from edgetrain.units import MIB
 
 
@@ -45,7 +46,7 @@ def floor_report(model: str, input_shape, batch: int, mode: str, modules: int,
     stem = (f"floor_{model}_{'x'.join(map(str, shape))}_b{batch}_{mode}-K{modules}"
             + ("" if split == "depth" else f"-split-{split}"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / f"{stem}.json", res)
+    write_result_json(out_dir / f"{stem}.json", res)
     atomic_write_text(out_dir / f"{stem}.md", format_floor(res))
     res["paths"] = [str(out_dir / f"{stem}.json"), str(out_dir / f"{stem}.md")]
     return res

@@ -27,7 +27,7 @@ from typing import Callable
 from edgetrain import __version__
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
-from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.bench.results import write_result_json
 from edgetrain.units import MIB
 
 MARK = "EDGETRAIN-CHILD-RESULT "
@@ -302,7 +302,7 @@ def write_result(result: dict, out_dir: Path) -> dict:
     stem = result_stem(result)
     result["json_path"] = str(out_dir / f"{stem}.json")
     result["png_path"] = plot_savings(result, out_dir / f"{stem}.png")
-    atomic_write_json(Path(result["json_path"]), result)
+    write_result_json(Path(result["json_path"]), result)
     return result
 
 

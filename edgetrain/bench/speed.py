@@ -34,7 +34,8 @@ from edgetrain.method.loop import fit_module, make_trainer
 from edgetrain.regimes.out_of_core import OutOfCore
 from edgetrain.regimes.run import build_run
 from edgetrain.regimes.schedule import train
-from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
+from edgetrain.storage.atomic import atomic_write_text
+from edgetrain.bench.results import write_result_json
 from edgetrain.storage.cache import DTYPES
 
 _RSS_CHILD = r"""
@@ -332,7 +333,7 @@ def speedups_section(out_dir: Path) -> str:
 
 def _write(out_dir: Path, res: dict) -> None:
     res["table_md"] = _table(res)
-    atomic_write_json(out_dir / "speed.json", res)
+    write_result_json(out_dir / "speed.json", res)
     when = "; ".join(f"{k}: {v['utc']} UTC, load {v['load_before']:.2f} -> {v['load_after']:.2f}"
                      for k, v in res.get("measured", {}).items())
     atomic_write_text(out_dir / "speed.md", "# edgetrain bench speed\n\n"

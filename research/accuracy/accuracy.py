@@ -39,7 +39,8 @@ from research.accuracy.accuracy_report import markdown_report, mean_ci95, summar
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
 from edgetrain.regimes.schedule import train
-from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
+from edgetrain.storage.atomic import atomic_write_text
+from edgetrain.bench.results import write_result_json
 
 ARMS = ("e2e", "parallel-vangl", "parallel-trgl", "sequential-vangl", "sequential-trgl",
         "multilap-vangl", "multilap-trgl")
@@ -310,7 +311,7 @@ def _loadavg() -> list[float] | None:
 
 def _save(path: Path, res: dict) -> None:
     res["cells"] = summarize(res["runs"])
-    atomic_write_json(path, res)
+    write_result_json(path, res)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -32,7 +32,8 @@ from typing import Callable
 import torch
 
 from edgetrain.errors import UserError
-from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
+from edgetrain.storage.atomic import atomic_write_text
+from edgetrain.bench.results import write_result_json
 
 DEFAULT_TRAIN_ARGS = ["--data", "synthetic", "--input", "3x32x32", "--synthetic-size", "1024",
                       "--model", "kmresnet", "--width", "32", "--depth", "4", "--modules", "4",
@@ -143,7 +144,7 @@ def markdown_table(summary: list[dict], meta: dict) -> str:
 
 def _write_partial(out_dir: Path, meta: dict, setup: ScalingSetup, rows: list[dict]) -> None:
     """The runs so far, so that an interrupted benchmark keeps what it measured."""
-    atomic_write_json(out_dir / "distributed-scaling.partial.json",
+    write_result_json(out_dir / "distributed-scaling.partial.json",
                       {"meta": meta, "setup": asdict(setup), "runs": rows})
 
 
@@ -177,7 +178,7 @@ def run_benchmark(setup: ScalingSetup, out_dir: Path, env: dict,
                 _write_partial(out_dir, meta, setup, rows)
     meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     result = {"meta": meta, "setup": asdict(setup), "runs": rows, "summary": summarize(rows, arms)}
-    atomic_write_json(out_dir / "distributed-scaling.json", result)
+    write_result_json(out_dir / "distributed-scaling.json", result)
     atomic_write_text(out_dir / "distributed-scaling.md", markdown_table(result["summary"], meta))
     (out_dir / "distributed-scaling.partial.json").unlink(missing_ok=True)
     result["paths"] = [str(out_dir / "distributed-scaling.json"), str(out_dir / "distributed-scaling.md")]

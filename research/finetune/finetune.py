@@ -28,7 +28,8 @@ from research.accuracy.accuracy_report import mean_ci95
 from edgetrain.bench.memory import run_child
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
-from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
+from edgetrain.storage.atomic import atomic_write_text
+from edgetrain.bench.results import write_result_json
 from edgetrain.units import MIB
 
 ARMS = ("scratch", "init-all", "init-last")
@@ -198,6 +199,6 @@ def run_finetune_benchmark(grid: FinetuneGrid, out_dir: Path, threads: int = 1,
                     f"{a} {100 * runs[-1][a]['best_test_acc']:.1f}%" for a in ARMS))
     res = {"benchmark": "finetune", "grid": asdict(grid), "threads": threads, "runs": runs,
            "wall_s": time.perf_counter() - t0, "summary": summarize(runs)}
-    atomic_write_json(out_dir / "finetune.json", res)
+    write_result_json(out_dir / "finetune.json", res)
     atomic_write_text(out_dir / "finetune.md", markdown(res))
     return res

@@ -22,7 +22,8 @@ from research.accuracy.accuracy import GridSet
 from research.accuracy.accuracy_report import mean_ci95
 from research.paper_cpu.paper_cpu import SEEDS, TUNED, part_grid, run_traced
 from research.paper_cpu.paper_cpu_report import drop, fmt_stat, mean_curve
-from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
+from edgetrain.storage.atomic import atomic_write_text
+from edgetrain.bench.results import write_result_json
 
 INV_SIZE = 150
 INV_SEEDS = SEEDS[:3]
@@ -254,7 +255,7 @@ def write_investigation(out_dir: Path) -> list[Path]:
               plot_modules_and_sizes(out_dir, t13, out_dir / "investigate-paper-cpu-modules.png")):
         paths += [p] if p else []
     js = out_dir / "investigate-paper-cpu-numbers.json"
-    atomic_write_json(js, numbers(out_dir, parts))
+    write_result_json(js, numbers(out_dir, parts))
     md = out_dir / "investigate-paper-cpu-tables.md"
     atomic_write_text(md, tables_markdown(out_dir, parts))
     return paths + [js, md]

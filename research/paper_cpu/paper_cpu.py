@@ -73,7 +73,7 @@ from edgetrain.storage.cache import CacheOverflow
 from edgetrain.regimes.resident import REGIMES
 from edgetrain.regimes.run import build_run, evaluate, load_run, run_metrics
 from edgetrain.regimes.schedule import train
-from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.bench.results import write_result_json
 
 T13_ARMS = ["e2e", "parallel-vangl", "parallel-trgl"]
 T12_ARMS = ["e2e", "sequential-vangl", "sequential-trgl", "multilap-vangl", "multilap-trgl"]
@@ -350,4 +350,4 @@ def _mean(v: list[float]) -> float:
 
 
 def _write(path: Path, res: dict) -> None:
-    atomic_write_json(Path(path), res)
+    write_result_json(Path(path), res)

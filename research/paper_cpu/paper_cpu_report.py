@@ -23,7 +23,8 @@ import statistics
 from research.accuracy.accuracy import GridSet
 from research.accuracy.accuracy_report import mean_ci95
 from research.paper_cpu.paper_cpu import PAPER, paper_cpu_parts, run_traced
-from edgetrain.storage.atomic import atomic_write_json, atomic_write_text
+from edgetrain.storage.atomic import atomic_write_text
+from edgetrain.bench.results import write_result_json
 
 COLORS = {"vangl": "tab:blue", "trgl": "tab:red"}
 LINES = {"parallel": "-", "sequential": "--", "multilap": "-"}
@@ -171,7 +172,7 @@ def write_paper_report(results: dict, prefix: Path, plots: bool = True) -> list[
                              "n_runs": len(r["runs"]), "wall_s": r["wall_s"]}
                          for n, r in parts.items()},
                "claims": claims}
-    atomic_write_json(Path(f"{prefix}.json"), summary)
+    write_result_json(Path(f"{prefix}.json"), summary)
     atomic_write_text(Path(f"{prefix}.md"), markdown(parts, claims))
     paths = [Path(f"{prefix}.json"), Path(f"{prefix}.md")]
     if plots and parts:
@@ -414,7 +415,7 @@ def write_tuning_report(out_dir: Path) -> list[Path]:
     if not tunings:
         return []
     js, md = out_dir / "accuracy-paper-cpu-tuning.json", out_dir / "accuracy-paper-cpu-tuning.md"
-    atomic_write_json(js, {"tunings": [{k: t[k] for k in t if k != "runs"} | {
+    write_result_json(js, {"tunings": [{k: t[k] for k in t if k != "runs"} | {
         "table": sweep_table(t)} for t in tunings]})
     atomic_write_text(md, tuning_markdown(tunings))
     return [js, md, plot_tau_sweep(tunings, out_dir / "accuracy-paper-cpu-tau-sweep.png")]
