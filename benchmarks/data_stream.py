@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from edgetrain.bench.results import write_result_json
+
 QUICK = dict(n=40, factor=4, image_size=(8, 8), batch_size=40)
 
 
@@ -114,7 +116,7 @@ def other_parts(a, parts, tmp: Path, out_dir: Path, machine: str) -> None:
     def record(row):
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
-        out.write_text(json.dumps(res, indent=1))
+        write_result_json(out, res)
 
     if "throughput" in parts:
         run_child({"kind": "prepack", "cfg": cfg(n, "e2e", cache, a.width, a.depth)})
@@ -130,7 +132,7 @@ def other_parts(a, parts, tmp: Path, out_dir: Path, machine: str) -> None:
                            "size": [64, 64]})
             record({"part": "pack", "format": ext, "source_side": side, **r})
     res["uptime_end"] = os.popen("uptime").read().strip()
-    out.write_text(json.dumps(res, indent=1))
+    write_result_json(out, res)
     (out_dir / "data_stream.md").write_text(markdown(res))
 
 

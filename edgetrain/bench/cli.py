@@ -4,12 +4,11 @@ torch; results go to benchmarks/results/.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from edgetrain.config import CACHE_DTYPES, DEVICES, MODES, SPLITS, parse_shape
+from edgetrain.config import CACHE_DTYPES, MODES, SPLITS, parse_shape
 from edgetrain.errors import UserError
 
 
@@ -143,3 +142,80 @@ def bench_cap_cmd(model, input_shape, batch, width, depth, steps, threads, out_d
                     recompute=recompute, split=split, ckpt_segments=ckpt_segments)
     click.echo(format_cap(res))
     click.echo(f"wrote {res['json_path']}\nwrote {res['md_path']}")
+
+
+@bench.command("floor", cls=VariadicCommand)
+@click.option("--model", default="resnet110", show_default=True)
+@click.option("--input", "input_shape", default="3x96x96", show_default=True, help="CxHxW")
+@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default="sequential", show_default=True)
+@click.option("--modules", type=int, default=16, show_default=True)
+@click.option("--recompute", multiple=True,
+              help="settings to break down (default: none blocks segments:2)")
+@click.option("--split", type=click.Choice(SPLITS), default="depth", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+def bench_floor_cmd(model, input_shape, batch, mode, modules, recompute, split, out_dir):
+    """What the heaviest module holds at its step peak, tensor by tensor, beside e2e's peak."""
+    from edgetrain.bench.floor import floor_report  # imports torch: deferred
+    res = floor_report(model, parse_shape(input_shape), batch, mode, modules,
+                       list(recompute) or ["none", "blocks", "segments:2"], Path(out_dir),
+                       split=split)
+    for p in res["paths"]:
+        click.echo(f"wrote {p}")
+
+
+@bench.command("plan-vs-measured")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--only", type=int, multiple=True, help="indices into the default configurations")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+def bench_plan_vs_measured_cmd(threads, only, out_dir):
+    """`edgetrain plan`'s predicted peak against the peak measured in a fresh process."""
+    from edgetrain.bench.plan_vs_measured import (DEFAULT_CONFIGS, HEADER,  # imports torch
+                                                  bench_plan_vs_measured)
+    if any(not 0 <= i < len(DEFAULT_CONFIGS) for i in only):
+        raise UserError(f"--only takes indices 0..{len(DEFAULT_CONFIGS) - 1} (got {list(only)})")
+    click.echo(HEADER)
+    res = bench_plan_vs_measured([DEFAULT_CONFIGS[i] for i in only] if only else DEFAULT_CONFIGS,
+                                 threads, Path(out_dir), log=click.echo)
+    click.echo(f"tensors all within {res['tolerance']:.0%}: {res['all_within_tolerance']}; "
+               f"process: {res['all_process_within_tolerance']}  ({res['md_path']})")
+
+
+@bench.command("fit-vs-measured")
+@click.option("--keep", is_flag=True, help="keep the existing rows; run only the missing ones")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+def bench_fit_vs_measured_cmd(keep, out_dir):
+    """`train --fit` on the CPU profiles: measured peak RSS against the plan and the budget."""
+    from edgetrain.bench.fit_vs_measured import HEADER, bench_fit_vs_measured  # imports torch
+    click.echo(HEADER)
+    res = bench_fit_vs_measured(out_dir=Path(out_dir), log=click.echo, keep=keep)
+    click.echo(f"all within budget: {res['all_within_budget']}  ({res['md_path']})")
+
+
+@bench.command("data-stream")
+@click.option("--n", type=int, default=5000, show_default=True, help="images in the small folder")
+@click.option("--factor", type=int, default=8, show_default=True,
+              help="the large folder holds factor x N")
+@click.option("--image-size", default="64x64", show_default=True, help="HxW of the packs")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--work", type=click.Path(file_okay=False), default=None,
+              help="where the image folders and packs go (default: a temporary directory)")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+def bench_data_stream_cmd(n, factor, image_size, batch_size, threads, work, out_dir):
+    """Peak RSS of image folders of N and factor x N images, streamed from the pack vs in RAM
+    (e2e and sequential; the throughput and packing parts: benchmarks/data_stream.py)."""
+    import tempfile
+    from edgetrain.bench.data_stream import MemorySetup, run_memory_table  # imports torch
+    from edgetrain.config import parse_image_size
+    if n < 8 or factor < 2:
+        raise UserError(f"--n must be >= 8 and --factor >= 2 (got {n}, {factor})")
+    setup = MemorySetup(n=n, factor=factor, image_size=parse_image_size(image_size),
+                        batch_size=batch_size, threads=threads)
+    res = run_memory_table(setup, Path(work or tempfile.mkdtemp(prefix="edgetrain-data-bench-")),
+                           Path(out_dir), echo=click.echo)
+    click.echo(f"wrote {res['md_path']}")
