@@ -58,7 +58,7 @@ def cli() -> None:
 
 
 def malloc_policy() -> str:
-    """EDGETRAIN_MALLOC (README: the allocator), checked: a bad value stops with exit 2."""
+    """EDGETRAIN_MALLOC (docs/memory.md: the allocator), checked: a bad value stops with exit 2."""
     from edgetrain.measure import MALLOC_DEFAULT, resolve_malloc_policy  # imports torch: deferred
     spec = os.environ.get("EDGETRAIN_MALLOC", MALLOC_DEFAULT)
     try:
