@@ -248,3 +248,37 @@ def test_run_directory_contract_names_every_file_of_a_finished_run(tmp_path):
     assert {"config.json", "metrics.json", "modules", "state.json", "log.jsonl"} <= names
     assert sorted(p.name for p in out.iterdir() if p.name not in names) == []
     assert all(p.name[:2].isdigit() for p in (out / "modules").iterdir())
+
+
+# --------------------------------------------------------------------------- the results hook
+def load_hook():
+    pytest.importorskip("mkdocs", reason="the docs extra: pip install -e '.[docs]'")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("docs_results_hook", DOCS / "hooks" / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_hook_finds_a_result_by_name_wherever_its_study_moved(tmp_path, monkeypatch):
+    hook = load_hook()
+    from mkdocs.exceptions import PluginError
+    moved = tmp_path / "research" / "paper_cpu" / "accuracy-paper-cpu.md"
+    moved.parent.mkdir(parents=True)
+    moved.write_text("# Title\n\n| a |\n|---|\n| 1 |\n")
+    monkeypatch.setattr(hook, "ROOT", tmp_path)
+    assert hook.find_result("accuracy-paper-cpu.md") == moved
+    with pytest.raises(PluginError, match="nowhere.png"):
+        hook.find_result("nowhere.png")
+    page = 'x\n??? note "t"\n    <!-- result: accuracy-paper-cpu.md -->\ny\n'
+    assert hook.on_page_markdown(page, None, None, None) == (
+        'x\n??? note "t"\n    ### Title\n\n    | a |\n    |---|\n    | 1 |\ny\n')
+
+
+def test_headline_figure_is_drawn_from_the_measured_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "headline.png"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "headline_memory.py"),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
