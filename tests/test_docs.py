@@ -230,6 +230,18 @@ def test_no_reference_to_the_removed_stage_loss_module():
     assert hits == []
 
 
+def test_every_script_and_result_the_pages_name_exists():
+    """A script the manual tells you to run exists where it says; a results file it names
+    exists under benchmarks/results/ or research/ (studies move, their file names stay)."""
+    text = "".join(p.read_text(encoding="utf-8") for p in pages())
+    scripts = set(re.findall(r"python ((?:benchmarks|research)/[\w./-]+\.py)", text))
+    results = set(re.findall(r"benchmarks/results/([\w.-]+\.(?:md|json|png))", text))
+    found = {p.name for base in ("benchmarks/results", "research") if (ROOT / base).is_dir()
+             for p in (ROOT / base).rglob("*")}
+    assert scripts and sorted(s for s in scripts if not (ROOT / s).is_file()) == []
+    assert results and sorted(r for r in results if r not in found) == []
+
+
 def contract_names() -> set[str]:
     from edgetrain.storage import rundir
     rows = re.findall(r"^\| `([^`]+)` \|", rundir.__doc__, re.M)
