@@ -35,6 +35,9 @@ setup(
         "plots": ["matplotlib>=3.7"],
         # research/: the paper reproduction and studies (scipy.stats.t for their intervals)
         "research": ["scipy>=1.9,<2", "matplotlib>=3.7"],
+        # the manual: `mkdocs build --strict` (CLI reference by mkdocs-click, API by mkdocstrings)
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocs-click>=0.8",
+                 "mkdocstrings[python]>=0.26"],
         "test": ["pytest>=7.4", "hypothesis>=6.0", "onnx>=1.15", "onnxscript>=0.7", "onnxruntime>=1.17", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["edgetrain=edgetrain.cli:main"]},

@@ -1,6 +1,6 @@
 """edgetrain: module-wise (TRGL) training for devices that cannot hold end-to-end backprop.
 
-The public API, documented in the README, lives here and nowhere else:
+The public API, documented in docs/reference/api.md, lives here and nowhere else:
 - `RunConfig`: describes a run (typed, validated on construction);
 - `train(cfg, out_dir)`: trains it, writes the run directory, returns metrics.json's dict;
 - `wrap(model, blocks=[...])`: turns a user's own nn.Module into a trainable Network;

@@ -58,7 +58,7 @@ def cli() -> None:
 
 
 def malloc_policy() -> str:
-    """EDGETRAIN_MALLOC (README: the allocator), checked: a bad value stops with exit 2."""
+    """EDGETRAIN_MALLOC (docs/memory.md: the allocator), checked: a bad value stops with exit 2."""
     from edgetrain.measure import MALLOC_DEFAULT, resolve_malloc_policy  # imports torch: deferred
     spec = os.environ.get("EDGETRAIN_MALLOC", MALLOC_DEFAULT)
     try:
@@ -216,12 +216,19 @@ def train(out, progress, device_profile, memory_budget, resume_dir, fit, **opts)
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path())
-def eval_cmd(run_dir):
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="also draw the validation and test accuracy of every depth into this PNG")
+def eval_cmd(run_dir, plot_path):
     """Re-evaluate every depth of a finished run on its validation and test splits."""
+    from edgetrain.plots.run_plots import check_plot_path, plot_depth_accuracy  # matplotlib: deferred
     from edgetrain.regimes.schedule import evaluate_run  # imports torch: deferred
+    plot = check_plot_path(plot_path) if plot_path else None  # before anything is written
     res = evaluate_run(Path(run_dir))
     print_table(res["modules"], res["best_depth"])
     print_per_class(res["test_per_class"])
+    if plot is not None:
+        plot_depth_accuracy(res["modules"], res["best_depth"], plot, title=str(run_dir))
+        click.echo(f"wrote {plot}")
 
 
 def print_per_class(pc: dict) -> None:
@@ -395,10 +402,17 @@ def resume_cmd(run_dir: Path, progress: bool) -> None:
 
 @cli.command("status")
 @click.argument("run_dir", type=click.Path())
-def status_cmd(run_dir):
+@click.option("--plot-memory", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="also draw RSS per logged epoch and the peak of every phase into this PNG")
+def status_cmd(run_dir, plot_path):
     """Where a running or stopped run stands (from its log.jsonl, state.json, metrics.json)."""
+    from edgetrain.plots.run_plots import check_plot_path, plot_memory  # matplotlib: deferred
     from edgetrain.storage.runlog import format_status, run_status  # imports torch: deferred
+    plot = check_plot_path(plot_path, "--plot-memory") if plot_path else None
     click.echo(format_status(run_status(Path(run_dir))))
+    if plot is not None:
+        plot_memory(Path(run_dir), plot)
+        click.echo(f"wrote {plot}")
 
 
 cli.add_command(bench)

@@ -5,10 +5,11 @@ torch; results go to benchmarks/results/.
 from __future__ import annotations
 
 from pathlib import Path
+import tempfile
 
 import click
 
-from edgetrain.config import CACHE_DTYPES, MODES, SPLITS, parse_shape
+from edgetrain.config import CACHE_DTYPES, MODES, SPLITS, parse_image_size, parse_shape
 from edgetrain.errors import UserError
 
 
@@ -209,9 +210,7 @@ def bench_fit_vs_measured_cmd(keep, out_dir):
 def bench_data_stream_cmd(n, factor, image_size, batch_size, threads, work, out_dir):
     """Peak RSS of image folders of N and factor x N images, streamed from the pack vs in RAM
     (e2e and sequential; the throughput and packing parts: benchmarks/data_stream.py)."""
-    import tempfile
     from edgetrain.bench.data_stream import MemorySetup, run_memory_table  # imports torch
-    from edgetrain.config import parse_image_size
     if n < 8 or factor < 2:
         raise UserError(f"--n must be >= 8 and --factor >= 2 (got {n}, {factor})")
     setup = MemorySetup(n=n, factor=factor, image_size=parse_image_size(image_size),

@@ -1,7 +1,7 @@
 """The planner: search regime, K, split, batch size, cache dtype and (when nothing else fits)
 in-module recomputation for the configuration that fits a memory budget, and print it.
 
-What this file holds: `plan` (the rule is in its docstring and the README) and
+What this file holds: `plan` (the rule is in its docstring and docs/fit-a-device.md) and
 `plan_for_device`; the fitting margin (`SAFETY`, `HEADROOM_BYTES`, `needed_bytes`); the
 `Plan` it returns (with the data pack the run will write, beside its caches), `format_plan`
 and `train_command`, the `edgetrain train` command that runs a plan.

@@ -1,7 +1,7 @@
 """Tensor-level simulation of a run's phases on the meta device: the predictor's engine.
 
 The predictor (`edgetrain.budget.estimate.estimate_peak`) does not guess which tensors a training step
-holds at its peak: it runs the product's own step (`train.stage_loss`, `zero_grad`,
+holds at its peak: it runs the product's own step (`edgetrain.method.loop.stage_loss`, `zero_grad`,
 `backward`, `opt.step`, twice, so the optimizer state exists), evaluation and cache-write
 forwards on meta tensors (shapes only, nothing computed, nothing allocated) under
 `LiveBytes`, a dispatch mode that adds up the bytes of every storage alive after each

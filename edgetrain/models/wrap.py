@@ -11,7 +11,7 @@ Residues follow the paper's Section 2.1:
 - a block that already follows edgetrain's convention (returns a tuple (out, residue)) is
   used as it is.
 To train a wrapped model with `edgetrain train`, register a factory that calls `wrap`
-(see the README); this file does not touch the registry.
+(see docs/method.md, "Models"); this file does not touch the registry.
 """
 from __future__ import annotations
 

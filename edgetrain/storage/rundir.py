@@ -1,8 +1,25 @@
 """The run directory: its layout, the resume state, RNG states, the config hash, metrics.json.
 
-Layout (the contract between commands; README "The run directory"):
-RUN_DIR/config.json, metrics.json, modules/NN.safetensors (`edgetrain.storage.modules`),
-state.json (`STATE`: the resume cursor, RNG states, config hash, version), cache/.
+This docstring is the contract between commands (`train` writes it; `eval`, `export`,
+`predict`, `status` and `train --resume` read it), rendered as the manual's "Run directory"
+page; `tests/test_docs.py` checks that every file a finished run holds is named here.
+
+| path | written by | what it holds |
+|---|---|---|
+| `config.json` | `train`, before the first step | the resolved configuration (every `RunConfig` field; what `--fit` chose, with its prediction under `extra.fit`) |
+| `preprocessing.json` | `train`, before the first step | input shape, channels, resize policy, normalisation (mean, std), class names: all `export` and `predict` need besides the weights |
+| `metrics.json` | `train`, at the end; `eval` adds `test_per_class` | per module: val / test accuracy and loss, transport, tau (null without the penalty), epochs, steps, history (every epoch's train loss, accuracy, transport); `best_depth`, `best_val_acc`, `best_test_acc`, `last_test_acc`; `memory` (peak RSS per phase: train, eval, cache_write, per module) and `peak_rss_mib`; `max_resident_modules`; `timings`; `init`, `train_modules` and `data` where they apply |
+| `modules/NN.safetensors` | `train`, at every epoch boundary | module NN (from 00) with its head; while training also its optimizer, tau and progress state (`edgetrain.storage.modules`) |
+| `state.json` | `train`, after the module files of every checkpoint | `STATE`: the resume cursor (lap, module, epoch), RNG states, per-module results, a hash of config.json, the edgetrain version, `finished` |
+| `log.jsonl` | `train`, one line per trained epoch | lap, module, epoch, train loss, transport, train accuracy, samples/s, RSS and peak RSS, done / total, ETA (`edgetrain.storage.runlog`) |
+| `lock` | the live training process | its PID while it holds the run (`fcntl.flock`; a dead holder's lock is taken over) |
+| `cache/` | sequential and multi-lap runs, while training | activation caches (shards and a checksummed manifest); deleted as soon as the next one is complete, none left at the end; elsewhere with `--cache-dir` |
+| `prefix-depthK.onnx` | `export` (default name) | the exported prefix of depth K, checked against ONNX Runtime |
+
+Every file is written atomically (temporary file, fsync, rename); weights are safetensors
+and records JSON: nothing in a run directory is ever unpickled. A run directory from
+another edgetrain version, or whose config.json was changed, is refused by `--resume`.
+
 This file creates and checks run directories and builds their records; it trains nothing.
 """
 from __future__ import annotations

@@ -24,8 +24,8 @@ from edgetrain import __version__
 from edgetrain.bench.results import write_json_and_markdown
 from edgetrain.measure import MALLOC_DEFAULT, resolve_malloc_policy
 
-# the default job (README's quick start), `bench speed`'s sequential jobs, and a job with
-# large feature maps (the README's retention example)
+# the default job (docs/quickstart.md), `bench speed`'s sequential jobs, and a job with
+# large feature maps (the retention example of docs/memory.md, "The allocator")
 JOBS = {
     "default": [],
     "speed-resnet56-K4": ["--data", "synthetic", "--input", "3x32x32", "--synthetic-size", "512",
