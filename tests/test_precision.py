@@ -102,7 +102,7 @@ def _all_float32(run_dir: Path) -> None:
 
 @pytest.mark.parametrize("kw", [dict(mode="e2e"), dict(mode="parallel"),
                                 dict(mode="sequential"), dict(mode="multilap", epochs=2, laps=2),
-                                dict(mode="sequential", extra={"in_memory": True})],
+                                dict(mode="sequential", in_memory=True)],
                          ids=["e2e", "parallel", "sequential", "multilap", "in-memory"])
 def test_bf16_trains_each_regime_with_every_forward_in_bf16(kw, tmp_path, monkeypatch):
     seen = _record_conv_dtypes(monkeypatch)
