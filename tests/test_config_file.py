@@ -191,10 +191,11 @@ def test_each_paper_cpu_recipe_is_its_presets_trgl_cell(table, data, arm, size):
     tuned on validation (the committed tuning JSON)."""
     from edgetrain.options.file import read_config_file
     try:  # the preset moves from edgetrain/bench to research/paper_cpu (issue #26)
+        from research.accuracy.accuracy import run_config
+        from research.paper_cpu.paper_cpu import part_grid, tuned_overrides
+    except ImportError:
         from edgetrain.bench.accuracy import run_config
         from edgetrain.bench.paper_cpu import part_grid, tuned_overrides
-    except ImportError:
-        pytest.skip("the paper-cpu preset is not importable from edgetrain.bench")
     root = Path(__file__).parents[1]
     found = list(root.glob(f"**/accuracy-paper-cpu-tuning-{table}-{data}.json"))
     assert found, "the tuning JSON of the part"
@@ -202,3 +203,50 @@ def test_each_paper_cpu_recipe_is_its_presets_trgl_cell(table, data, arm, size):
     want = run_config(grid, data, size, arm, 0)
     got = RunConfig(**read_config_file(root / "recipes" / f"paper-cpu-{table}-{data}.toml"))
     assert got == want
+
+
+def test_a_budget_on_the_command_line_replaces_the_files_either_kind(tmp_path):
+    path = tmp_path / "f.toml"
+    path.write_text('[budget]\nmemory_budget = "1GiB"\n')
+    text = _print_config("--config", str(path), "--device-profile", "cpu-2gb")
+    assert 'device_profile = "cpu-2gb"' in text and "# memory_budget = (unset)" in text
+    assert 'memory_budget = "1GiB"' in _print_config("--config", str(path))
+
+
+# ------------------------------------------------------------------ the training path
+def _calls_to_train_step(monkeypatch, run) -> list[str]:
+    """The functions between `cli.train` (or `schedule.train`) and `train_step`, innermost
+    last, seen from inside the first `train_step`."""
+    import inspect
+    from edgetrain.method import loop
+    seen, real = [], loop.train_step
+
+    def spy(*a, **kw):
+        if not seen:
+            frames = [f.function for f in inspect.stack(0)[1:]
+                      if "edgetrain" in f.filename and "/tests/" not in f.filename]
+            top = max(i for i, n in enumerate(frames) if n == "train")  # the outermost train
+            seen.extend(reversed(frames[:top]))
+        return real(*a, **kw)
+    monkeypatch.setattr(loop, "train_step", spy)
+    run()
+    return [*seen, "train_step"]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "e2e"])
+def test_cli_train_reaches_train_step_in_at_most_six_calls(monkeypatch, tmp_path, mode):
+    def run():
+        r = CliRunner().invoke(cli, ["train", *TINY, "--mode", mode, "-K", "2", "--epochs", "1",
+                                     "--out", str(tmp_path / "r")])
+        assert r.exit_code == 0, r.output
+    chain = _calls_to_train_step(monkeypatch, run)
+    assert len(chain) <= 6, chain
+    assert not any("fit" in name for name in chain), chain  # "fit" is fitting into memory
+
+
+def test_the_in_memory_path_is_as_short(monkeypatch, tmp_path):
+    from edgetrain.regimes.schedule import train
+    cfg = RunConfig(data="digits", train_size=200, width=4, depth=2, modules=2, mode="sequential",
+                    epochs=1, batch_size=32, device="cpu", in_memory=True)
+    chain = _calls_to_train_step(monkeypatch, lambda: train(cfg, tmp_path / "r"))
+    assert chain[0] == "train_in_memory" and len(chain) <= 5, chain

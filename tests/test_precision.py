@@ -76,19 +76,23 @@ def _record_conv_dtypes(monkeypatch) -> list[torch.dtype]:
     """Every Conv2d output dtype from the moment the run directory is claimed (training,
     the frozen prefix, cache writes, evaluation; not the fp32 build of the run)."""
     seen: list[torch.dtype] = []
-    orig = schedule._train_locked
+    orig = schedule.regime_of
 
     def hook(module, args, out):
         if isinstance(module, torch.nn.Conv2d):
             seen.append(out.dtype)
 
-    def spy(*a, **kw):
-        h = torch.nn.modules.module.register_module_forward_hook(hook)
-        try:
-            return orig(*a, **kw)
-        finally:
-            h.remove()
-    monkeypatch.setattr(schedule, "_train_locked", spy)
+    def spy_of(cfg):
+        regime = orig(cfg)
+
+        def spy(*a, **kw):
+            h = torch.nn.modules.module.register_module_forward_hook(hook)
+            try:
+                return regime(*a, **kw)
+            finally:
+                h.remove()
+        return spy
+    monkeypatch.setattr(schedule, "regime_of", spy_of)
     return seen
 
 

@@ -31,6 +31,8 @@ def requested(ctx: click.Context, opts: dict, config_file: str | None
     values = field_values(opts)
     given = given_fields(ctx, [n for n in train_fields() if n in values])
     file_values = read_config_file(Path(config_file)) if config_file else {}
+    if given & set(BUDGET_FIELDS):  # a budget on the command line replaces the file's, either kind
+        file_values = {k: v for k, v in file_values.items() if k not in BUDGET_FIELDS}
     return merge(values, given, file_values), given | set(file_values), file_values
 
 
