@@ -19,7 +19,8 @@ from edgetrain.config import (BUDGET_FIELDS, RunConfig, config_from_options,  # 
 from edgetrain.errors import UserError
 from edgetrain.options.command import PLAN_FIELDS, field_options, train_fields
 from edgetrain.options.file import build
-from edgetrain.options.request import budget_text, config_text, requested, without_budget
+from edgetrain.options.request import (budget_text, check_budget, config_text, requested,
+                                       without_budget)
 from edgetrain.signals import StopSignals
 from edgetrain.units import fmt_bytes, parse_size
 
@@ -130,8 +131,8 @@ def train(out, progress, resume_dir, fit, config_file, print_only, **opts):
         click.echo(text)
     else:
         cfg = build(lambda v: config_from_options(apply_budget_options(
-            without_budget(v), v["device_profile"], budget_text(v))), values, file_values,
-            config_file)
+            without_budget(check_budget(v)), v["device_profile"], budget_text(v))), values,
+            file_values, config_file)
     out_dir = Path(out) if out else default_out_dir(cfg)
     job_malloc(cfg.memory_budget is not None)
     launch = None
@@ -261,6 +262,7 @@ def plan_cmd(device_alias, config_file, **opts):
                    "use --device-profile NAME", err=True)
         opts["device_profile"] = opts["device_profile"] or device_alias
     values, given, file_values = requested(click.get_current_context(), opts, config_file)
+    build(check_budget, values, file_values, config_file)
     if bool(values["device_profile"]) == (values["memory_budget"] is not None):
         raise UserError("give exactly one of --device-profile NAME or --memory-budget SIZE")
     from edgetrain.budget.planner import format_plan, plan_for_device  # imports torch: deferred

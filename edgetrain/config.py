@@ -267,7 +267,10 @@ class RunConfig:
         if isinstance(self.train_modules, str):
             self.train_modules = parse_range(self.train_modules)
         if self.train_modules is not None:
-            _check(len(self.train_modules) == 2, "--train-modules must look like A:B")
+            _check(len(self.train_modules) == 2 and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) or
+                isinstance(v, str) and v.isdigit() for v in self.train_modules),
+                f"--train-modules must look like A:B (got {self.train_modules!r})")
             a, b = (int(v) for v in self.train_modules)
             self.train_modules = (a, b)
             _check(1 <= a <= b, f"--train-modules {a}:{b} is empty or reversed (1-based A:B, "

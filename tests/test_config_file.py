@@ -68,6 +68,10 @@ def test_print_config_resolves_nothing_and_reads_back_the_same(tmp_path):
     (("[method]", "[methods]"), "unknown key 'methods'"),
     (("modules = 4", "modules = 0"), "method.modules: --modules must be >= 1"),
     (("[data]", "[data"), "is not valid TOML"),
+    (("# train_modules = (unset)", 'train_modules = [1, "a"]'), "finetune.train_modules:"),
+    (("# device_profile = (unset)", "device_profile = 5"), "budget.device_profile:"),
+    (("# memory_budget = (unset)", "memory_budget = true"), "budget.memory_budget:"),
+    (("# memory_budget = (unset)", 'memory_budget = "lots"'), "budget.memory_budget:"),
 ])
 def test_a_bad_key_or_value_is_one_line_naming_it_and_the_file(tmp_path, edit, message):
     path = tmp_path / "bad.toml"
@@ -250,3 +254,34 @@ def test_the_in_memory_path_is_as_short(monkeypatch, tmp_path):
                     epochs=1, batch_size=32, device="cpu", in_memory=True)
     chain = _calls_to_train_step(monkeypatch, lambda: train(cfg, tmp_path / "r"))
     assert chain[0] == "train_in_memory" and len(chain) <= 5, chain
+
+
+# ------------------------------------------------------------------ any file: 0 or one line, 2
+def _file_values():
+    from hypothesis import strategies as st
+    scalar = st.one_of(st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True),
+                       st.sampled_from(["auto", "cpu", "sgd", "2:4", "3x8x8", "a,b", "", "digits",
+                                        "cpu-2gb", "1GiB", "segments:2", "bf16"]))
+    value = st.one_of(scalar, st.lists(st.one_of(st.integers(-1, 9), st.text(max_size=3)),
+                                       max_size=4))
+    return st.dictionaries(st.sampled_from(train_fields()), value, max_size=5)
+
+
+def test_any_file_is_accepted_or_refused_in_one_line_with_exit_2(tmp_path):
+    """Random keys and values (hypothesis): `--print-config --config` ends in exit 0, or in
+    exit 2 with one line naming the file; never a traceback."""
+    from hypothesis import HealthCheck, given, settings
+    from edgetrain.options.file import write_config_file
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_file_values())
+    def check(values):
+        path = tmp_path / "any.toml"
+        path.write_text(write_config_file(values))
+        r = CliRunner().invoke(cli, ["train", "--print-config", "--config", str(path)])
+        assert r.exit_code in (0, 2), (values, r.output, r.exception)
+        if r.exit_code == 2:
+            line = r.output.strip()
+            assert "\n" not in line and line.startswith("error: ") and "any.toml" in line, (
+                values, line)
+    check()

@@ -64,6 +64,8 @@ def merge(options: dict, given: set[str], file_values: dict) -> dict:
 def build(make: Callable[[dict], object], values: dict, file_values: dict, path: Path | None):
     """`make(values)`; when it fails because of the file, the error names its key and file.
 
+    `file_values` are the file's values that `values` took (none the command line overrode).
+
     The culprit is the first key of the file whose value, added to the command line's and the
     defaults, makes `make` fail (one line: `run.toml: optimisation.lr: --lr must be > 0`).
     """
@@ -72,8 +74,7 @@ def build(make: Callable[[dict], object], values: dict, file_values: dict, path:
     except UserError as e:
         if not file_values:
             raise
-        base = {k: v for k, v in values.items() if k not in file_values}
-        base.update({k: default_of(k) for k in file_values if k not in values})
+        base = {**values, **{k: default_of(k) for k in file_values}}
         for key in file_values:
             base[key] = values[key]
             try:

@@ -21,7 +21,7 @@ from edgetrain.units import parse_size
 
 def requested(ctx: click.Context, opts: dict, config_file: str | None
               ) -> tuple[dict, set[str], dict]:
-    """(the requested values by field, the fields the user gave, the file's values).
+    """(the requested values by field, the fields the user gave, the file's values taken).
 
     Args:
         ctx: the command's click context (where each option's value came from).
@@ -33,6 +33,7 @@ def requested(ctx: click.Context, opts: dict, config_file: str | None
     file_values = read_config_file(Path(config_file)) if config_file else {}
     if given & set(BUDGET_FIELDS):  # a budget on the command line replaces the file's, either kind
         file_values = {k: v for k, v in file_values.items() if k not in BUDGET_FIELDS}
+    file_values = {k: v for k, v in file_values.items() if k not in given}  # the ones taken
     return merge(values, given, file_values), given | set(file_values), file_values
 
 
@@ -47,14 +48,30 @@ def without_budget(values: dict) -> dict:
     return {k: v for k, v in values.items() if k not in BUDGET_FIELDS}
 
 
+def check_budget(values: dict) -> dict:
+    """`values`, once its budget fields are of their kinds (a profile name; a size or bytes)
+    and not both given.
+
+    Raises:
+        UserError: a wrong kind, or both a profile and a budget.
+    """
+    profile, budget = values.get("device_profile"), values.get("memory_budget")
+    if profile is not None and not isinstance(profile, str):
+        raise UserError(f"--device-profile must be a profile name (got {profile!r})")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (str, int))):
+        raise UserError(f"--memory-budget must be a size such as 1.5GiB (got {budget!r})")
+    if profile and budget is not None:
+        raise UserError("give --device-profile or --memory-budget, not both")
+    return values
+
+
 def check_requested(values: dict) -> RunConfig:
     """The RunConfig of `values`, the budget left unresolved: a profile that exists, a size.
 
     Raises:
         UserError: any invalid value, both a profile and a budget.
     """
-    if values.get("device_profile") and values.get("memory_budget") is not None:
-        raise UserError("give --device-profile or --memory-budget, not both")
+    check_budget(values)
     if values.get("device_profile"):
         load_profile(values["device_profile"])
     if values.get("memory_budget") is not None:
