@@ -262,9 +262,9 @@ def plan_cmd(device_alias, config_file, **opts):
                    "use --device-profile NAME", err=True)
         opts["device_profile"] = opts["device_profile"] or device_alias
     values, given, file_values = requested(click.get_current_context(), opts, config_file)
-    build(check_budget, values, file_values, config_file)
     if bool(values["device_profile"]) == (values["memory_budget"] is not None):
         raise UserError("give exactly one of --device-profile NAME or --memory-budget SIZE")
+    build(check_budget, values, file_values, config_file)
     from edgetrain.budget.planner import format_plan, plan_for_device  # imports torch: deferred
     values["data"] = values["data"] or ("synthetic" if values["input_shape"] else "digits")
     profile = load_profile(values["device_profile"]) if values["device_profile"] else None
