@@ -19,8 +19,8 @@ from edgetrain.config import (BUDGET_FIELDS, RunConfig, config_from_options,  # 
 from edgetrain.errors import UserError
 from edgetrain.options.command import PLAN_FIELDS, field_options, train_fields
 from edgetrain.options.file import build
-from edgetrain.options.request import (budget_text, check_budget, config_text, requested,
-                                       without_budget)
+from edgetrain.options.request import (budget_text, check_budget, check_requested, config_text,
+                                       requested, without_budget)
 from edgetrain.signals import StopSignals
 from edgetrain.units import fmt_bytes, parse_size
 
@@ -264,9 +264,9 @@ def plan_cmd(device_alias, config_file, **opts):
     values, given, file_values = requested(click.get_current_context(), opts, config_file)
     if bool(values["device_profile"]) == (values["memory_budget"] is not None):
         raise UserError("give exactly one of --device-profile NAME or --memory-budget SIZE")
-    build(check_budget, values, file_values, config_file)
-    from edgetrain.budget.planner import format_plan, plan_for_device  # imports torch: deferred
     values["data"] = values["data"] or ("synthetic" if values["input_shape"] else "digits")
+    build(check_requested, values, file_values, config_file)  # a bad key of the file: named
+    from edgetrain.budget.planner import format_plan, plan_for_device  # imports torch: deferred
     profile = load_profile(values["device_profile"]) if values["device_profile"] else None
     budget = parse_size(budget_text(values)) if values["memory_budget"] is not None else None
     base = build(lambda v: config_from_options({**without_budget(v), "memory_budget": budget}),
