@@ -14,16 +14,24 @@ import click
 from edgetrain import __version__
 from edgetrain.bench.cli import bench
 from edgetrain.budget.devices import find_profiles, load_profile, read_profile
-from edgetrain.config import (CACHE_DTYPES, DEVICES, HEADS, MODES, OPTIMIZERS, PRECISIONS,
-                              SPLITS, TAU_SCHEDULES, TRANSPORT_SCALINGS, RunConfig,
-                              config_from_options)
+from edgetrain.config import (BUDGET_FIELDS, RunConfig, config_from_options,  # noqa: F401
+                              parse_shape)  # parse_shape: benchmarks/ import it from here
 from edgetrain.errors import UserError
+from edgetrain.options.command import PLAN_FIELDS, field_options, train_fields
+from edgetrain.options.file import build
+from edgetrain.options.request import (budget_text, check_budget, check_requested, config_text,
+                                       requested, without_budget)
 from edgetrain.signals import StopSignals
 from edgetrain.units import fmt_bytes, parse_size
 
 
 class EdgeGroup(click.Group):
     """A group whose errors are one line on stderr with exit code 2 (also under CliRunner)."""
+
+    def invoke(self, ctx: click.Context):
+        """Note a `--help` after the command (the group's callback then imports nothing)."""
+        ctx.meta["edgetrain.help"] = bool({"-h", "--help"} & set(ctx.args))
+        return super().invoke(ctx)
 
     def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
         try:
@@ -48,8 +56,11 @@ def _fail(message: str, code: int) -> None:
 
 @click.group(cls=EdgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgetrain")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Module-wise (TRGL) training for devices that cannot hold end-to-end backprop."""
+    if ctx.meta.get("edgetrain.help"):  # help alone stays torch-free
+        return
     from edgetrain.measure import apply_malloc_policy, default_threads  # imports torch: deferred
     policy = malloc_policy()
     if policy != "auto":  # auto: chosen per job, once its memory budget is known
@@ -76,95 +87,6 @@ def job_malloc(budgeted: bool) -> None:
         measure.apply_malloc_policy(measure.resolve_malloc_policy(spec, budgeted))
 
 
-def train_options(fn):
-    """The options of `edgetrain train` that map one-to-one onto RunConfig fields."""
-    d = RunConfig()
-    opts = [
-        click.option("--data", default=d.data, show_default=True,
-                     help="dataset name, or an image folder (one sub-folder per class)"),
-        click.option("--train-size", type=int, default=None, help="stratified subset of the training split"),
-        click.option("--test-size", type=int, default=None,
-                     help="fixed stratified subset of the test split (quick benchmarks)"),
-        click.option("--val-fraction", type=float, default=d.val_fraction, show_default=True),
-        click.option("--input", "input_shape", default=None, help="CxHxW, for --data synthetic"),
-        click.option("--synthetic-size", type=int, default=d.synthetic_size, show_default=True),
-        click.option("--augment/--no-augment", default=d.augment, show_default=True),
-        click.option("--model", default=d.model, show_default=True),
-        click.option("--width", type=int, default=None, help="base width (model default if unset)"),
-        click.option("--depth", type=int, default=None, help="number of blocks (kmresnet) or n (resnet)"),
-        click.option("--modules", "-K", type=int, default=d.modules, show_default=True),
-        click.option("--split", type=click.Choice(SPLITS), default=d.split, show_default=True),
-        click.option("--head", type=click.Choice(HEADS), default=d.head, show_default=True),
-        click.option("--mode", type=click.Choice(MODES), default=d.mode, show_default=True),
-        click.option("--laps", type=int, default=d.laps, show_default=True),
-        click.option("--epochs", type=int, default=d.epochs, show_default=True,
-                     help="epochs per module (sequential/multilap, all laps together) or in all"),
-        click.option("--tau", type=float, default=d.tau, show_default=True),
-        click.option("--tau-schedule", type=click.Choice(TAU_SCHEDULES), default=d.tau_schedule,
-                     show_default=True),
-        click.option("--transport-scaling", type=click.Choice(TRANSPORT_SCALINGS),
-                     default=d.transport_scaling, show_default=True),
-        click.option("--no-transport", is_flag=True, help="VanGL: no transport regularisation"),
-        click.option("--mult-h", type=float, default=d.mult_h, show_default=True),
-        click.option("--mult-s", type=int, default=d.mult_s, show_default=True),
-        click.option("--mult-lambda1", type=float, default=d.mult_lambda1, show_default=True),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=d.optimizer, show_default=True),
-        click.option("--lr", type=float, default=d.lr, show_default=True),
-        click.option("--momentum", type=float, default=d.momentum, show_default=True),
-        click.option("--weight-decay", type=float, default=d.weight_decay, show_default=True),
-        click.option("--label-smoothing", type=float, default=d.label_smoothing, show_default=True),
-        click.option("--init-gain", type=float, default=None, help="orthogonal init with this gain"),
-        click.option("--cosine/--no-cosine", default=d.cosine, show_default=True),
-        click.option("--batch-size", type=int, default=d.batch_size, show_default=True),
-        click.option("--seed", type=int, default=d.seed, show_default=True),
-        click.option("--device", type=click.Choice(DEVICES), default=d.device, show_default=True),
-        click.option("--precision", type=click.Choice(PRECISIONS), default=d.precision,
-                     show_default=True,
-                     help="forward under autocast in bf16 or fp16 (fp32 master weights); fp16 "
-                          "needs CUDA"),
-        click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default=None,
-                     show_default="float16; bfloat16 with --precision bf16",
-                     help="storage dtype of the activation cache"),
-        click.option("--cache-dir", default=None, help="activation cache (default RUN_DIR/cache)"),
-        click.option("--cache-views", type=int, default=d.cache_views, show_default=True),
-        click.option("--prefetch-mib", type=float, default=d.prefetch_mib, show_default=True),
-        click.option("--distributed", is_flag=True,
-                     help="one rank per group of modules (--mode parallel, launched by torchrun)"),
-        click.option("--buffer-size", type=int, default=d.buffer_size, show_default=True,
-                     help="--distributed: activation batches buffered per direction; 0 = synchronous"),
-        click.option("--recompute", default=d.recompute, show_default=True,
-                     help="recompute activations inside the trained module(s) during backward: "
-                          "none, blocks (one checkpoint per block) or segments:S"),
-        # fine-tuning (issue #16)
-        click.option("--init", default=None,
-                     help="start from weights: a safetensors file, a PyTorch state dict "
-                          "(weights only) or an edgetrain RUN_DIR"),
-        click.option("--init-strict/--no-init-strict", default=d.init_strict, show_default=True,
-                     help="every key of --init must match (else load what matches, report the rest)"),
-        click.option("--train-modules", default=None,
-                     help="A:B, 1-based inclusive: train only these modules (default all)"),
-        click.option("--classes", default=None,
-                     help="comma-separated classes to keep (names, or indices with --classes-by index)"),
-        click.option("--classes-by", type=click.Choice(("name", "index")), default=d.classes_by,
-                     show_default=True),
-        # image folders (issue 15)
-        click.option("--data-cache", default=None,
-                     help="where data sets are packed (default ~/.cache/edgetrain/data)"),
-        click.option("--image-size", default=None,
-                     help="HxW for an image folder: resize the short side, centre crop"),
-        click.option("--channels", type=click.Choice(["1", "3"]), default=None,
-                     callback=lambda c, p, v: None if v is None else int(v),
-                     help="image folder channels (default 3 if any image is in colour)"),
-        click.option("--flip/--no-flip", default=None,
-                     help="horizontal flips preserve labels (default: off for folders)"),
-        click.option("--skip-bad-images", is_flag=True,
-                     help="skip and count corrupt images instead of stopping"),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
 def print_table(modules: list[dict], best: int) -> None:
     click.echo(f"{'depth':>5} {'val_acc':>8} {'test_acc':>8}")
     for m in modules:
@@ -172,33 +94,45 @@ def print_table(modules: list[dict], best: int) -> None:
         click.echo(f"{m['index'] + 1:>5} {m['val_acc']:>8.4f} {m['test_acc']:>8.4f}{mark}")
 
 
+CONFIG_HELP = ("a TOML file of options, grouped as --print-config writes it; options given "
+               "here override it")
+
+
 @cli.command()
-@train_options
+@field_options(train_fields())
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help=CONFIG_HELP)
+@click.option("--print-config", "print_only", is_flag=True,
+              help="print the configuration (the file, the options, the defaults; nothing "
+                   "resolved for this machine) as TOML and exit without training")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("--device-profile", default=None,
-              help="devices/NAME.toml: enforce its memory budget (see `edgetrain devices`)")
-@click.option("--memory-budget", default=None, help="resident memory budget, e.g. 1.5GiB")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="continue the interrupted run in RUN_DIR from its last checkpoint")
 @click.option("--fit", "fit", is_flag=True,
               help="with --device-profile/--memory-budget: plan mode, K, split, batch, cache "
                    "dtype and (when nothing else fits) --recompute around the options given, "
                    "print the plan, train it")
-def train(out, progress, device_profile, memory_budget, resume_dir, fit, **opts):
+def train(out, progress, resume_dir, fit, config_file, print_only, **opts):
     """Train a network module by module (or end-to-end) and write a run directory."""
     if resume_dir is not None:
         return resume_cmd(Path(resume_dir), progress)
+    values, given, file_values = requested(click.get_current_context(), opts, config_file)
+    if print_only:
+        return click.echo(config_text(values, file_values, config_file, "train"), nl=False)
     from edgetrain.budget.guard import apply_budget_options  # imports torch: deferred
     from edgetrain.regimes.schedule import train as run_train  # imports torch: deferred
     from edgetrain.storage.rundir import default_out_dir  # imports torch: deferred
     if fit:
         from edgetrain.budget.fit import fit_config  # imports torch: deferred
         where = Path(out) if out else default_out_dir(RunConfig()).parent  # its file system
-        cfg, text = fit_config(opts, given_fields(), device_profile, memory_budget, where)
+        cfg, text = fit_config(without_budget(values), given - set(BUDGET_FIELDS),
+                               values["device_profile"], budget_text(values), where)
         click.echo(text)
     else:
-        cfg = config_from_options(apply_budget_options(opts, device_profile, memory_budget))
+        cfg = build(lambda v: config_from_options(apply_budget_options(
+            without_budget(check_budget(v)), v["device_profile"], budget_text(v))), values,
+            file_values, config_file)
     out_dir = Path(out) if out else default_out_dir(cfg)
     job_malloc(cfg.memory_budget is not None)
     launch = None
@@ -313,49 +247,43 @@ def calibrate_cmd(name, cache_dir, storage_mib):
                f"fp16 {p.fp16}, {p.cpu_cores} cores, budget {fmt_bytes(p.budget_bytes)}")
 
 
+PLAN_OVERRIDES = {
+    "data": {"default": None, "show_default": False,
+             "help": "data set name (default: synthetic with --input, else digits)"},
+    "data_cache": {"help": "where the data set is packed (default ~/.cache/edgetrain/data): "
+                           "the plan shows the pack's bytes to write there"},
+    "batch_size": {"help": "the largest batch to consider"},
+    "precision": {"help": "the precision the run will train in (not planned)"},
+    "recompute": {"help": "keep this --recompute (none, blocks, segments:S); unset, the planner "
+                          "tries segments:2, then blocks, when nothing fits without"},
+    "memory_budget": {"help": "instead of --device-profile: a budget, e.g. 1.5GiB"},
+}
+
+
 @cli.command("plan")
-@click.option("--device", "device_name", default=None, help="device profile (`edgetrain devices`)")
-@click.option("--memory-budget", default=None, help="instead of --device: a budget, e.g. 1.5GiB")
-@click.option("--model", default=RunConfig.model, show_default=True)
-@click.option("--data", default=None, help="dataset name (default: synthetic with --input, else digits)")
-@click.option("--input", "input_shape", default=None, help="CxHxW: plan for synthetic data of this shape")
-@click.option("--data-cache", default=None,
-              help="where the data set is packed (default ~/.cache/edgetrain/data): the plan "
-                   "shows the pack's bytes to write there")
-@click.option("--image-size", default=None, help="HxW for an image folder (as `train`)")
-@click.option("--channels", type=click.Choice(["1", "3"]), default=None,
-              callback=lambda c, p, v: None if v is None else int(v),
-              help="image folder channels (as `train`)")
-@click.option("--train-size", type=int, default=None)
-@click.option("--synthetic-size", type=int, default=RunConfig.synthetic_size, show_default=True)
-@click.option("--width", type=int, default=None)
-@click.option("--depth", type=int, default=None)
-@click.option("--epochs", type=int, default=RunConfig.epochs, show_default=True)
-@click.option("--laps", type=int, default=RunConfig.laps, show_default=True)
-@click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True,
-              help="the largest batch to consider")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=RunConfig.optimizer,
-              show_default=True)
-@click.option("--head", type=click.Choice(HEADS), default=RunConfig.head, show_default=True)
-@click.option("--prefetch-mib", type=float, default=RunConfig.prefetch_mib, show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default=RunConfig.precision,
-              show_default=True, help="the precision the run will train in (not planned)")
-@click.option("--recompute", default=RunConfig.recompute, show_default=True,
-              help="keep this --recompute (none, blocks, segments:S); unset, the planner tries "
-                   "segments:2, then blocks, when nothing fits without")
-def plan_cmd(device_name, memory_budget, **opts):
+@field_options(PLAN_FIELDS, PLAN_OVERRIDES)
+@click.option("--device", "device_alias", default=None, hidden=True,
+              help="deprecated spelling of --device-profile")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help=CONFIG_HELP)
+def plan_cmd(device_alias, config_file, **opts):
     """Choose regime, K, split, batch size, cache dtype and, when nothing else fits,
     --recompute that fit a device; print the command."""
+    if device_alias is not None:
+        click.echo("warning: `plan --device NAME` is deprecated and goes in 0.3.0; "
+                   "use --device-profile NAME", err=True)
+        opts["device_profile"] = opts["device_profile"] or device_alias
+    values, given, file_values = requested(click.get_current_context(), opts, config_file)
+    if bool(values["device_profile"]) == (values["memory_budget"] is not None):
+        raise UserError("give exactly one of --device-profile NAME or --memory-budget SIZE")
+    values["data"] = values["data"] or ("synthetic" if values["input_shape"] else "digits")
+    build(check_requested, values, file_values, config_file)  # a bad key of the file: named
     from edgetrain.budget.planner import format_plan, plan_for_device  # imports torch: deferred
-    if bool(device_name) == bool(memory_budget):
-        raise UserError("give exactly one of --device NAME or --memory-budget SIZE")
-    opts["data"] = opts["data"] or ("synthetic" if opts["input_shape"] else "digits")
-    profile = load_profile(device_name) if device_name else None
-    budget = parse_size(memory_budget) if memory_budget else None
-    base = config_from_options({**opts, "no_transport": False, "memory_budget": budget})
-    given = click.get_current_context().get_parameter_source("recompute")
-    fixed = {"recompute"} if given == click.core.ParameterSource.COMMANDLINE else set()
-    p = plan_for_device(base, profile, budget, fixed=fixed)
+    profile = load_profile(values["device_profile"]) if values["device_profile"] else None
+    budget = parse_size(budget_text(values)) if values["memory_budget"] is not None else None
+    base = build(lambda v: config_from_options({**without_budget(v), "memory_budget": budget}),
+                 values, file_values, config_file)
+    p = plan_for_device(base, profile, budget, fixed={"recompute"} & given)
     click.echo(format_plan(p))
     if not p.fits:
         rc = f", recompute {p.cfg.recompute}" if p.cfg.recompute != "none" else ""
@@ -363,14 +291,6 @@ def plan_cmd(device_name, memory_budget, **opts):
                         f"({p.cfg.mode}, K={p.cfg.modules}, batch {p.cfg.batch_size}{rc}) needs "
                         f"{fmt_bytes(p.needed_bytes)} ({p.needed_bytes} bytes)")
     click.echo(f"command     {p.command()}")
-
-
-def given_fields() -> set[str]:
-    """The RunConfig fields the user gave `edgetrain train` (command line or environment)."""
-    ctx, src = click.get_current_context(), click.core.ParameterSource
-    names = {p.name for p in train_options(lambda: None).__click_params__}
-    given = {n for n in names if ctx.get_parameter_source(n) in (src.COMMANDLINE, src.ENVIRONMENT)}
-    return {"transport" if n == "no_transport" else n for n in given}
 
 
 def resume_cmd(run_dir: Path, progress: bool) -> None:

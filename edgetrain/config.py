@@ -1,7 +1,10 @@
-"""Typed configuration of one run, validated on construction and written to the run dir.
+"""Typed configuration of one run: `RunConfig`, grouped by concern, validated on construction.
 
-This file holds no training logic. `RunConfig.from_dict` reads a `config.json` back; unknown
-keys or bad values raise `UserError` (never a traceback at the CLI).
+Every field carries its group, its one-line doc and its command-line spelling (`opt`); the
+`edgetrain train` / `plan` options (`edgetrain.options.command`) and the TOML file of
+`--config` / `--print-config` (`edgetrain.options.file`) are generated from them. This file
+holds no training logic. `RunConfig.from_dict` reads a `config.json` back (the flat layout of
+0.1.0, `extra` included); unknown keys or bad values raise `UserError`.
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ import math
 import numbers
 import os
 import re
+import typing
 from pathlib import Path
 
 from edgetrain.errors import UserError
+from edgetrain.registry import DATASET_NAMES, MODEL_NAMES
 from edgetrain.storage.atomic import atomic_write_text
 
 MODES = ("e2e", "parallel", "sequential", "multilap")
@@ -29,6 +34,35 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # the activation cache's storage dtype when --cache-dtype is not given: the precision's own
 # 2-byte type (fp32 keeps float16, the default before --precision existed)
 CACHE_DTYPE_OF_PRECISION = {"fp32": "float16", "bf16": "bfloat16", "fp16": "float16"}
+# the groups of RunConfig, in the order of the TOML file (one `[section]` each)
+GROUPS = ("data", "model", "method", "optimisation", "runtime", "out_of_core", "finetune",
+          "budget")
+# fields 0.1.0 kept in config.json's `extra` object, and the key each has there
+EXTRA_KEYS = {"in_memory": "in_memory", "fit_record": "fit", "device_profile": "device_profile",
+              "shared_cpu_gpu_memory": "shared_cpu_gpu_memory"}
+
+
+def opt(default, group: str, doc: str, *, flags: tuple[str, ...] = (), style: str = "",
+        choices: tuple[str, ...] | None = None, cli: bool = True, shown=None, factory=None):
+    """A RunConfig field: its default, group and one-line doc, and how the CLI spells it.
+
+    Args:
+        default: the default value (`factory` instead for a mutable one).
+        group: one of `GROUPS`.
+        doc: one line; the option's help text and the TOML file's comment.
+        flags: the option's spellings when not `--field-name` (0.1.0's: `-K`, `--input`);
+            the last one is what a printed command uses.
+        style: for a bool, "pair" (`--x/--no-x`, the default), "on" (`--x` alone) or
+            "off" (`--no-x` alone, which sets the field False).
+        choices: the values the option accepts (a click Choice).
+        cli: False for a field no command-line option sets (written by the library).
+        shown: the default as `--help` shows it, when the value itself would mislead.
+    """
+    meta = {"group": group, "doc": doc, "flags": flags, "style": style, "choices": choices,
+            "cli": cli, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -46,78 +80,121 @@ class RunConfig:
 
     Learning rates, momentum, weight decay, label smoothing and orthogonal init follow the
     options of the paper's Appendix E; the defaults are tuned for the embedded `digits` set.
+    The fields are flat (`cfg.lr`); each belongs to one group of `GROUPS` (its metadata).
     """
 
-    # data
-    data: str = "digits"
-    train_size: int | None = None  # stratified, seeded subset of the training split
-    val_fraction: float = 0.1  # carved from the training split, stratified
-    test_size: int | None = None  # fixed stratified subset of the test split (quick benchmarks)
-    input_shape: tuple[int, int, int] | None = None  # only for `synthetic`
-    synthetic_size: int = 512  # number of training samples of `synthetic`
-    augment: bool = True
-    # model and split
-    model: str = "kmresnet"
-    width: int | None = None  # base width; None = the model's default
-    depth: int | None = None  # number of blocks for models that take it
-    modules: int = 4
-    split: str = "depth"
-    head: str = "auto"  # auto: dgl, or dgl-light on maps over 256 channels (resolved per module)
-    # regime
-    mode: str = "multilap"
-    laps: int = 2
-    epochs: int = 8  # per module (sequential/multilap: total over laps) or total (e2e/parallel)
-    # transport
-    transport: bool = True
-    tau: float = 1.0
-    tau_schedule: str = "midpoint"
-    transport_scaling: str = "mean"
-    mult_h: float = 1.0
-    mult_s: int = 50
-    mult_lambda1: float = 1.0
-    # optimisation (Appendix E)
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    label_smoothing: float = 0.0
-    init_gain: float | None = None  # orthogonal init gain; None keeps PyTorch's default
-    cosine: bool = True
-    batch_size: int = 64
-    seed: int = 0
-    device: str = "auto"
-    # mixed precision (#17): the forward under autocast, fp32 master weights
-    precision: str = "fp32"
-    # out-of-core (sequential / multilap); cache_dtype None: follows the precision
-    # (`CACHE_DTYPE_OF_PRECISION`), resolved on construction so config.json names it
-    cache_dtype: str | None = None
-    cache_dir: str | None = None
-    cache_views: int = 1
-    prefetch_mib: float = 64.0
-    # memory budget (bytes); None = unlimited
-    memory_budget: int | None = None
-    # torch.distributed (parallel only): one rank per group of modules, launched by torchrun
-    distributed: bool = False
-    buffer_size: int = 0  # activation batches buffered per direction per rank; 0 = synchronous
-    # recomputation inside the trained module(s) (#18): none, blocks, or segments:S
-    recompute: str = "none"
-    # fine-tuning (issue #16): pretrained weights, the modules that train, a subset of classes
-    init: str | None = None  # safetensors / weights-only state dict / edgetrain RUN_DIR
-    init_strict: bool = True  # every key must match (else load what matches and report the rest)
-    train_modules: tuple[int, int] | None = None  # (A, B), 1-based inclusive; None = all
-    classes: tuple[str, ...] | None = None  # keep these classes (names, or indices by classes_by)
-    classes_by: str = "name"
-    # image folders and the data pack (issue 15); `data` naming a directory is a folder
-    data_cache: str | None = None  # where packs live (default ~/.cache/edgetrain/data)
-    image_size: tuple[int, int] | None = None  # (H, W): resize short side, centre crop
-    channels: int | None = None  # 1 or 3; None: 3 when any image of the folder is in colour
-    flip: bool | None = None  # flips label-preserving; None: the data set's own (folders: off)
-    skip_bad_images: bool = False  # skip (and count) corrupt images instead of stopping
-    extra: dict = field(default_factory=dict)
+    # ---------------------------------------------------------------- data
+    data: str = opt("digits", "data", "data set name (" + ", ".join(DATASET_NAMES) + "), or "
+                    "an image folder (one sub-folder per class)")
+    train_size: int | None = opt(None, "data", "stratified, seeded subset of the training split")
+    val_fraction: float = opt(0.1, "data", "validation share carved from the training split "
+                              "(stratified)")
+    test_size: int | None = opt(None, "data", "fixed stratified subset of the test split "
+                                "(quick benchmarks)")
+    input_shape: tuple[int, int, int] | None = opt(None, "data", "CxHxW, for --data synthetic",
+                                                   flags=("--input",))
+    synthetic_size: int = opt(512, "data", "number of training samples of --data synthetic")
+    augment: bool = opt(True, "data", "live augmentation (random crops, and flips where they "
+                        "preserve labels)")
+    data_cache: str | None = opt(None, "data", "where data sets are packed (default "
+                                 "~/.cache/edgetrain/data)")
+    image_size: tuple[int, int] | None = opt(None, "data", "HxW for an image folder: resize "
+                                             "the short side, centre crop")
+    channels: int | None = opt(None, "data", "image folder channels, 1 or 3 (default 3 if any "
+                               "image is in colour)", choices=("1", "3"))
+    flip: bool | None = opt(None, "data", "horizontal flips preserve labels (default: the data "
+                            "set's own; off for folders)")
+    skip_bad_images: bool = opt(False, "data", "skip and count corrupt images instead of "
+                                "stopping", style="on")
+    # ---------------------------------------------------------------- model
+    model: str = opt("kmresnet", "model", "network (" + ", ".join(MODEL_NAMES) + ")")
+    width: int | None = opt(None, "model", "base width (model default if unset)")
+    depth: int | None = opt(None, "model", "number of blocks (kmresnet) or n (resnet)")
+    init_gain: float | None = opt(None, "model", "orthogonal init with this gain (unset: "
+                                  "PyTorch's default init)")
+    # ---------------------------------------------------------------- method
+    mode: str = opt("multilap", "method", "regime: end-to-end, parallel, sequential or "
+                    "multi-lap sequential", choices=MODES)
+    modules: int = opt(4, "method", "number of modules K", flags=("--modules", "-K"))
+    split: str = opt("depth", "method", "cut the blocks into modules of equal depth or equal "
+                     "memory", choices=SPLITS)
+    head: str = opt("auto", "method", "auxiliary head (auto: dgl, or dgl-light on maps over "
+                    "256 channels)", choices=HEADS)
+    laps: int = opt(2, "method", "laps of multi-lap sequential training")
+    epochs: int = opt(8, "method", "epochs per module (sequential/multilap, all laps together) "
+                      "or in all")
+    transport: bool = opt(True, "method", "TRGL's transport regularisation (--no-transport: "
+                          "VanGL)", style="off")
+    tau: float = opt(1.0, "method", "transport weight tau (the penalty is transport / 2 tau)")
+    tau_schedule: str = opt("midpoint", "method", "tau constant, doubled for the second half "
+                            "of the modules, or the method of multipliers", choices=TAU_SCHEDULES)
+    transport_scaling: str = opt("mean", "method", "transport cost: mean(r^2) per block, or "
+                                 "the per-sample squared norm", choices=TRANSPORT_SCALINGS)
+    mult_h: float = opt(1.0, "method", "method of multipliers: step h")
+    mult_s: int = opt(50, "method", "method of multipliers: steps s between updates")
+    mult_lambda1: float = opt(1.0, "method", "method of multipliers: first multiplier lambda_1")
+    # ---------------------------------------------------------------- optimisation
+    optimizer: str = opt("sgd", "optimisation", "optimizer", choices=OPTIMIZERS)
+    lr: float = opt(0.05, "optimisation", "learning rate")
+    momentum: float = opt(0.9, "optimisation", "SGD momentum")
+    weight_decay: float = opt(2e-4, "optimisation", "weight decay")
+    label_smoothing: float = opt(0.0, "optimisation", "label smoothing of the cross-entropy")
+    cosine: bool = opt(True, "optimisation", "cosine learning-rate decay over each module's "
+                       "steps")
+    batch_size: int = opt(64, "optimisation", "samples per batch")
+    seed: int = opt(0, "optimisation", "seed of the data subsets, the init and the batch order")
+    # ---------------------------------------------------------------- runtime
+    device: str = opt("auto", "runtime", "where to train (auto: cuda when available)",
+                      choices=DEVICES)
+    precision: str = opt("fp32", "runtime", "forward under autocast in bf16 or fp16 (fp32 "
+                         "master weights); fp16 needs CUDA", choices=PRECISIONS)
+    recompute: str = opt("none", "runtime", "recompute activations inside the trained "
+                         "module(s) during backward: none, blocks (one checkpoint per block) "
+                         "or segments:S")
+    distributed: bool = opt(False, "runtime", "one rank per group of modules (--mode "
+                            "parallel, launched by torchrun)", style="on")
+    buffer_size: int = opt(0, "runtime", "--distributed: activation batches buffered per "
+                           "direction; 0 = synchronous")
+    # ---------------------------------------------------------------- out of core
+    cache_dtype: str | None = opt(None, "out_of_core", "storage dtype of the activation cache "
+                                  "(unset: follows --precision)", choices=CACHE_DTYPES,
+                                  shown="float16; bfloat16 with --precision bf16")
+    cache_dir: str | None = opt(None, "out_of_core", "activation cache (default RUN_DIR/cache)")
+    cache_views: int = opt(1, "out_of_core", "augmented views of the training set stored per "
+                           "cache")
+    prefetch_mib: float = opt(64.0, "out_of_core", "read-ahead buffer of the data and cache "
+                              "readers, MiB")
+    in_memory: bool = opt(False, "out_of_core", "sequential/multilap with every module "
+                          "resident and no cache (the recompute baseline; not resumable)",
+                          cli=False)
+    # ---------------------------------------------------------------- fine-tuning
+    init: str | None = opt(None, "finetune", "start from weights: a safetensors file, a "
+                           "PyTorch state dict (weights only) or an edgetrain RUN_DIR")
+    init_strict: bool = opt(True, "finetune", "every key of --init must match (else load what "
+                            "matches, report the rest)")
+    train_modules: tuple[int, int] | None = opt(None, "finetune", "A:B, 1-based inclusive: "
+                                                "train only these modules (default all)")
+    classes: tuple[str, ...] | None = opt(None, "finetune", "comma-separated classes to keep "
+                                          "(names, or indices with --classes-by index)")
+    classes_by: str = opt("name", "finetune", "--classes names classes by name or by index",
+                          choices=("name", "index"))
+    # ---------------------------------------------------------------- budget
+    device_profile: str | None = opt(None, "budget", "devices/NAME.toml: enforce its memory "
+                                     "budget (see `edgetrain devices`)")
+    memory_budget: int | None = opt(None, "budget", "resident memory budget, e.g. 1.5GiB "
+                                    "(config.json: bytes)")
+    shared_cpu_gpu_memory: bool = opt(False, "budget", "the device profile's CPU and GPU share "
+                                      "one DRAM (CUDA memory counts against the budget)",
+                                      cli=False)
+    fit_record: dict | None = opt(None, "budget", "what `train --fit` predicted for the "
+                                  "chosen plan (kept beside the run; nothing reads it to train)",
+                                  cli=False)
 
     def __post_init__(self) -> None:
         if self.cache_dtype is None:  # a bad precision is refused just below
             self.cache_dtype = CACHE_DTYPE_OF_PRECISION.get(str(self.precision), "float16")
+        if isinstance(self.input_shape, str):  # 'CxHxW', as the command line and a TOML file
+            self.input_shape = parse_shape(self.input_shape)
         _check_types(self)  # wrong types and non-finite floats first: the checks below compare
         if os.path.isdir(self.data):  # config.json names the folder by its absolute path
             self.data = str(Path(self.data).resolve())
@@ -127,6 +204,15 @@ class RunConfig:
         _check(self.channels in (None, 1, 3), f"--channels must be 1 or 3 (got {self.channels})")
         if self.input_shape is not None:
             self.input_shape = tuple(int(v) for v in self.input_shape)
+        self._check_choices()
+        self._check_ranges()
+        self._check_finetune()
+        if self.input_shape is not None:
+            _check(len(self.input_shape) == 3 and all(v >= 1 for v in self.input_shape),
+                   f"--input must be CxHxW with positive sizes (got {self.input_shape})")
+
+    def _check_choices(self) -> None:
+        """Every field with choices holds one of them (`--head` may list one head per module)."""
         _check_choice("--mode", self.mode, MODES)
         _check_choice("--split", self.split, SPLITS)
         _check_choice("--tau-schedule", self.tau_schedule, TAU_SCHEDULES)
@@ -137,6 +223,9 @@ class RunConfig:
         _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--device", self.device, DEVICES)
+
+    def _check_ranges(self) -> None:
+        """Counts, rates and sizes in range, and the cross-field rules."""
         _check(self.modules >= 1, f"--modules must be >= 1 (got {self.modules})")
         _check(self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})")
         _check(self.laps >= 1, f"--laps must be >= 1 (got {self.laps})")
@@ -168,15 +257,9 @@ class RunConfig:
                "--memory-budget / --device-profile are not enforced per rank with --distributed")
         _check(bool(re.fullmatch(r"none|blocks|segments:[1-9]\d*", str(self.recompute))),
                f"--recompute must be none, blocks or segments:S with S >= 1 (got {self.recompute!r})")
-        self._check_finetune()
-        if self.input_shape is not None:
-            _check(len(self.input_shape) == 3 and all(v >= 1 for v in self.input_shape),
-                   f"--input must be CxHxW with positive sizes (got {self.input_shape})")
 
     def _check_finetune(self) -> None:
         """Issue #16's fields: `train_modules` 'A:B' or (A, B), `classes` 'a,b' or a list."""
-        _check(self.init is None or isinstance(self.init, str), f"--init must be a path (got {self.init!r})")
-        _check(isinstance(self.init_strict, bool), "init_strict must be true or false")
         _check(self.train_modules is None or isinstance(self.train_modules, (str, list, tuple)),
                f"--train-modules must look like A:B (got {self.train_modules!r})")
         _check(self.classes is None or isinstance(self.classes, (str, list, tuple)),
@@ -184,7 +267,10 @@ class RunConfig:
         if isinstance(self.train_modules, str):
             self.train_modules = parse_range(self.train_modules)
         if self.train_modules is not None:
-            _check(len(self.train_modules) == 2, "--train-modules must look like A:B")
+            _check(len(self.train_modules) == 2 and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) or
+                isinstance(v, str) and v.isdigit() for v in self.train_modules),
+                f"--train-modules must look like A:B (got {self.train_modules!r})")
             a, b = (int(v) for v in self.train_modules)
             self.train_modules = (a, b)
             _check(1 <= a <= b, f"--train-modules {a}:{b} is empty or reversed (1-based A:B, "
@@ -210,22 +296,33 @@ class RunConfig:
     @property
     def out_of_core(self) -> bool:
         """Sequential / multilap runs go through the module store and the activation cache,
-        unless `extra["in_memory"]` asks for the in-memory `PrefixSource` path (the baseline
-        of `edgetrain bench speed` and of the cache-equivalence test)."""
-        return self.mode in ("sequential", "multilap") and not self.extra.get("in_memory", False)
+        unless `in_memory` asks for the in-memory `PrefixSource` path (the baseline of
+        `edgetrain bench speed` and of the cache-equivalence test)."""
+        return self.mode in ("sequential", "multilap") and not self.in_memory
 
     @property
     def n_laps(self) -> int:
         return self.laps if self.mode == "multilap" else 1
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """config.json's object: 0.1.0's flat keys, the named `EXTRA_KEYS` fields in `extra`."""
+        d = dataclasses.asdict(self)
+        named = {k: d.pop(k) for k in EXTRA_KEYS}
+        d["extra"] = {EXTRA_KEYS[k]: v for k, v in named.items() if v not in (None, False)}
+        if named["device_profile"] is not None:  # 0.1.0 wrote the two together
+            d["extra"]["shared_cpu_gpu_memory"] = named["shared_cpu_gpu_memory"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """A RunConfig from config.json's object (`to_dict`'s layout, 0.1.0's included)."""
+        d = dict(d)
+        extra = d.pop("extra", {})
+        _check(isinstance(extra, dict), f"extra must be a JSON object (got {extra!r})")
+        by_key = {v: k for k, v in EXTRA_KEYS.items()}
+        unknown = sorted(set(d) - set(field_names()) | set(extra) - set(by_key))
         _check(not unknown, f"unknown configuration keys: {', '.join(unknown)}")
+        d.update({by_key[k]: v for k, v in extra.items()})
         try:
             return cls(**d)
         except TypeError as e:  # wrong value types in a hand-edited file
@@ -246,6 +343,76 @@ class RunConfig:
         return cls.from_dict(d)
 
 
+# ------------------------------------------------------------------- the fields, read back
+def field_names() -> list[str]:
+    """RunConfig's fields in declaration order (grouped)."""
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def field_meta(name: str) -> dict:
+    """The `opt` metadata of field `name`: group, doc, flags, style, choices, cli, shown."""
+    return RunConfig.__dataclass_fields__[name].metadata
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of field `name` from its annotation: `int | None` -> (int, True)."""
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = len(args) < len(typing.get_args(hint))
+    base = args[0] if optional and len(args) == 1 else hint
+    return typing.get_origin(base) or base, optional
+
+
+def default_of(name: str):
+    """The default value of field `name`."""
+    f = RunConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def flag_of(name: str) -> str:
+    """How messages and printed commands spell field `name` (`-K`, `--input`, `--lr`)."""
+    flags = field_meta(name)["flags"]
+    return flags[-1] if flags else "--" + name.replace("_", "-")
+
+
+_HINTS = typing.get_type_hints(RunConfig)
+_NUMBER = {float: ("a number", numbers.Real), int: ("an integer", numbers.Integral)}
+
+
+def _check_types(cfg: RunConfig) -> None:
+    """Every field of its annotated type (a hand-edited config.json or TOML file may hold
+    anything), every float finite: an infinite --tau silently drops the transport term, a
+    NaN passes every `>`. Tuples are checked by their parsers."""
+    for name in field_names():
+        v = getattr(cfg, name)
+        base, optional = field_type(name)
+        if (v is None and optional) or base is tuple:
+            continue
+        if base in _NUMBER:
+            what, kind = _NUMBER[base]
+            _check(isinstance(v, kind) and not isinstance(v, bool),
+                   f"{flag_of(name)} must be {what} (got {v!r})")
+            _check(base is int or math.isfinite(v),
+                   f"{flag_of(name)} must be a finite number (got {v!r})")
+        elif base is bool:
+            _check(isinstance(v, bool), f"{name} must be true or false (got {v!r})")
+        elif base is str:
+            kind = "a path" if name in PATH_FIELDS else "a string"
+            _check(isinstance(v, str), f"{flag_of(name)} must be {kind} (got {v!r})")
+        else:
+            _check(isinstance(v, base), f"{name} must be a JSON object (got {v!r})")
+    _check(cfg.input_shape is None or isinstance(cfg.input_shape, (list, tuple))
+           and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                   for v in cfg.input_shape),
+           f"--input must be CxHxW integers (got {cfg.input_shape!r})")
+
+
+PATH_FIELDS = ("cache_dir", "data_cache", "init")
+# the budget options: `edgetrain train` resolves them through the device profile
+# (`edgetrain.budget.guard.apply_budget_options`), not as plain values
+BUDGET_FIELDS = ("device_profile", "memory_budget")
+
+
 def parse_range(text: str) -> tuple[int, int]:
     """'2:4' -> (2, 4); 'A' alone is A:A."""
     parts = text.split(":")
@@ -258,52 +425,6 @@ def parse_range(text: str) -> tuple[int, int]:
     if len(vals) != 2:
         raise UserError(f"--train-modules must look like A:B, e.g. 2:4 (got {text!r})")
     return vals
-
-
-_FLOAT_FIELDS = ("val_fraction", "tau", "mult_h", "mult_lambda1", "lr", "momentum", "weight_decay",
-                 "label_smoothing", "init_gain", "prefetch_mib")
-_INT_FIELDS = ("train_size", "test_size", "synthetic_size", "width", "depth", "modules", "laps",
-               "epochs", "mult_s", "batch_size", "seed", "cache_views", "memory_budget",
-               "buffer_size")
-_BOOL_FIELDS = ("augment", "transport", "cosine", "distributed")
-_STR_FIELDS = ("data", "model", "split", "head", "mode", "tau_schedule", "transport_scaling",
-               "optimizer", "device", "cache_dtype", "precision")
-
-
-def _flag(name: str) -> str:
-    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-
-
-def _check_types(cfg: "RunConfig") -> None:
-    """Every field of its type (a hand-edited config.json may hold anything), every float
-    finite: an infinite --tau silently drops the transport term, a NaN passes every `>`."""
-    for name in _FLOAT_FIELDS:
-        v = getattr(cfg, name)
-        if v is None and name == "init_gain":
-            continue
-        _check(isinstance(v, numbers.Real) and not isinstance(v, bool),
-               f"{_flag(name)} must be a number (got {v!r})")
-        _check(math.isfinite(v), f"{_flag(name)} must be a finite number (got {v!r})")
-    for name in _INT_FIELDS:
-        v = getattr(cfg, name)
-        _check(v is None and name in ("train_size", "test_size", "width", "depth", "memory_budget")
-               or isinstance(v, numbers.Integral) and not isinstance(v, bool),
-               f"{_flag(name)} must be an integer (got {v!r})")
-    for name in _BOOL_FIELDS:
-        _check(isinstance(getattr(cfg, name), bool),
-               f"{name} must be true or false (got {getattr(cfg, name)!r})")
-    for name in _STR_FIELDS:
-        _check(isinstance(getattr(cfg, name), str),
-               f"{_flag(name)} must be a string (got {getattr(cfg, name)!r})")
-    _check(cfg.cache_dir is None or isinstance(cfg.cache_dir, str),
-           f"--cache-dir must be a path (got {cfg.cache_dir!r})")
-    _check(cfg.data_cache is None or isinstance(cfg.data_cache, str),
-           f"--data-cache must be a path (got {cfg.data_cache!r})")
-    _check(isinstance(cfg.extra, dict), f"extra must be a JSON object (got {cfg.extra!r})")
-    _check(cfg.input_shape is None or isinstance(cfg.input_shape, (list, tuple))
-           and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                   for v in cfg.input_shape),
-           f"--input must be CxHxW integers (got {cfg.input_shape!r})")
 
 
 def parse_shape(text: str | None) -> tuple[int, int, int] | None:
@@ -335,22 +456,17 @@ def parse_image_size(value) -> tuple[int, int] | None:
 
 
 # ------------------------------------------------------------- the command line's spelling
-# How RunConfig fields are spelled as `edgetrain train` options: the one mapping, read both
-# ways (`config_from_options` for the CLI, `option_args` for the planner's printed command).
-FLAG_NAMES = {"input_shape": "--input", "modules": "-K"}
-
-
 def config_from_options(opts: dict) -> RunConfig:
     """A RunConfig from `edgetrain train`'s parsed options (`--input CxHxW`, `--no-transport`)."""
     opts = dict(opts)
-    opts["input_shape"] = parse_shape(opts.get("input_shape"))
-    opts["transport"] = not opts.pop("no_transport")
+    if "no_transport" in opts:
+        opts["transport"] = not opts.pop("no_transport")
     return RunConfig(**opts)
 
 
 def option_args(name: str, value) -> list[str]:
     """The `edgetrain train` arguments that set field `name` to `value`."""
-    flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    flag = flag_of(name)
     if name == "transport":
         return [] if value else ["--no-transport"]
     if isinstance(value, bool):

@@ -1,13 +1,21 @@
 """`Registry`: a name -> factory table written only by its decorator (timm's `register_model`).
 
 The model registry (`edgetrain.models`) and the data set registry (`edgetrain.data`) are
-both one of these; everything else reads them.
+both one of these; everything else reads them. `MODEL_NAMES` and `DATASET_NAMES` name the
+built-in entries of each, so that `edgetrain train --help` lists the choices without
+importing torch (a test checks that they equal the registries once filled).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from edgetrain.errors import UserError
+
+MODEL_NAMES = ("kmresnet", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
+               "resnet56", "resnet110", "resnet18", "resnet50", "resnet101", "resnet152",
+               "swin_t", "vgg11", "vgg19", "vit")
+DATASET_NAMES = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "stl10",
+                 "synthetic")
 
 
 class Registry(dict):

@@ -45,7 +45,7 @@ def fake(monkeypatch):
 def _opts(**kw) -> dict:
     d = RunConfig()
     opts = {f.name: getattr(d, f.name) for f in dataclasses.fields(d)
-            if f.name not in ("extra", "memory_budget", "transport")}
+            if f.name not in ("fit_record", "memory_budget", "transport")}
     return {**opts, "no_transport": False, **BASE, **kw}
 
 
@@ -62,8 +62,8 @@ def test_given_options_are_never_changed(fake, tmp_path, fixed):
         assert getattr(cfg, k) == GIVEN[k], (k, text)
     for k in BASE:
         assert getattr(cfg, k) == BASE[k]
-    assert cfg.memory_budget == 2 * 2**30 and cfg.extra["fit"]["needed_bytes"] <= 2 * 2**30
-    assert not ({f.name for f in dataclasses.fields(cfg)} - set(PLANNED) - {"extra"}) & {
+    assert cfg.memory_budget == 2 * 2**30 and cfg.fit_record["needed_bytes"] <= 2 * 2**30
+    assert not ({f.name for f in dataclasses.fields(cfg)} - set(PLANNED) - {"fit_record"}) & {
         k for k in opts if k in RunConfig.__dataclass_fields__ and getattr(cfg, k) != opts[k]
         and k not in PLANNED and k != "memory_budget"}
     if not fixed:  # unconstrained, the rule picks e2e at the largest batch for this budget
@@ -106,7 +106,7 @@ def test_nothing_fits_is_one_line_naming_smallest_budget(fake, tmp_path):
     assert not out.exists()
     needed = int(line.split("(")[1].split()[0])  # the exact byte count it names
     cfg, _ = fitmod.fit_config(_opts(), set(BASE), None, str(needed), tmp_path)
-    assert cfg.extra["fit"]["needed_bytes"] == needed  # that budget does fit
+    assert cfg.fit_record["needed_bytes"] == needed  # that budget does fit
 
 
 def test_nothing_fits_on_disk(fake, tmp_path, monkeypatch):
@@ -268,17 +268,17 @@ def test_one_file_system_counts_the_pack_and_the_caches_against_one_free_space(
     with pytest.raises(UserError, match="nothing fits on disk: .* one file system with"):
         fit(caches + pack - 1, shared=True)
     cfg, text = fit(caches + pack - 1, shared=False)
-    assert cfg.extra["fit"]["data_pack_bytes"] == pack
+    assert cfg.fit_record["data_pack_bytes"] == pack
     assert f"data pack   {fmt_bytes(pack)} to write once, in {dc}" in text
     cfg, text = fit(caches + pack, shared=True)
     assert "one file system with the data pack" in text
     assert not dc.exists()  # planning wrote nothing
     load_splits(str(root), data_cache=str(dc))  # packed: nothing left to write
     packed, text = fit(caches + pack - 1, shared=True)
-    assert packed.extra["fit"]["data_pack_bytes"] == 0 and "nothing to write" in text
+    assert packed.fit_record["data_pack_bytes"] == 0 and "nothing to write" in text
     assert (packed.mode, packed.modules, packed.batch_size) == (cfg.mode, cfg.modules,
                                                                  cfg.batch_size)
-    assert cfg.extra["fit"]["written_bytes"] == packed.extra["fit"]["written_bytes"] + pack
+    assert cfg.fit_record["written_bytes"] == packed.fit_record["written_bytes"] + pack
 
 
 def test_fit_vs_measured_keep_runs_only_the_missing_rows(tmp_path, monkeypatch):

@@ -125,7 +125,7 @@ def test_train_command_round_trips():
     assert args[:2] == ["edgetrain", "train"] and args[-2:] == ["--device-profile", "cpu-2gb"]
     from edgetrain.cli import config_from_options, train
     ctx = train.make_context("train", args[2:])
-    fields = {f.name for f in dataclasses.fields(RunConfig)} | {"no_transport"}
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"device_profile"} | {"no_transport"}
     opts = {k: v for k, v in ctx.params.items() if k in fields}
     assert ctx.params["device_profile"] == "cpu-2gb"
     assert config_from_options(opts) == cfg
@@ -180,9 +180,9 @@ def test_plan_cli_shows_the_data_pack_to_write_and_writes_nothing(fake, tmp_path
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--device", "no-such-board"], "unknown device profile"),
+    (["--device-profile", "no-such-board"], "unknown device profile"),
     ([], "exactly one of"),
-    (["--device", "cpu-2gb", "--memory-budget", "1GiB"], "exactly one of"),
+    (["--device-profile", "cpu-2gb", "--memory-budget", "1GiB"], "exactly one of"),
     (["--memory-budget", "1KiB"], "below the runtime itself"),
     (["--memory-budget", "1GiB", "--model", "nosuchnet"], "model"),
 ])

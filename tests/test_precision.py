@@ -76,19 +76,23 @@ def _record_conv_dtypes(monkeypatch) -> list[torch.dtype]:
     """Every Conv2d output dtype from the moment the run directory is claimed (training,
     the frozen prefix, cache writes, evaluation; not the fp32 build of the run)."""
     seen: list[torch.dtype] = []
-    orig = schedule._train_locked
+    orig = schedule.regime_of
 
     def hook(module, args, out):
         if isinstance(module, torch.nn.Conv2d):
             seen.append(out.dtype)
 
-    def spy(*a, **kw):
-        h = torch.nn.modules.module.register_module_forward_hook(hook)
-        try:
-            return orig(*a, **kw)
-        finally:
-            h.remove()
-    monkeypatch.setattr(schedule, "_train_locked", spy)
+    def spy_of(cfg):
+        regime = orig(cfg)
+
+        def spy(*a, **kw):
+            h = torch.nn.modules.module.register_module_forward_hook(hook)
+            try:
+                return regime(*a, **kw)
+            finally:
+                h.remove()
+        return spy
+    monkeypatch.setattr(schedule, "regime_of", spy_of)
     return seen
 
 
@@ -102,7 +106,7 @@ def _all_float32(run_dir: Path) -> None:
 
 @pytest.mark.parametrize("kw", [dict(mode="e2e"), dict(mode="parallel"),
                                 dict(mode="sequential"), dict(mode="multilap", epochs=2, laps=2),
-                                dict(mode="sequential", extra={"in_memory": True})],
+                                dict(mode="sequential", in_memory=True)],
                          ids=["e2e", "parallel", "sequential", "multilap", "in-memory"])
 def test_bf16_trains_each_regime_with_every_forward_in_bf16(kw, tmp_path, monkeypatch):
     seen = _record_conv_dtypes(monkeypatch)

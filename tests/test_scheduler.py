@@ -20,7 +20,7 @@ def _acc(m):
 def test_cached_sequential_matches_in_memory_path_with_one_module_resident(tmp_path):
     kw = dict(mode="sequential", epochs=2, modules=3, depth=3, cache_dtype="float32", augment=False)
     ooc = train(tiny_cfg(**kw), tmp_path / "ooc")
-    mem = train(tiny_cfg(**kw, extra={"in_memory": True}), tmp_path / "mem")
+    mem = train(tiny_cfg(**kw, in_memory=True), tmp_path / "mem")
     assert ooc["max_resident_modules"] == 1 and mem["max_resident_modules"] == 3
     for (va, ta), (vb, tb) in zip(_acc(ooc), _acc(mem)):
         assert abs(va - vb) <= 0.005 and abs(ta - tb) <= 0.005
@@ -89,7 +89,7 @@ def test_resume_refuses_tampered_config_other_version_and_e2e(tmp_path):
     (tmp_path / "e" / "metrics.json").unlink()
     with pytest.raises(UserError, match="metrics.json is missing"):
         resume(tmp_path / "e")
-    in_mem = tiny_cfg(mode="sequential", epochs=1, extra={"in_memory": True})
+    in_mem = tiny_cfg(mode="sequential", epochs=1, in_memory=True)
     train(in_mem, tmp_path / "m")
     (tmp_path / "m" / "metrics.json").unlink()
     with pytest.raises(UserError, match="does not checkpoint"):

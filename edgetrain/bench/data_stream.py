@@ -101,7 +101,7 @@ def _child_train(spec: dict) -> dict:
 def _child_module0(spec: dict) -> dict:
     import torch  # child process only
 
-    from edgetrain.method.loop import fit, make_trainer  # imports torch
+    from edgetrain.method.loop import make_trainer, train_epochs  # imports torch
     from edgetrain.regimes.run import build_run  # imports torch
     torch.set_num_threads(int(spec.get("threads", 2)))
     cfg = RunConfig.from_dict(spec["cfg"])
@@ -110,11 +110,11 @@ def _child_module0(spec: dict) -> dict:
         _to_ram(run.data)
     src = run.raw("train", train=True)
     tr = make_trainer(run.stages[0], cfg, 0, run.n_modules, src.steps_per_epoch())
-    fit([tr], src, 1, cfg, first_epoch=0)  # warm-up epoch (allocator, page cache when warm)
+    train_epochs([tr], src, 1, cfg, first_epoch=0)  # warm-up epoch (allocator, page cache when warm)
     if spec["reader"] == "evicted":
         _evict(run.data)
     t0 = time.perf_counter()
-    fit([tr], src, 1, cfg, first_epoch=1)
+    train_epochs([tr], src, 1, cfg, first_epoch=1)
     dt = time.perf_counter() - t0
     return {"samples_per_s": len(run.data.train) / dt, "seconds": dt, "n": len(run.data.train)}
 

@@ -30,7 +30,7 @@ import torch
 
 from edgetrain.config import RunConfig
 from edgetrain.data.batches import batch_indices, epoch_generator
-from edgetrain.method.loop import fit_module, make_trainer
+from edgetrain.method.loop import make_trainer, train_epochs
 from edgetrain.regimes.out_of_core import OutOfCore
 from edgetrain.regimes.run import build_run
 from edgetrain.regimes.schedule import train
@@ -78,7 +78,7 @@ def cache_vs_recompute(tmp: Path, ks: list[int], epochs: int, synthetic_size: in
     for k in ks:
         cfg = speed_cfg(k, epochs, synthetic_size, cache_dtype)
         rec = _timed_train(speed_cfg(k, epochs, synthetic_size, cache_dtype,
-                                     extra={"in_memory": True}), tmp / f"rec{k}")
+                                     in_memory=True), tmp / f"rec{k}")
         cached = _timed_train(cfg, tmp / f"cache{k}")
         rows.append({"modules": k, "epochs": epochs, "recompute_s": rec, "cache_s": cached,
                      "cache_over_recompute": cached / rec})
@@ -143,7 +143,7 @@ def disk_vs_ram(tmp: Path, k: int, epochs: int, synthetic_size: int, cache_dtype
             stage = o.store.load(m)  # the same initial weights every time
             tr = make_trainer(stage, cfg, m, k, epochs * src.steps_per_epoch())
             t0 = time.perf_counter()
-            fit_module([tr], src, epochs, salt=m)
+            train_epochs([tr], src, epochs, cfg, salt=m)
             best[name] = min(best[name], time.perf_counter() - t0)
             o.store.release(m)
     n = disk.reader.n * epochs
@@ -178,7 +178,7 @@ def cache_accuracy(tmp: Path) -> list[dict]:
     """Per-depth test accuracy on digits: cache dtype and views, and the in-memory path."""
     base = dict(data="digits", model="kmresnet", width=16, depth=4, modules=4,
                 mode="sequential", epochs=6, seed=0, device="cpu")
-    variants = [("in-memory, live augmentation", {"extra": {"in_memory": True}}),
+    variants = [("in-memory, live augmentation", {"in_memory": True}),
                 ("cache float32, A=1", {"cache_dtype": "float32", "cache_views": 1}),
                 ("cache float16, A=1", {"cache_dtype": "float16", "cache_views": 1}),
                 ("cache float16, A=4", {"cache_dtype": "float16", "cache_views": 4})]

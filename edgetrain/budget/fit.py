@@ -161,15 +161,15 @@ def fit_config(opts: dict, given: set[str], profile_name: str | None, budget_tex
 
 
 def with_plan_record(p: Plan, written: int) -> RunConfig:
-    """The chosen configuration, with what was predicted in `extra["fit"]` (config.json
-    keeps it beside the run; nothing reads it to train)."""
+    """The chosen configuration, with what was predicted in `fit_record` (config.json
+    keeps it beside the run, as `extra["fit"]`; nothing reads it to train)."""
     pr = p.prediction
     record = {"budget_bytes": p.budget_bytes, "needed_bytes": p.needed_bytes,
               "runtime_baseline_bytes": p.baseline_bytes, "peak_tensor_bytes": pr.peak_bytes,
               "train_step_bytes": pr.train_step_bytes, "cache_write_bytes": pr.cache_write_bytes,
               "eval_bytes": pr.eval_bytes, "disk_bytes": p.disk_bytes, "written_bytes": written,
               "data_pack_bytes": p.pack_bytes, "step_time_ratio": round(p.step_time_ratio, 4)}
-    return dataclasses.replace(p.cfg, extra={**p.cfg.extra, "fit": record})
+    return dataclasses.replace(p.cfg, fit_record=record)
 
 
 def _describe(c: RunConfig) -> str:

@@ -117,12 +117,11 @@ def watchdog_for(cfg: RunConfig, device: str = "cpu") -> RssWatchdog | None:
     """The watchdog for a run with a budget (None without one).
 
     CUDA memory counts against the budget only on a profile whose CPU and GPU share one
-    DRAM (`cfg.extra["shared_cpu_gpu_memory"]`, set by `--device-profile`).
+    DRAM (`cfg.shared_cpu_gpu_memory`, set by `--device-profile`).
     """
     if cfg.memory_budget is None:
         return None
-    shared = bool(cfg.extra.get("shared_cpu_gpu_memory", False))
-    return RssWatchdog(cfg.memory_budget, count_cuda=shared and str(device).startswith("cuda"))
+    return RssWatchdog(cfg.memory_budget, count_cuda=cfg.shared_cpu_gpu_memory and str(device).startswith("cuda"))
 
 
 def apply_budget_options(opts: dict, profile_name: str | None, budget_text: str | None,
@@ -141,8 +140,8 @@ def apply_budget_options(opts: dict, profile_name: str | None, budget_text: str 
         prof = load_profile(profile_name, root)
         check_accelerator(prof, opts.get("device", "auto"))
         opts["memory_budget"] = prof.budget_bytes
-        opts["extra"] = {**opts.get("extra", {}), "device_profile": prof.name,
-                         "shared_cpu_gpu_memory": prof.shared_cpu_gpu_memory}
+        opts["device_profile"] = prof.name
+        opts["shared_cpu_gpu_memory"] = prof.shared_cpu_gpu_memory
     return opts
 
 

@@ -23,7 +23,7 @@ import shlex
 from edgetrain.budget.devices import DeviceProfile
 from edgetrain.budget.estimate import estimate_peak, recompute_time_ratio
 from edgetrain.budget.guard import check_runtime_fits
-from edgetrain.config import RunConfig, option_args
+from edgetrain.config import BUDGET_FIELDS, RunConfig, option_args
 from edgetrain.errors import UserError
 from edgetrain.measure import runtime_baseline_bytes
 from edgetrain.models import create_model
@@ -325,7 +325,7 @@ def train_command(cfg: RunConfig, profile: DeviceProfile | None = None) -> str:
     default, args = RunConfig(), ["edgetrain", "train"]
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name in ("extra", "memory_budget", "transport") or (
+        if not f.metadata["cli"] or f.name in BUDGET_FIELDS + ("transport",) or (
                 f.name not in _ALWAYS and v == getattr(default, f.name)):
             continue
         if cfg.mode != "multilap" and f.name in ("laps", "cache_dtype", "cache_views"):

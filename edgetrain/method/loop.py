@@ -1,7 +1,7 @@
 """The one inner loop shared by every regime, batch sources and evaluation.
 
-`fit_module(trainers, source, epochs)` trains a chain of stages on the batches of
-`source`: one stage for sequential/multilap (the module being trained) and for e2e (the
+`train_epoch(trainers, source, epoch, cfg)` trains a chain of stages for one epoch of
+`source` (`train_step` per batch): one stage for sequential/multilap (the module being trained) and for e2e (the
 whole network as one stage); all stages for parallel, each stage fed the detached output
 of the one before it. No gradient ever crosses a stage boundary.
 
@@ -10,8 +10,9 @@ is deterministic for a given (seed, salt, epoch): `RawSource` reads the data set
 augmentation, `PrefixSource` runs a frozen prefix (eval mode, no_grad) over it on the fly.
 The out-of-core cache (`edgetrain.storage.cache`) provides the same interface.
 
-`fit` is how every regime calls `fit_module`: the run's loss options and precision, the
-progress bar (`progress_bar`) and a check after every step (the memory-budget watchdog).
+`train_epochs` runs several epochs of it under one progress bar (`progress_bar`) with a
+check after every step (`step_hook`: the memory-budget watchdog); the out-of-core regime
+calls `train_epoch` once per checkpointed epoch.
 Every forward here (training, the frozen prefix, evaluation) runs under
 `edgetrain.method.precision.autocast`; losses are computed in float32.
 """
@@ -221,7 +222,7 @@ def optimizer_step(tr: Trainer, total: torch.Tensor) -> None:
 
 
 class Interrupted(Exception):
-    """A stop request seen at a step boundary of `fit_module`: `position` batches of epoch
+    """A stop request seen at a step boundary of `train_epoch`: `position` batches of epoch
     `epoch` are done and `partial` holds that epoch's running sums (per stage). The regime
     that catches it writes a mid-epoch checkpoint; resuming with `skip=position` and
     `partial` replays the same batch order and augmentation draws."""
@@ -231,50 +232,44 @@ class Interrupted(Exception):
         self.epoch, self.position, self.partial = epoch, position, partial
 
 
-def fit_module(trainers: list[Trainer], source: BatchSource, epochs: int, *, first_epoch: int = 0,
-               salt: int = 0, label_smoothing: float = 0.0, scaling: str = "mean",
-               precision: str = "fp32", on_step: Callable[[list[dict]], None] | None = None,
-               on_epoch_end: Callable[[int, list[dict]], None] | None = None,
-               skip: int = 0, partial: list[dict] | None = None,
-               stop: Callable[[], bool] | None = None) -> list[list[dict]]:
-    """Train `trainers` for `epochs` epochs of `source`; returns per-epoch, per-stage means.
+def train_epoch(trainers: list[Trainer], source: BatchSource, epoch: int, cfg: RunConfig, *,
+                salt: int = 0, on_step: Callable[[list[dict]], None] | None = None,
+                skip: int = 0, partial: list[dict] | None = None,
+                stop: Callable[[], bool] | None = None) -> list[dict]:
+    """Train `trainers` for epoch `epoch` of `source`; returns the per-stage means (also
+    appended to each trainer's history).
 
-    `first_epoch` and `salt` select the deterministic batch order (for resuming and for
-    distinct streams per module and lap). `skip` batches of the first epoch are drawn but
-    not trained (a mid-epoch resume; their RNG draws replay), `partial` restores that epoch's
-    running sums. `stop()` is checked after every step; when true, `Interrupted` is raised.
-    `precision` is the forward's (`edgetrain.method.precision.autocast`).
+    `epoch` and `salt` select the deterministic batch order (for resuming and for distinct
+    streams per module and lap). `skip` batches are drawn but not trained (a mid-epoch
+    resume; their RNG draws replay), `partial` restores that epoch's running sums. The loss
+    options and the forward's precision are the run's (`cfg`). `on_step(stats)` runs after
+    every step, then `stop()`: when true, `Interrupted` is raised.
     """
-    out = []
-    for e in range(first_epoch, first_epoch + epochs):
-        fresh = [{"loss": 0.0, "transport": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
-                 for _ in trainers]
-        first = e == first_epoch
-        acc = [{"seconds": 0.0, **a} for a in partial] if first and partial else fresh
-        for i, (x, y) in enumerate(source.epoch(e, salt)):
-            if first and i < skip:
-                continue
-            stats = train_step(trainers, x, y, label_smoothing, scaling, precision)
-            for a, s in zip(acc, stats):
-                a["loss"] += s["loss"] * s["n"]
-                a["transport"] += s["transport"] * s["n"]
-                a["correct"] += s["correct"]
-                a["n"] += s["n"]
-                a["seconds"] += s["seconds"]
-            if on_step:
-                on_step(stats)
-            if stop is not None and stop():
-                raise Interrupted(e, i + 1, acc)
-        summary = [{"epoch": e, "train_loss": a["loss"] / max(a["n"], 1),
-                    "transport": a["transport"] / max(a["n"], 1),
-                    "train_acc": a["correct"] / max(a["n"], 1), "step_s": a["seconds"]}
-                   for a in acc]
-        for tr, s in zip(trainers, summary):
-            tr.history.append(s)
-        out.append(summary)
-        if on_epoch_end:
-            on_epoch_end(e, summary)
-    return out
+    fresh = [{"loss": 0.0, "transport": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
+             for _ in trainers]
+    acc = [{"seconds": 0.0, **a} for a in partial] if partial else fresh
+    for i, (x, y) in enumerate(source.epoch(epoch, salt)):
+        if i < skip:
+            continue
+        stats = train_step(trainers, x, y, cfg.label_smoothing, cfg.transport_scaling,
+                           cfg.precision)
+        for a, s in zip(acc, stats):
+            a["loss"] += s["loss"] * s["n"]
+            a["transport"] += s["transport"] * s["n"]
+            a["correct"] += s["correct"]
+            a["n"] += s["n"]
+            a["seconds"] += s["seconds"]
+        if on_step:
+            on_step(stats)
+        if stop is not None and stop():
+            raise Interrupted(epoch, i + 1, acc)
+    summary = [{"epoch": epoch, "train_loss": a["loss"] / max(a["n"], 1),
+                "transport": a["transport"] / max(a["n"], 1),
+                "train_acc": a["correct"] / max(a["n"], 1), "step_s": a["seconds"]}
+               for a in acc]
+    for tr, s in zip(trainers, summary):
+        tr.history.append(s)
+    return summary
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -284,25 +279,37 @@ def progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
 
 
-def fit(trainers: list[Trainer], source: BatchSource, epochs: int, cfg: RunConfig, *,
-        first_epoch: int = 0, salt: int = 0, desc: str = "", progress: bool = False,
-        step_check: Callable[[], None] | None = None,
-        on_epoch_end: Callable[[int, list[dict]], None] | None = None,
-        skip: int = 0, partial: list[dict] | None = None,
-        stop: Callable[[], bool] | None = None) -> list[list[dict]]:
-    """`fit_module` with the run's loss options, a progress bar, and `step_check()` after
-    every optimiser step (it may raise between steps, where checkpoints are intact); `skip`,
-    `partial` and `stop` as in `fit_module` (a stop request raises `Interrupted`)."""
+def step_hook(bar, step_check: Callable[[], None] | None) -> Callable[[list[dict]], None]:
+    """`on_step` for `train_epoch`: advance `bar` (if any), then `step_check()` (the
+    memory-budget watchdog; it may raise between steps, where checkpoints are intact)."""
+    def on_step(stats):
+        if bar is not None:
+            bar.update(1)
+        if step_check is not None:
+            step_check()
+    return on_step
+
+
+def train_epochs(trainers: list[Trainer], source: BatchSource, epochs: int, cfg: RunConfig, *,
+                 first_epoch: int = 0, salt: int = 0, desc: str = "", progress: bool = False,
+                 step_check: Callable[[], None] | None = None,
+                 on_epoch_end: Callable[[int, list[dict]], None] | None = None,
+                 skip: int = 0, partial: list[dict] | None = None,
+                 stop: Callable[[], bool] | None = None) -> list[list[dict]]:
+    """`epochs` epochs of `train_epoch` from `first_epoch` under one progress bar;
+    `on_epoch_end(epoch, summary)` after each. `skip` and `partial` apply to the first epoch
+    only (a mid-epoch resume); `stop` and `step_check` as in `train_epoch` / `step_hook`."""
+    out = []
     with progress_bar(epochs * source.steps_per_epoch(), desc, progress) as bar:
-        def on_step(stats):
-            if bar is not None:
-                bar.update(1)
-            if step_check is not None:
-                step_check()
-        return fit_module(trainers, source, epochs, first_epoch=first_epoch, salt=salt,
-                          label_smoothing=cfg.label_smoothing, scaling=cfg.transport_scaling,
-                          precision=cfg.precision, on_step=on_step, on_epoch_end=on_epoch_end,
-                          skip=skip, partial=partial, stop=stop)
+        on_step = step_hook(bar, step_check)
+        for e in range(first_epoch, first_epoch + epochs):
+            first = e == first_epoch
+            out.append(train_epoch(trainers, source, e, cfg, salt=salt, on_step=on_step,
+                                   skip=skip if first else 0, partial=partial if first else None,
+                                   stop=stop))
+            if on_epoch_end:
+                on_epoch_end(e, out[-1])
+    return out
 
 
 @torch.no_grad()

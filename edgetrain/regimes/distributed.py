@@ -6,7 +6,7 @@ opens the data set's pack (for the split sizes; an image folder is decoded once,
 rank takes the pack's writer lock first, while the others wait for it: `edgetrain.data.pack`);
 rank 0 reads the batches; rank r > 0 receives
 (activations, labels) from rank r-1 by plain point-to-point `send`/`recv`. Every rank
-trains its modules with the shared `fit_module` / `train_step` / `Trainer` of
+trains its modules with the shared `train_epochs` / `train_step` / `Trainer` of
 `edgetrain.method.loop` and sends the detached output of its last module (the same tensor the
 single-process parallel regime hands to the next module) to rank r+1. No gradient crosses
 a rank, so no backward message exists.
@@ -46,7 +46,7 @@ from edgetrain import __version__
 from edgetrain.config import RunConfig
 from edgetrain.errors import Stopped, UserError, first_line
 from edgetrain.measure import peak_rss_mib
-from edgetrain.method.loop import RawSource, Trainer, evaluate_chain, fit, make_trainer
+from edgetrain.method.loop import RawSource, Trainer, evaluate_chain, make_trainer, train_epochs
 from edgetrain.method.precision import check_precision
 from edgetrain.method.split import block_activation_bytes, split_balanced
 from edgetrain.method.stage import Stage
@@ -199,15 +199,15 @@ def make_rank_trainers(state: RankState) -> list[Trainer]:
 
 def train_rank(state: RankState, trainers: list[Trainer], progress: bool,
                log: RunLog | None = None, first_epoch: int = 0, checkpoint=None) -> None:
-    """This rank's share of the parallel regime: the shared `fit_module` on a stream, from
+    """This rank's share of the parallel regime: the shared `train_epochs` on a stream, from
     `first_epoch` (a resumed run); after every epoch `checkpoint(epoch, summary)`, then a
     line in `log` (rank 0's RUN_DIR/log.jsonl) for this rank's modules."""
     cfg = state.cfg
     src = StreamSource(state.source if state.inbox is None else None, state.inbox,
                        state.source.steps_per_epoch(), state.tap, state.outbox)
-    fit(trainers, src, cfg.epochs - first_epoch, cfg, first_epoch=first_epoch,
-        desc="parallel (rank 0)", progress=progress and state.rank == 0,
-        on_epoch_end=epoch_logger(log, list(state.owned), then=checkpoint))
+    train_epochs(trainers, src, cfg.epochs - first_epoch, cfg, first_epoch=first_epoch,
+                 desc="parallel (rank 0)", progress=progress and state.rank == 0,
+                 on_epoch_end=epoch_logger(log, list(state.owned), then=checkpoint))
 
 
 def evaluate_rank(state: RankState) -> list[dict]:

@@ -25,7 +25,7 @@ from edgetrain.models.weights import (InitSource, check_torchvision_input, load_
 log = logging.getLogger("edgetrain")
 
 
-def heads_fit(src: InitSource, bounds: list[int], class_names: list[str]) -> bool:
+def heads_match(src: InitSource, bounds: list[int], class_names: list[str]) -> bool:
     """An edgetrain run's heads load when its K, block bounds and classes all match (the
     same names in the same order, not only the same count: a head trained on other classes
     of the same count would classify into the wrong names)."""
@@ -68,7 +68,7 @@ def apply_init(cfg: RunConfig, net: Network, stages: list[Stage], bounds: list[i
     check_source_shape(src, input_shape, source_data)
     body = {k: v for k, v in src.weights.items() if not k.startswith("heads.")}
     report = load_into(net, body, cfg.init_strict, src.path)
-    loaded_heads = heads_fit(src, bounds, class_names)
+    loaded_heads = heads_match(src, bounds, class_names)
     for k, st in enumerate(stages):
         if loaded_heads:
             prefix = f"heads.{k}."

@@ -38,8 +38,8 @@ from edgetrain import __version__
 from edgetrain.budget.guard import budget_guard
 from edgetrain.data.batches import augment, batch_indices, epoch_generator
 from edgetrain.measure import PhaseRecorder
-from edgetrain.method.loop import (Interrupted, NonFiniteLoss, Trainer, evaluate_chain, fit,
-                                  make_trainer)
+from edgetrain.method.loop import (Interrupted, NonFiniteLoss, Trainer, evaluate_chain,
+                                  make_trainer, progress_bar, step_hook, train_epoch)
 from edgetrain.method.precision import autocast, compute_input
 from edgetrain.regimes.run import Run, run_metrics, stopped
 from edgetrain.storage.atomic import atomic_write_json
@@ -238,38 +238,51 @@ class OutOfCore:
         if int(prog["lap"]) != lap:
             prog = {"lap": lap, "epochs": 0}
         done = int(prog["epochs"])
-        if done < self.E and tr.opt is not None:  # None: frozen with a loaded head
-            src = self.source(k, "train", train=True)
-            for e in range(done, self.E):
-                first = e == done
-                self._epoch(tr, src, lap, k, e, int(prog.get("position", 0)) if first else 0,
-                            prog.get("partial") if first else None)
+        if done >= self.E or tr.opt is None:  # None: frozen with a loaded head
+            return tr
+        src = self.source(k, "train", train=True)
+        for e in range(done, self.E):
+            first, desc = e == done, self.describe(lap, k, e)
+            if self.run.log is not None:
+                self.run.log.mark()
+            with self.checkpoint_on_stop(tr, lap, k, e, desc), \
+                    progress_bar(src.steps_per_epoch(), desc, self.progress) as bar:
+                summary = train_epoch([tr], src, lap * self.E + e, self.cfg, salt=k,
+                                      on_step=step_hook(bar, self.run.step_check),
+                                      skip=int(prog.get("position", 0)) if first else 0,
+                                      partial=prog.get("partial") if first else None,
+                                      stop=self.run.stop)
+            self.end_epoch(tr, lap, k, e, summary)
         return tr
 
-    def _epoch(self, tr: Trainer, src, lap: int, k: int, e: int, skip: int = 0,
-               partial: list[dict] | None = None) -> None:
-        epoch = lap * self.E + e
-        desc = f"lap {lap + 1}/{self.R} module {k + 1}/{self.K} epoch {epoch + 1}"
-        if self.run.log is not None:
-            self.run.log.mark()
+    def describe(self, lap: int, k: int, e: int) -> str:
+        """'lap 1/2 module 3/4 epoch 5': the progress bar's and the messages' name of it."""
+        return f"lap {lap + 1}/{self.R} module {k + 1}/{self.K} epoch {lap * self.E + e + 1}"
+
+    @contextlib.contextmanager
+    def checkpoint_on_stop(self, tr: Trainer, lap: int, k: int, e: int, desc: str):
+        """Name the place of a non-finite loss; on a stop request, write the mid-epoch
+        checkpoint and raise the one-line `Stopped`."""
         try:
-            (summary,) = fit([tr], src, 1, self.cfg, first_epoch=epoch, salt=k, desc=desc,
-                             progress=self.progress, step_check=self.run.step_check, skip=skip,
-                             partial=partial, stop=self.run.stop)
+            yield
         except NonFiniteLoss as ex:
             raise NonFiniteLoss(f"module {k + 1}/{self.K}, lap {lap + 1}/{self.R}, epoch "
-                                f"{epoch + 1}: {ex}; the last checkpoint in {self.out} is "
-                                "kept") from None
-        except Interrupted as it:  # a mid-epoch checkpoint, then the one-line stop
+                                f"{lap * self.E + e + 1}: {ex}; the last checkpoint in "
+                                f"{self.out} is kept") from None
+        except Interrupted as it:
             prog = {"lap": lap, "epochs": e, "position": it.position, "partial": it.partial}
             self.store.save(k, tr, meta={"progress": json.dumps(prog)})
             self.write_state(lap, k, e)
             raise stopped(self.run, self.out, f"in {desc} after batch {it.position}") from None
+
+    def end_epoch(self, tr: Trainer, lap: int, k: int, e: int, summary: list[dict]) -> None:
+        """The epoch's checkpoint (module file, state.json), then its line in log.jsonl."""
         seconds = self.run.log.since_mark() if self.run.log is not None else 0.0
         self.store.save(k, tr, meta={"progress": json.dumps({"lap": lap, "epochs": e + 1})})
         self.write_state(lap, k, e + 1)
         if self.run.log is not None:  # after the checkpoint: a logged epoch is never redone
-            self.run.log.epoch(lap=lap, module=k, epoch=epoch, summary=summary, seconds=seconds)
+            self.run.log.epoch(lap=lap, module=k, epoch=lap * self.E + e, summary=summary,
+                               seconds=seconds)
 
     def finish_module(self, lap: int, k: int, tr: Trainer) -> None:
         """After module k of lap `lap`: evaluate (last lap), write cache k+1, drop cache k."""
@@ -330,34 +343,28 @@ class OutOfCore:
 
 
 def train_out_of_core(run: Run, out: Path, progress: bool = False, state: dict | None = None
-                      ) -> tuple[list[dict], int, float]:
-    """Train a sequential / multilap run with one module resident; resumable.
+                      ) -> dict:
+    """Train a sequential / multilap run with one module resident, fresh or resumed; writes
+    and returns metrics.json.
 
     Args:
         run: the built run (its stages are handed to the module store and released).
         out: the run directory (config.json already written).
         progress: show a progress bar.
         state: the state.json of an interrupted run to continue, or None for a fresh start.
-    Returns:
-        (per-module summaries, max resident modules, training seconds across resumes).
     Raises:
         UserError: disk full, non-finite loss (NonFiniteLoss), unusable cache directory.
     """
-    ooc = OutOfCore(run, out, progress)
-    ooc.start(state)
-    if not ooc.state["finished"]:
-        ooc.run_all()
-    resident = max(ooc.store.max_resident, ooc.state.get("max_resident_modules", 0))
-    return ooc.summaries(), resident, float(ooc.state["train_s"])
-
-
-def train_stored(run: Run, out: Path, progress: bool, state: dict | None = None) -> dict:
-    """Out-of-core sequential / multilap training (one module resident), fresh or resumed;
-    writes and returns metrics.json."""
     run.memory = run.memory or PhaseRecorder(run.device)
     with budget_guard(run), run.memory.phase("train"):
-        summaries, resident, seconds = train_out_of_core(run, out, progress, state)
+        ooc = OutOfCore(run, out, progress)
+        ooc.start(state)
+        if not ooc.state["finished"]:
+            ooc.run_all()
+    resident = max(ooc.store.max_resident, ooc.state.get("max_resident_modules", 0))
+    summaries = ooc.summaries()
     evals = [{k: s[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")} for s in summaries]
-    metrics = run_metrics(run, summaries, evals, seconds, max_resident=resident)
+    metrics = run_metrics(run, summaries, evals, float(ooc.state["train_s"]),
+                          max_resident=resident)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

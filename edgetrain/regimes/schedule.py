@@ -1,9 +1,10 @@
 """The dispatcher: train a run, resume it, evaluate it. Nothing else lives here.
 
-Which regime trains a configuration: e2e and parallel are resident
+Which regime trains a configuration (`regime_of`): e2e and parallel are resident
 (`edgetrain.regimes.resident`), sequential and multilap are out of core
-(`edgetrain.regimes.out_of_core`) unless asked to stay in memory, and a distributed run is
-one rank of a torchrun launch (`edgetrain.regimes.distributed`). The run directory is
+(`edgetrain.regimes.out_of_core`) unless asked to stay in memory
+(`edgetrain.regimes.in_memory`), and a distributed run is one rank of a torchrun launch
+(`edgetrain.regimes.distributed`). The run directory is
 `edgetrain.storage.rundir`; this file does not parse argv.
 """
 from __future__ import annotations
@@ -16,8 +17,9 @@ from edgetrain.budget.oom import out_of_memory_as_user_error
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
 from edgetrain.measure import PhaseRecorder
-from edgetrain.regimes.out_of_core import train_stored
-from edgetrain.regimes.resident import train_in_memory, train_resident
+from edgetrain.regimes.in_memory import train_in_memory
+from edgetrain.regimes.out_of_core import train_out_of_core
+from edgetrain.regimes.resident import train_resident
 from edgetrain.method.stage import Prefix
 from edgetrain.method.precision import check_precision
 from edgetrain.regimes.run import (Run, build_run, confusion, eval_precision, evaluate, load_data,
@@ -80,9 +82,7 @@ def _resume(run_dir: Path, progress: bool, stop) -> dict:
         run = with_log(build_run(cfg, data=load_data(cfg, gone_folder=True)), run_dir)
     run.stop, run.memory = stop, PhaseRecorder(run.device)
     with out_of_memory_as_user_error(cfg, run.memory, run_dir, run.device):
-        if not cfg.out_of_core:
-            return train_resident(run, run_dir, progress, state)
-        return train_stored(run, run_dir, progress, state)
+        return regime_of(cfg)(run, run_dir, progress, state)
 
 
 def with_log(run: Run, out: Path) -> Run:
@@ -122,21 +122,26 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
     lock = claim_out_dir(out_dir)
     try:
         with out_of_memory_as_user_error(cfg, run.memory, Path(out_dir), run.device):
-            return _train_locked(run, Path(out_dir), progress)
+            start_run_dir(run, Path(out_dir))
+            return regime_of(cfg)(run, Path(out_dir), progress)
     finally:
         lock.release()
 
 
-def _train_locked(run, out: Path, progress: bool) -> dict:
-    cfg = run.cfg
-    cfg.save(out / "config.json")
+def regime_of(cfg: RunConfig):
+    """The function that trains `cfg`'s regime: `(run, out, progress[, state]) -> metrics`."""
+    if cfg.out_of_core:
+        return train_out_of_core
+    if cfg.mode in ("e2e", "parallel"):
+        return train_resident
+    return train_in_memory
+
+
+def start_run_dir(run: Run, out: Path) -> None:
+    """A fresh run directory's config.json, preprocessing and log."""
+    run.cfg.save(out / "config.json")
     write_preprocessing(out, run.data)
     with_log(run, out)
-    if cfg.out_of_core:
-        return train_stored(run, out, progress)
-    if cfg.mode in ("e2e", "parallel"):
-        return train_resident(run, out, progress)
-    return train_in_memory(run, out, progress)
 
 
 def evaluate_run(run_dir: Path) -> dict:

@@ -41,6 +41,8 @@ from edgetrain.errors import UserError
 from edgetrain.storage.lock import FileLock, lock_run_dir
 
 STATE = "state.json"
+# earlier versions whose run directories this one resumes (same state.json and module files)
+RESUMES_FROM = ("0.1.0",)
 
 
 # fields added after run directories of this version were written, with the default that
@@ -88,7 +90,7 @@ def read_state(run_dir: Path) -> dict | None:
         raise UserError(f"{path} is not valid JSON ({e}); cannot resume") from None
     if not isinstance(state, dict) or "cursor" not in state:
         raise UserError(f"{path} is not an edgetrain state file; cannot resume")
-    if state.get("edgetrain_version") != __version__:
+    if state.get("edgetrain_version") not in (__version__, *RESUMES_FROM):
         raise UserError(f"{run_dir} was written by edgetrain {state.get('edgetrain_version')}, "
                         f"this is {__version__}; it cannot be resumed")
     return state

@@ -64,7 +64,7 @@ class RunLog:
             lap: 0-based lap.
             module: the 0-based module index, or a list of them (one summary each).
             epoch: 0-based epoch index within the module (all laps together).
-            summary: per-module dicts with train_loss, transport, train_acc (`fit_module`).
+            summary: per-module dicts with train_loss, transport, train_acc (`train_epoch`).
             seconds: the epoch's training time (default: since the last `mark`).
         """
         now = time.perf_counter()
@@ -93,7 +93,7 @@ class RunLog:
 
 def epoch_logger(log: RunLog | None, module, lap: int = 0,
                  then: Callable[[int, list[dict]], None] | None = None):
-    """An `on_epoch_end(epoch, summary)` for `fit`: first `then` (a checkpoint), then the
+    """An `on_epoch_end(epoch, summary)` for `train_epochs`: first `then` (a checkpoint), then the
     log line, timed from this call to the epoch's end. Without a log it is `then` itself."""
     if log is None:
         return then
