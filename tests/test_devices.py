@@ -123,7 +123,7 @@ def test_watchdog_trips_only_above_budget():
 def test_apply_budget_options():
     opts = budget.apply_budget_options({}, "cpu-2gb", None)
     assert opts["memory_budget"] == load_profile("cpu-2gb").budget_bytes
-    assert opts["extra"]["device_profile"] == "cpu-2gb"
+    assert opts["device_profile"] == "cpu-2gb" and opts["shared_cpu_gpu_memory"] is False
     assert budget.apply_budget_options({}, None, "1GiB")["memory_budget"] == 2**30
     with pytest.raises(UserError, match="not both"):
         budget.apply_budget_options({}, "cpu-2gb", "1GiB")
