@@ -48,8 +48,15 @@ def _fail(message: str, code: int) -> None:
 
 @click.group(cls=EdgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgetrain")
-def cli() -> None:
+@click.pass_context
+def cli(ctx) -> None:
     """Module-wise (TRGL) training for devices that cannot hold end-to-end backprop."""
+    if ctx.invoked_subcommand != "predict":  # predict FILE.onnx runs where torch is not
+        torch_runtime()
+
+
+def torch_runtime() -> None:
+    """The process-wide settings of a command that runs torch: allocator policy, threads."""
     from edgetrain.measure import apply_malloc_policy, default_threads  # imports torch: deferred
     policy = malloc_policy()
     if policy != "auto":  # auto: chosen per job, once its memory budget is known
@@ -255,18 +262,25 @@ def export_cmd(run_dir, depth, features_only, opset, out, atol):
 
 
 @cli.command("predict")
-@click.argument("run_dir", type=click.Path())
+@click.argument("model", type=click.Path())
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--depth", default="best", show_default=True,
-              help="'best' (chosen on validation) or a depth 1..K")
+              help="'best' (chosen on validation) or a depth 1..K (a model file: its own)")
 @click.option("--top-k", type=int, default=3, show_default=True, help="classes shown per image")
 @click.option("--json", "as_json", is_flag=True, help="one JSON document instead of lines")
-def predict_cmd(run_dir, paths, depth, top_k, as_json):
-    """Classify image files (or every image under folders) with a trained run."""
-    from edgetrain.export.predict import format_predictions, predict  # imports torch: deferred
-    k, preds = predict(Path(run_dir), list(paths), depth=depth, top_k=top_k)
+def predict_cmd(model, paths, depth, top_k, as_json):
+    """Classify image files (or every image under folders) with a trained run (RUN_DIR) or
+    an exported file alone (MODEL.onnx, fp32 or int8, or MODEL.pte; .onnx needs no torch)."""
+    from edgetrain.export.model_file import is_model_file, predict_file
+    from edgetrain.export.predictions import format_predictions, predictions_json
+    if is_model_file(model):
+        k, preds = predict_file(Path(model), list(paths), depth=depth, top_k=top_k)
+    else:
+        torch_runtime()
+        from edgetrain.export.predict import predict  # imports torch: deferred
+        k, preds = predict(Path(model), list(paths), depth=depth, top_k=top_k)
     if as_json:
-        click.echo(json.dumps({"depth": k, "predictions": [p.to_dict() for p in preds]}, indent=1))
+        click.echo(json.dumps(predictions_json(k, preds), indent=1))
     else:
         click.echo(format_predictions(preds))
 

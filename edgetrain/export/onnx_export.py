@@ -127,6 +127,7 @@ def deployment_metadata(cfg: RunConfig, metrics: dict, data, depth: int, feature
         "normalization": "x = (pixel / 255 - mean[c]) / std[c], NCHW",
         "mean": json.dumps(data.mean), "std": json.dumps(data.std),
         "class_names": json.dumps(data.class_names),
+        "resize_policy": json.dumps(data.resize_policy().to_dict()),
         "data": cfg.data, "model": cfg.model, "mode": cfg.mode,
     }
 
