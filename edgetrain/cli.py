@@ -247,17 +247,34 @@ def print_per_class(pc: dict) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.option("--depth", default="best", show_default=True,
               help="'best' (chosen on validation) or a depth 1..K")
+@click.option("--format", "fmt", type=click.Choice(("onnx", "pte")), default="onnx",
+              show_default=True, help="onnx (ONNX Runtime) or pte (ExecuTorch + XNNPACK)")
+@click.option("--quantize", type=click.Choice(("none", "int8")), default="none",
+              show_default=True,
+              help="int8: also write an int8 copy (onnx: OUT-int8.onnx, static QDQ; pte: "
+                   "XNNPACK's quantiser), calibrated on training images")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="image files or a folder to calibrate int8 on (when the run's pack is gone)")
 @click.option("--features-only", is_flag=True, help="export G_k alone (no head): features out")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18)")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="ONNX file (default RUN_DIR/prefix-depthK.onnx)")
+              help="output file (default RUN_DIR/prefix-depthK.onnx or .pte)")
 @click.option("--atol", type=float, default=1e-4, show_default=True,
               help="largest max |onnxruntime - PyTorch| output difference accepted")
-def export_cmd(run_dir, depth, features_only, opset, out, atol):
-    """Export a trained prefix (stem, modules 1..k, head F_k) to ONNX, checked with onnxruntime."""
+def export_cmd(run_dir, depth, fmt, quantize, calibration, features_only, opset, out, atol):
+    """Export a trained prefix (stem, modules 1..k, head F_k) to ONNX, checked with onnxruntime,
+    or to an ExecuTorch program, checked with ExecuTorch's runtime."""
+    calibration = Path(calibration) if calibration else None
+    if fmt == "pte":
+        from edgetrain.export.pte import export_pte, format_pte_report  # imports torch: deferred
+        report = export_pte(Path(run_dir), depth=depth, out=Path(out) if out else None,
+                            quantize=quantize, calibration=calibration)
+        click.echo(format_pte_report(report))
+        return
     from edgetrain.export.onnx_export import export_prefix, format_report  # imports torch: deferred
     report = export_prefix(Path(run_dir), depth=depth, features_only=features_only, opset=opset,
-                           out=Path(out) if out else None, atol=atol)
+                           out=Path(out) if out else None, atol=atol, quantize=quantize,
+                           calibration=calibration)
     click.echo(format_report(report))
 
 
