@@ -56,28 +56,39 @@ def folder_calibration(paths: Path, prep: Preprocessing) -> np.ndarray:
     return prep.normalize(rows).numpy()
 
 
+def read_data(cfg: RunConfig):
+    """The run's splits, or None where they cannot be read (an image folder and its pack gone)."""
+    try:
+        return load_data(cfg, gone_folder=True)
+    except UserError:
+        return None
+
+
+def test_inputs(data, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray] | None:
+    """The test split normalised, and its labels; None without data."""
+    if data is None:
+        return None
+    return prep.normalize(data.test.x[:]).numpy(), data.test.y.long().numpy()
+
+
 def quant_inputs(cfg: RunConfig, prep: Preprocessing, calibration: Path | None) -> QuantInputs:
     """Calibration and test inputs, read before anything is written.
 
     Raises:
         UserError: the data gone and no --calibration, or a bad --calibration.
     """
-    try:
-        data = load_data(cfg, gone_folder=True)
-    except UserError as e:
-        if calibration is None:
-            raise UserError(f"--quantize int8 calibrates on the run's training images, which "
-                            f"cannot be read ({e}); give --calibration FOLDER") from None
-        data = None
+    data = read_data(cfg)
+    if data is None and calibration is None:
+        raise UserError("--quantize int8 calibrates on the run's training images, which cannot "
+                        "be read (the image folder and its pack are gone); give --calibration "
+                        "FOLDER")
     if calibration is not None:
         calib, source = folder_calibration(Path(calibration), prep), str(calibration)
     else:
         rows = data.train.rows(seeded_rows(len(data.train), CALIBRATION_SAMPLES))
         calib, source = prep.normalize(rows).numpy(), "the run's training split"
-    if data is None:
-        return QuantInputs(calib, source, None, None)
-    test_x = prep.normalize(data.test.x[:]).numpy()
-    return QuantInputs(calib, source, test_x, data.test.y.long().numpy())
+    test = test_inputs(data, prep)
+    return QuantInputs(calib, source, *(test or (None, None)))
 
 
 def quantized(fp32: bytes, meta: dict[str, str], inputs: QuantInputs

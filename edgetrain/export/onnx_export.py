@@ -148,15 +148,15 @@ def default_out(run_dir: Path, depth: int, features_only: bool) -> Path:
     return Path(run_dir) / f"{'features' if features_only else 'prefix'}-depth{depth}.onnx"
 
 
-def check_out(out: Path) -> Path:
+def check_out(out: Path, suffix: str = ".onnx") -> Path:
     """Make sure `out` can be written before any work is done.
 
     Raises:
-        UserError: not a .onnx path, a directory, or its folder cannot be created/written.
+        UserError: not a `suffix` path, a directory, or its folder cannot be created/written.
     """
     out = Path(out)
-    if out.suffix.lower() != ".onnx":
-        raise UserError(f"--out must name a .onnx file (got {out})")
+    if out.suffix.lower() != suffix:
+        raise UserError(f"--out must name a {suffix} file (got {out})")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory")
     try:
