@@ -98,9 +98,31 @@ def load_program(buffer: bytes):
         return Runtime.get().load_program(buffer)
 
 
+def load_forward(program, input_shape):
+    """The program's forward method, run once on zeros (XNNPACK probes the CPU on stderr
+    at its first call: hidden here)."""
+    with quiet_stderr():
+        forward = program.load_method("forward")
+        forward.execute([torch.zeros(1, *input_shape)])
+    return forward
+
+
 def run_program(method, x: torch.Tensor) -> torch.Tensor:
     """The (batch 1) forward method on every row of `x` (B, C, H, W) -> (B, classes)."""
     return torch.cat([method.execute([x[i:i + 1].contiguous()])[0] for i in range(len(x))])
+
+
+class ProgramRunner:
+    """float32 numpy (B, C, H, W) -> logits (B, classes) through a loaded program's forward.
+
+    It holds the program too: a method outlives its program in ExecuTorch's bindings only as
+    a dangling pointer (a segmentation fault on the next call)."""
+
+    def __init__(self, program, forward):
+        self.program, self.forward = program, forward
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return run_program(self.forward, torch.from_numpy(x)).numpy()
 
 
 def pte_runner(path: Path):
@@ -113,11 +135,11 @@ def pte_runner(path: Path):
     try:
         program = load_program(Path(path).read_bytes())
         meta = json.loads(program.load_method(META_METHOD).execute([])[0])
-        forward = program.load_method("forward")
+        forward = load_forward(program, json.loads(meta["input_shape"]))
     except (RuntimeError, ValueError, TypeError) as e:
         raise UserError(f"ExecuTorch cannot run {path} as an edgetrain program "
                         f"({type(e).__name__}: {e})") from None
-    return meta, lambda x: run_program(forward, torch.from_numpy(x)).numpy()
+    return meta, ProgramRunner(program, forward)
 
 
 def latency_ms(method, x1: torch.Tensor, calls: int = LATENCY_CALLS) -> float:
@@ -141,7 +163,8 @@ def check_program(buffer: bytes, model: torch.nn.Module, prep, exact: bool,
     Raises:
         ExportCheckFailed: `exact` (a float32 program) and a class differs on any input.
     """
-    forward = load_program(buffer).load_method("forward")
+    program = load_program(buffer)  # kept alive while its method runs
+    forward = load_forward(program, prep.input_shape)
     x = check_inputs(prep, CHECK_SAMPLES)
     got, want = run_program(forward, x), model(x)
     same = int((got.argmax(1) == want.argmax(1)).sum())
