@@ -288,8 +288,8 @@ def export_cmd(run_dir, depth, fmt, quantize, calibration, features_only, opset,
 def predict_cmd(model, paths, depth, top_k, as_json):
     """Classify image files (or every image under folders) with a trained run (RUN_DIR) or
     an exported file alone (MODEL.onnx, fp32 or int8, or MODEL.pte; .onnx needs no torch)."""
-    from edgetrain.export.model_file import is_model_file, predict_file
-    from edgetrain.export.predictions import format_predictions, predictions_json
+    from edgetrain.export.model_file import is_model_file, predict_file  # numpy, Pillow: deferred
+    from edgetrain.export.predictions import format_predictions, predictions_json  # numpy: deferred
     if is_model_file(model):
         k, preds = predict_file(Path(model), list(paths), depth=depth, top_k=top_k)
     else:

@@ -59,8 +59,9 @@ class FileMeta:
                        ResizePolicy(tuple(policy["size"]), int(policy["channels"]),
                                     policy.get("method", ResizePolicy.method)))
         except (KeyError, ValueError, TypeError) as e:
-            raise UserError(f"{path} carries no edgetrain preprocessing metadata "
-                            f"({type(e).__name__}: {e}); export it with `edgetrain export`") from None
+            raise UserError(f"{path} carries no edgetrain preprocessing metadata ("
+                            f"{type(e).__name__}: {e}); export it with `edgetrain export`"
+                            ) from None
 
     def normalize(self, rows: np.ndarray) -> np.ndarray:
         """uint8 (B, C, H, W) -> float32, scaled to [0, 1] and standardised per channel."""

@@ -307,7 +307,8 @@ def format_int8(q: dict, fp32_path: str) -> list[str]:
                      f"{q[t + '_latency_ms']:>9.3f}")
     lines.append(f"int8 vs fp32 on {q['n_compared']} {q['compared_on']}: max |logit diff| "
                  f"{q['max_abs_logit_diff']:.3g}, same class on "
-                 f"{q['argmax_agreement'] * 100:.2f}%; file {q['int8_bytes'] / q['fp32_bytes']:.2f}x")
+                 f"{q['argmax_agreement'] * 100:.2f}%; file "
+                 f"{q['int8_bytes'] / q['fp32_bytes']:.2f}x")
     lines += [f"onnxruntime does not quantise {op} ({n} nodes): it runs in float32 between "
               "int8 tensors" for op, n in q["float_ops"].items()]
     return lines

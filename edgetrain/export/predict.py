@@ -14,8 +14,8 @@ import torch
 
 from edgetrain.data.folder import open_image
 from edgetrain.export.onnx_export import resolve_depth
-from edgetrain.export.predictions import (BATCH, Prediction, check_top_k, format_predictions,  # noqa: F401
-                                          image_files, softmax, top_predictions)
+from edgetrain.export.predictions import (  # noqa: F401  (format_predictions: re-exported)
+    BATCH, Prediction, check_top_k, format_predictions, image_files, softmax, top_predictions)
 from edgetrain.method.stage import Prefix
 from edgetrain.regimes.run import load_run, read_finished_run
 

@@ -1,9 +1,9 @@
 """ExecuTorch export of a trained prefix: a `.pte` program with the XNNPACK delegate.
 
 `export_pte(run_dir, depth)` rebuilds the prefix G_k + F_k from the run directory alone (as
-the ONNX export does), captures it with `torch.export` at batch 1 (a static shape: a phone classifies one image at
-a time, and a dynamic batch axis got a runtime capacity far below its declared bound in
-ExecuTorch 1.5.1),
+the ONNX export does), captures it with `torch.export` at batch 1 (a static shape: a phone
+classifies one image at a time, and a dynamic batch axis got a runtime capacity far below
+its declared bound in ExecuTorch 1.5.1),
 lowers it with `to_edge_transform_and_lower` and the `XnnpackPartitioner`, and stores the
 ONNX file's deployment metadata as the program's `edgetrain_metadata` method (a JSON
 string), so that `edgetrain predict FILE.pte` needs the file alone. Before writing, the
@@ -43,8 +43,8 @@ def require_executorch():
     """The executorch package, or UserError naming the extra to install."""
     try:
         with quiet_stderr():  # its import warns through torch and probes the CPU on stderr
-            import executorch.exir  # noqa: F401
-            import executorch.runtime
+            import executorch.exir  # noqa: F401  (the optional `executorch` extra)
+            import executorch.runtime  # the optional `executorch` extra
     except ImportError:
         raise UserError(f"--format pte needs ExecuTorch; {EXTRA_HINT}") from None
     return executorch
@@ -71,10 +71,11 @@ def capture(model: torch.nn.Module, example: torch.Tensor):
 
 def quantize_pt2e(model: torch.nn.Module, example: torch.Tensor, calibration: np.ndarray):
     """The prefix quantised by XNNPACK's PT2E quantiser, calibrated on `calibration`."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (  # the extra
         XNNPACKQuantizer, get_symmetric_quantization_config)
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # its dep
+    config = get_symmetric_quantization_config(is_per_channel=True)
+    quantizer = XNNPACKQuantizer().set_global(config)
     prepared = prepare_pt2e(capture(model, example).module(), quantizer)
     with torch.no_grad():
         for row in calibration:
@@ -84,8 +85,9 @@ def quantize_pt2e(model: torch.nn.Module, example: torch.Tensor, calibration: np
 
 def lower(model: torch.nn.Module, example: torch.Tensor, meta: dict[str, str]) -> bytes:
     """The XNNPACK-delegated ExecuTorch program of `model`, with `meta` as a JSON method."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (  # the extra
+        XnnpackPartitioner)
+    from executorch.exir import to_edge_transform_and_lower  # the optional `executorch` extra
     edge = to_edge_transform_and_lower(capture(model, example), partitioner=[XnnpackPartitioner()],
                                        constant_methods={META_METHOD: json.dumps(meta)})
     return edge.to_executorch().buffer
@@ -93,7 +95,7 @@ def lower(model: torch.nn.Module, example: torch.Tensor, meta: dict[str, str]) -
 
 def load_program(buffer: bytes):
     """An ExecuTorch runtime program from a serialised .pte."""
-    from executorch.runtime import Runtime
+    from executorch.runtime import Runtime  # the optional `executorch` extra
     with quiet_stderr():
         return Runtime.get().load_program(buffer)
 
@@ -237,7 +239,7 @@ def format_pte_report(r: dict) -> str:
              "against PyTorch on fixed-seed inputs built from preprocessing.json"]
     for t, c in r["programs"].items():
         acc = "-" if c["test_acc"] is None else f"{c['test_acc']:.4f}"
-        lines.append(f"{t:5} {c['file_bytes'] / 1024:>9.1f} KiB  test_acc {acc}  same class {c['same_class']}/"
-                     f"{c['n_check']}  max |diff| {c['max_abs_diff']:.3g}  "
+        lines.append(f"{t:5} {c['file_bytes'] / 1024:>9.1f} KiB  test_acc {acc}  same class "
+                     f"{c['same_class']}/{c['n_check']}  max |diff| {c['max_abs_diff']:.3g}  "
                      f"{c['latency_ms']:.3f} ms/image (batch 1)  -> {c['path']}")
     return "\n".join(lines)
