@@ -266,6 +266,11 @@ def export_cmd(run_dir, depth, fmt, quantize, calibration, features_only, opset,
     or to an ExecuTorch program, checked with ExecuTorch's runtime."""
     calibration = Path(calibration) if calibration else None
     if fmt == "pte":
+        ctx, src = click.get_current_context(), click.core.ParameterSource.COMMANDLINE
+        onnx_only = [f"--{n.replace('_', '-')}" for n in ("features_only", "opset", "atol")
+                     if ctx.get_parameter_source(n) == src]
+        if onnx_only:
+            raise UserError(f"{', '.join(onnx_only)} apply to --format onnx only")
         from edgetrain.export.pte import export_pte, format_pte_report  # imports torch: deferred
         report = export_pte(Path(run_dir), depth=depth, out=Path(out) if out else None,
                             quantize=quantize, calibration=calibration)

@@ -179,9 +179,11 @@ def test_gone_data_needs_calibration_and_writes_nothing(run_dir, pngs, tmp_path,
 @pytest.mark.parametrize("args, needle", [
     (["--quantize", "int4"], "--quantize"),
     (["--quantize", "int8", "--features-only"], "drop --features-only"),
+    (["--format", "pte", "--opset", "19"], "--opset apply to --format onnx only"),
 ])
 def test_bad_quantize_options_are_one_line_exit_2(run_dir, tmp_path, args, needle):
-    res = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "x.onnx"), *args])
+    out = tmp_path / ("x.pte" if "pte" in args else "x.onnx")
+    res = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(out), *args])
     assert res.exit_code == 2 and needle in res.output
     assert not list(tmp_path.iterdir())
 
