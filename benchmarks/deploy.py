@@ -13,7 +13,8 @@ at batch 1 (ONNX Runtime: 1 thread, ExecuTorch/XNNPACK: thread pool reset to 1; 
 `edgetrain predict FILE.onnx` against `edgetrain predict RUN_DIR`, in fresh processes,
 alternating, `--rounds` each. Networks: `digits` is `edgetrain train`'s defaults;
 `digits32` the digits as 3x32x32 RGB images (an image folder of the 8x8 PNGs upsampled
-by the run's resize policy), kmresnet defaults, 4 epochs per module. Writes
+by the run's resize policy), kmresnet defaults, 4 epochs per module, exported at its best
+depth and whole (depth 4). Writes
 deploy.json and deploy.md under --out; load averages are recorded (the machine is shared:
 compare ratios). Needs the `export` and `executorch` extras.
 """
@@ -31,10 +32,11 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 NETS = {
-    "digits": {"title": "digits (1x8x8), `edgetrain train` defaults", "args": []},
+    "digits": {"title": "digits (1x8x8), `edgetrain train` defaults", "args": [],
+               "depths": ["best"]},
     "digits32": {"title": "digits as 3x32x32 RGB (image folder, --image-size 32x32)",
                  "args": ["--image-size", "32x32", "--channels", "3", "--epochs", "4"],
-                 "folder": True},
+                 "folder": True, "depths": ["best", "4"]},
 }
 
 
@@ -91,8 +93,9 @@ def no_torch_env(work: Path) -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), str(REPO)]))
 
 
-def top1(model, images: Path, env=None) -> list[str]:
-    doc = json.loads(sh(edgetrain("predict", model, images, "--json", "--top-k", "1"), env=env))
+def top1(model, images: Path, env=None, depth="best") -> list[str]:
+    doc = json.loads(sh(edgetrain("predict", model, images, "--json", "--top-k", "1",
+                                  "--depth", depth), env=env))
     return [p["top"][0]["class"] for p in doc["predictions"]]
 
 
@@ -126,28 +129,29 @@ def startup(run: Path, onnx_file: Path, image: Path, rounds: int, tmp: Path) -> 
     return med
 
 
-def bench_net(name: str, work: Path, n_images: int, rounds: int) -> dict:
+def bench_net(name: str, depth: str, work: Path, n_images: int, rounds: int) -> dict:
     from executorch.extension.pybindings import portable_lib
     from edgetrain.export.onnx_export import export_prefix
     from edgetrain.export.pte import export_pte
     run = trained(name, work)
-    out = work / f"files-{name}"
-    onnx_rep = export_prefix(run, quantize="int8", out=out / "prefix.onnx")
+    out = work / f"files-{name}-{depth}"
+    onnx_rep = export_prefix(run, depth=depth, quantize="int8", out=out / "prefix.onnx")
     portable_lib._unsafe_reset_threadpool(1)  # XNNPACK on one thread, as ORT's latency
-    pte_rep = export_pte(run, quantize="int8", out=out / "prefix.pte")
+    pte_rep = export_pte(run, depth=depth, quantize="int8", out=out / "prefix.pte")
     images = test_pngs(run, n_images, out / "png")
     env = no_torch_env(work)
-    ref = top1(run, images)
+    ref = top1(run, images, depth=depth)
     files = {"onnx fp32": (onnx_rep["path"], env), "onnx int8": (onnx_rep["int8"]["path"], env),
              "pte fp32": (pte_rep["programs"]["fp32"]["path"], None),
              "pte int8": (pte_rep["programs"]["int8"]["path"], None)}
-    preds = {k: top1(p, images, e) for k, (p, e) in files.items()}
+    preds = {k: top1(p, images, e, str(onnx_rep["depth"])) for k, (p, e) in files.items()}
     agree = {k: sum(a == b for a, b in zip(v, ref)) for k, v in preds.items()}
     agree_onnx = {k: sum(a == b for a, b in zip(v, preds["onnx fp32"])) for k, v in preds.items()}
     return {"title": NETS[name]["title"], "run": str(run), "depth": onnx_rep["depth"],
             "n_modules": onnx_rep["n_modules"], "onnx": onnx_rep, "pte": pte_rep,
             "n_images": len(ref), "agree_with_run_dir": agree, "agree_with_onnx_fp32": agree_onnx,
-            "startup": startup(run, Path(onnx_rep["path"]), images / "000.png", rounds, out)}
+            "startup": None if depth != "best" else
+            startup(run, Path(onnx_rep["path"]), images / "000.png", rounds, out)}
 
 
 def rows(r: dict) -> list[tuple]:
@@ -172,16 +176,19 @@ def markdown(res: dict) -> str:
            "RUN_DIR`.", ""]
     for name, r in res["nets"].items():
         table, n = rows(r)
-        out += [f"## {r['title']}: depth {r['depth']} of {r['n_modules']}", "",
+        best = " (the best, chosen on validation)" if name.endswith("@best") else ""
+        out += [f"## {r['title']}: depth {r['depth']} of {r['n_modules']}{best}", "",
                 "| file | size | test acc | ms/image | max abs logit diff | agrees with RUN_DIR |",
                 "|---|---:|---:|---:|---:|---:|"]
         out += [f"| {t} | {b / 1024:.0f} KiB | {acc:.4f} | {ms:.3f} | {d:.3g} | {g}/{n} |"
                 for t, b, acc, ms, d, g in table]
-        s = r["startup"]
-        out += ["", f"int8 / fp32 ONNX file: {r['onnx']['int8']['int8_bytes'] / r['onnx']['int8']['fp32_bytes']:.2f}x; "
+        s, q = r["startup"], r["onnx"]["int8"]
+        out += ["", f"int8 / fp32 ONNX file: {q['int8_bytes'] / q['fp32_bytes']:.2f}x; "
                 f"`predict FILE.pte` agrees with the fp32 ONNX file on "
-                f"{r['agree_with_onnx_fp32']['pte fp32']}/{n} images.", "",
-                f"Start-up + first prediction of one image, fresh processes, median of "
+                f"{r['agree_with_onnx_fp32']['pte fp32']}/{n} images.", ""]
+        if s is None:
+            continue
+        out += [f"Start-up + first prediction of one image, fresh processes, median of "
                 f"{len(s['onnx_file']['wall_s_all'])}: `predict FILE.onnx` "
                 f"{s['onnx_file']['wall_s']:.2f} s, {s['onnx_file']['peak_rss_mib']:.0f} MiB peak RSS; "
                 f"`predict RUN_DIR` {s['run_dir']['wall_s']:.2f} s, "
@@ -204,7 +211,8 @@ def main() -> None:
                 if ln.startswith("model name")), "unknown")
     res = {"cpu": f"{cpu}, {os.cpu_count()} CPUs", "load_before": os.getloadavg(), "nets": {}}
     for name in a.nets.split(","):
-        res["nets"][name] = bench_net(name, work, a.images, a.rounds)
+        for depth in NETS[name]["depths"]:
+            res["nets"][f"{name}@{depth}"] = bench_net(name, depth, work, a.images, a.rounds)
     res["load_after"] = os.getloadavg()
     res["load_before"] = [round(v, 2) for v in res["load_before"]]
     res["load_after"] = [round(v, 2) for v in res["load_after"]]

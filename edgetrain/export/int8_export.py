@@ -57,10 +57,11 @@ def folder_calibration(paths: Path, prep: Preprocessing) -> np.ndarray:
 
 
 def read_data(cfg: RunConfig):
-    """The run's splits, or None where they cannot be read (an image folder and its pack gone)."""
+    """The run's splits, or None where they cannot be read (an image folder and its pack
+    gone, a torchvision set that would have to be downloaded offline)."""
     try:
         return load_data(cfg, gone_folder=True)
-    except UserError:
+    except (UserError, OSError):
         return None
 
 

@@ -181,6 +181,18 @@ def check_program(buffer: bytes, model: torch.nn.Module, prep, exact: bool,
             "file_bytes": len(buffer), "latency_ms": latency_ms(forward, x[:1]), "test_acc": acc}
 
 
+def program_inputs(cfg, prep, quantize: str, calibration: Path | None):
+    """(int8 calibration inputs or None, (test x, test y) or None): read before any work.
+
+    Raises:
+        UserError: int8 without readable training images or --calibration.
+    """
+    if quantize != "int8":
+        return None, test_inputs(read_data(cfg), prep)
+    inputs = quant_inputs(cfg, prep, calibration)
+    return inputs, None if inputs.test_x is None else (inputs.test_x, inputs.test_y)
+
+
 def default_pte(run_dir: Path, depth: int) -> Path:
     return Path(run_dir) / f"prefix-depth{depth}.pte"
 
@@ -212,9 +224,7 @@ def export_pte(run_dir: Path, depth: int | str = "best", out: Path | None = None
     run = load_run(Path(run_dir), torch.device("cpu"), depth=k, bounds=metrics.get("bounds"),
                    with_data=False)
     prep = run.data
-    inputs = quant_inputs(cfg, prep, calibration) if quantize == "int8" else None
-    test = test_inputs(read_data(cfg), prep) if inputs is None else (
-        None if inputs.test_x is None else (inputs.test_x, inputs.test_y))
+    inputs, test = program_inputs(cfg, prep, quantize, calibration)
     model = Prefix(run.stages[:k]).eval()
     example = check_inputs(prep, 2)
     with torch.no_grad():
