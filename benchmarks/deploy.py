@@ -89,7 +89,8 @@ def test_pngs(run: Path, n: int, out: Path) -> Path:
 def no_torch_env(work: Path) -> dict:
     fake = work / "no_torch" / "torch"
     fake.mkdir(parents=True, exist_ok=True)
-    (fake / "__init__.py").write_text('raise ImportError("torch is not installed here")\n')
+    (fake / "__init__.py").write_text(  # what a missing torch raises
+        'raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n')
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), str(REPO)]))
 
 

@@ -19,6 +19,12 @@ python3 -m venv "$tmp/venv"
 if "$tmp/venv/bin/python" -c "import torch" 2>/dev/null; then
     echo "torch is importable in the venv: not a torch-free install" >&2; exit 1
 fi
+set +e
+(cd "$tmp" && venv/bin/edgetrain train --epochs 1 2> "$tmp/train.err"); rc=$?
+set -e
+if [ "$rc" != 2 ] || ! grep -q "this command needs PyTorch" "$tmp/train.err"; then
+    echo "edgetrain train without torch: exit $rc, not one line and exit 2" >&2; exit 1
+fi
 (cd "$tmp" && venv/bin/edgetrain predict "$(realpath "$model")" "$(realpath "$images")" --json --top-k 1) > "$tmp/file.json"
 PYTHONPATH=$repo python3 -m edgetrain.cli predict "$run_dir" "$images" --json --top-k 1 > "$tmp/run.json"
 python3 - "$tmp/file.json" "$tmp/run.json" <<'PY'

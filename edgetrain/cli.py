@@ -38,6 +38,11 @@ class EdgeGroup(click.Group):
             _fail(str(e), getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except ModuleNotFoundError as e:  # a device with the torch-free install (docs/deploy.md)
+            if e.name != "torch":
+                raise
+            _fail("this command needs PyTorch (pip install torch); without it, only "
+                  "`edgetrain predict MODEL.onnx` runs", 2)
 
 
 def _fail(message: str, code: int) -> None:

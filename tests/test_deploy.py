@@ -193,7 +193,8 @@ def _no_torch_env(tmp_path):
     """PYTHONPATH with a `torch` package that fails on import, ahead of the real one."""
     fake = tmp_path / "no_torch" / "torch"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text('raise ImportError("torch is not installed here")\n')
+    (fake / "__init__.py").write_text(  # what a missing torch raises
+        'raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n')
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), str(REPO)]))
     return env
 
@@ -232,6 +233,14 @@ def test_torch_free_modules_import_without_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=_no_torch_env(tmp_path),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_torch_command_without_torch_is_one_line_exit_2(run_dir, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "edgetrain.cli", "predict", str(run_dir), "x.png"],
+                         env=_no_torch_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: this command needs PyTorch (pip install torch); without it, only "
+        "`edgetrain predict MODEL.onnx` runs"]
 
 
 def test_the_registry_still_lists_the_builtin_sets():
