@@ -32,6 +32,12 @@ setup(
     ],
     extras_require={
         "export": ["onnx>=1.15", "onnxscript>=0.7", "onnxruntime>=1.17"],
+        # predict MODEL.onnx on a device without PyTorch: onnxruntime next to numpy, Pillow,
+        # click (docs/deploy.md: `pip install onnxruntime numpy Pillow click` then
+        # `pip install --no-deps edgetrain`)
+        "predict": ["onnxruntime>=1.17"],
+        # export --format pte / predict MODEL.pte (ExecuTorch 1.5.1 runs beside torch 2.14.1)
+        "executorch": ["executorch>=1.5.1,<1.6"],
         "plots": ["matplotlib>=3.7"],
         # research/: the paper reproduction and studies (scipy.stats.t for their intervals)
         "research": ["scipy>=1.9,<2", "matplotlib>=3.7"],

@@ -46,6 +46,11 @@ class EdgeGroup(click.Group):
             _fail(str(e), getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except ModuleNotFoundError as e:  # a device with the torch-free install (docs/deploy.md)
+            if e.name != "torch":
+                raise
+            _fail("this command needs PyTorch (pip install torch); without it, only "
+                  "`edgetrain predict MODEL.onnx` runs", 2)
 
 
 def _fail(message: str, code: int) -> None:
@@ -61,6 +66,12 @@ def cli(ctx: click.Context) -> None:
     """Module-wise (TRGL) training for devices that cannot hold end-to-end backprop."""
     if ctx.meta.get("edgetrain.help"):  # help alone stays torch-free
         return
+    if ctx.invoked_subcommand != "predict":  # predict FILE.onnx runs where torch is not
+        torch_runtime()
+
+
+def torch_runtime() -> None:
+    """The process-wide settings of a command that runs torch: allocator policy, threads."""
     from edgetrain.measure import apply_malloc_policy, default_threads  # imports torch: deferred
     policy = malloc_policy()
     if policy != "auto":  # auto: chosen per job, once its memory budget is known
@@ -181,33 +192,62 @@ def print_per_class(pc: dict) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.option("--depth", default="best", show_default=True,
               help="'best' (chosen on validation) or a depth 1..K")
+@click.option("--format", "fmt", type=click.Choice(("onnx", "pte")), default="onnx",
+              show_default=True, help="onnx (ONNX Runtime) or pte (ExecuTorch + XNNPACK)")
+@click.option("--quantize", type=click.Choice(("none", "int8")), default="none",
+              show_default=True,
+              help="int8: also write an int8 copy (onnx: OUT-int8.onnx, static QDQ; pte: "
+                   "XNNPACK's quantiser), calibrated on training images")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="image files or a folder to calibrate int8 on (when the run's pack is gone)")
 @click.option("--features-only", is_flag=True, help="export G_k alone (no head): features out")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18)")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="ONNX file (default RUN_DIR/prefix-depthK.onnx)")
+              help="output file (default RUN_DIR/prefix-depthK.onnx or .pte)")
 @click.option("--atol", type=float, default=1e-4, show_default=True,
               help="largest max |onnxruntime - PyTorch| output difference accepted")
-def export_cmd(run_dir, depth, features_only, opset, out, atol):
-    """Export a trained prefix (stem, modules 1..k, head F_k) to ONNX, checked with onnxruntime."""
+def export_cmd(run_dir, depth, fmt, quantize, calibration, features_only, opset, out, atol):
+    """Export a trained prefix (stem, modules 1..k, head F_k) to ONNX, checked with onnxruntime,
+    or to an ExecuTorch program, checked with ExecuTorch's runtime."""
+    calibration = Path(calibration) if calibration else None
+    if fmt == "pte":
+        ctx, src = click.get_current_context(), click.core.ParameterSource.COMMANDLINE
+        onnx_only = [f"--{n.replace('_', '-')}" for n in ("features_only", "opset", "atol")
+                     if ctx.get_parameter_source(n) == src]
+        if onnx_only:
+            raise UserError(f"{', '.join(onnx_only)} apply to --format onnx only")
+        from edgetrain.export.pte import export_pte, format_pte_report  # imports torch: deferred
+        report = export_pte(Path(run_dir), depth=depth, out=Path(out) if out else None,
+                            quantize=quantize, calibration=calibration)
+        click.echo(format_pte_report(report))
+        return
     from edgetrain.export.onnx_export import export_prefix, format_report  # imports torch: deferred
     report = export_prefix(Path(run_dir), depth=depth, features_only=features_only, opset=opset,
-                           out=Path(out) if out else None, atol=atol)
+                           out=Path(out) if out else None, atol=atol, quantize=quantize,
+                           calibration=calibration)
     click.echo(format_report(report))
 
 
 @cli.command("predict")
-@click.argument("run_dir", type=click.Path())
+@click.argument("model", type=click.Path())
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--depth", default="best", show_default=True,
-              help="'best' (chosen on validation) or a depth 1..K")
+              help="'best' (chosen on validation) or a depth 1..K (a model file: its own)")
 @click.option("--top-k", type=int, default=3, show_default=True, help="classes shown per image")
 @click.option("--json", "as_json", is_flag=True, help="one JSON document instead of lines")
-def predict_cmd(run_dir, paths, depth, top_k, as_json):
-    """Classify image files (or every image under folders) with a trained run."""
-    from edgetrain.export.predict import format_predictions, predict  # imports torch: deferred
-    k, preds = predict(Path(run_dir), list(paths), depth=depth, top_k=top_k)
+def predict_cmd(model, paths, depth, top_k, as_json):
+    """Classify image files (or every image under folders) with a trained run (RUN_DIR) or
+    an exported file alone (MODEL.onnx, fp32 or int8, or MODEL.pte; .onnx needs no torch)."""
+    from edgetrain.export.model_file import is_model_file, predict_file  # numpy, Pillow: deferred
+    from edgetrain.export.predictions import format_predictions, predictions_json  # numpy: deferred
+    if is_model_file(model):
+        k, preds = predict_file(Path(model), list(paths), depth=depth, top_k=top_k)
+    else:
+        torch_runtime()
+        from edgetrain.export.predict import predict  # imports torch: deferred
+        k, preds = predict(Path(model), list(paths), depth=depth, top_k=top_k)
     if as_json:
-        click.echo(json.dumps({"depth": k, "predictions": [p.to_dict() for p in preds]}, indent=1))
+        click.echo(json.dumps(predictions_json(k, preds), indent=1))
     else:
         click.echo(format_predictions(preds))
 

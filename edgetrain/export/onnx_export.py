@@ -18,7 +18,9 @@ exporters give identical outputs here (max |diff| ~2e-7 on the tiny K-M ResNet).
 the default: the lowest the new exporter implements natively, so the widest choice of
 runtimes can load the file.
 
-This file does not train, quantise, or build runtime engines (TensorRT reads the .onnx file).
+`--quantize int8` adds a statically quantised copy (`edgetrain.export.int8_export`, computed
+before either file is written). This file does not train or build runtime engines (TensorRT
+reads the .onnx file).
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ import torch
 from edgetrain import __version__
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError
+from edgetrain.export.int8_export import QUANTIZE_CHOICES, int8_path, quant_inputs, quantized
 from edgetrain.export.onnx_check import ATOL, check_inputs, optional_import, ort_session, verify
+from edgetrain.export.quantize import LATENCY_CALLS
 from edgetrain.method.stage import Prefix, Stage
 from edgetrain.regimes.run import load_run, read_finished_run
 from edgetrain.storage.atomic import atomic_write_bytes
@@ -127,6 +131,7 @@ def deployment_metadata(cfg: RunConfig, metrics: dict, data, depth: int, feature
         "normalization": "x = (pixel / 255 - mean[c]) / std[c], NCHW",
         "mean": json.dumps(data.mean), "std": json.dumps(data.std),
         "class_names": json.dumps(data.class_names),
+        "resize_policy": json.dumps(data.resize_policy().to_dict()),
         "data": cfg.data, "model": cfg.model, "mode": cfg.mode,
     }
 
@@ -143,15 +148,15 @@ def default_out(run_dir: Path, depth: int, features_only: bool) -> Path:
     return Path(run_dir) / f"{'features' if features_only else 'prefix'}-depth{depth}.onnx"
 
 
-def check_out(out: Path) -> Path:
+def check_out(out: Path, suffix: str = ".onnx") -> Path:
     """Make sure `out` can be written before any work is done.
 
     Raises:
-        UserError: not a .onnx path, a directory, or its folder cannot be created/written.
+        UserError: not a `suffix` path, a directory, or its folder cannot be created/written.
     """
     out = Path(out)
-    if out.suffix.lower() != ".onnx":
-        raise UserError(f"--out must name a .onnx file (got {out})")
+    if out.suffix.lower() != suffix:
+        raise UserError(f"--out must name a {suffix} file (got {out})")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory")
     try:
@@ -178,9 +183,18 @@ def build_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, output
     return proto.SerializeToString()
 
 
+def check_quantize(quantize: str, features_only: bool) -> str:
+    """Raises UserError unless `quantize` is 'none' or 'int8' (int8: logits only)."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)} (got {quantize})")
+    if quantize == "int8" and features_only:
+        raise UserError("--quantize int8 exports a classifier; drop --features-only")
+    return quantize
+
+
 def export_prefix(run_dir: Path, depth: int | str = "best", features_only: bool = False,
-                  opset: int = DEFAULT_OPSET, out: Path | None = None, atol: float = ATOL
-                  ) -> dict:
+                  opset: int = DEFAULT_OPSET, out: Path | None = None, atol: float = ATOL,
+                  quantize: str = "none", calibration: Path | None = None) -> dict:
     """Export G_k + F_k (or G_k alone) of a finished run to ONNX, verified with ONNX Runtime.
 
     Args:
@@ -190,10 +204,15 @@ def export_prefix(run_dir: Path, depth: int | str = "best", features_only: bool 
         opset: ONNX opset, MIN_OPSET up to what the installed onnx knows.
         out: the .onnx file (default RUN_DIR/prefix-depthK.onnx or features-depthK.onnx).
         atol: the largest max |ONNX Runtime - PyTorch| output difference accepted.
+        quantize: 'int8' also writes OUT-int8.onnx, statically quantised by ONNX Runtime
+            (`edgetrain.export.quantize`), calibrated on the run's training images.
+        calibration: image files or a folder to calibrate on instead (the pack gone).
 
     Returns:
         A report: path, depth, sizes, the recorded accuracies of the prefix and of the whole
-        network, the ONNX Runtime / PyTorch differences on the check inputs.
+        network, the ONNX Runtime / PyTorch differences on the check inputs; with int8,
+        `int8`: its path, fp32 vs int8 accuracy, sizes, latency and largest logit difference
+        (or `error`: ONNX Runtime could not quantise it, the float file alone is written).
 
     Raises:
         UserError: bad run, depth, opset or output; no preprocessing.json in the run;
@@ -202,11 +221,14 @@ def export_prefix(run_dir: Path, depth: int | str = "best", features_only: bool 
     """
     if not atol > 0:
         raise UserError(f"--atol must be positive (got {atol})")
+    check_quantize(quantize, features_only)
     require_export_deps()
     cfg, metrics = read_finished_run(Path(run_dir))
     k = resolve_depth(depth, metrics)
     opset = check_opset(opset)
     out = check_out(out or default_out(run_dir, k, features_only))
+    if quantize == "int8":
+        check_out(int8_path(out))
     run = load_run(Path(run_dir), torch.device("cpu"), depth=k, bounds=metrics.get("bounds"),
                    with_data=False)  # run.data: the stored Preprocessing, not the data set
     stages = run.stages
@@ -220,11 +242,22 @@ def export_prefix(run_dir: Path, depth: int | str = "best", features_only: bool 
     export_s = time.perf_counter() - t0
     checks = verify(ort_session(blob), model, stages[k - 1].head if features_only else None,
                     run.data, atol)
+    int8, qrep = None, None
+    if quantize == "int8":  # everything is read and computed before a file is written
+        int8, qrep = quantized(blob, meta, quant_inputs(cfg, run.data, calibration))
+    write_file(out, blob)
+    if int8 is not None:
+        qrep["path"] = str(write_file(int8_path(out), int8))
+    rep = _report(out, k, features_only, opset, export_s, metrics, stages, checks, out_shape)
+    return rep if qrep is None else {**rep, "int8": qrep}
+
+
+def write_file(out: Path, blob: bytes) -> Path:
     try:
         atomic_write_bytes(out, blob)
     except OSError as e:
         raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
-    return _report(out, k, features_only, opset, export_s, metrics, stages, checks, out_shape)
+    return out
 
 
 def _report(out: Path, k: int, features_only: bool, opset: int, export_s: float, metrics: dict,
@@ -255,4 +288,27 @@ def format_report(r: dict) -> str:
         f"{kib(r['prefix_weight_bytes']):>11} {kib(r['file_bytes']):>11}",
         f"{'whole network':14} {r['n_modules']:>5} {r['whole_test_acc']:>8.4f} "
         f"{kib(r['whole_weight_bytes']):>11} {'-':>11}",
+        *([] if "int8" not in r else format_int8(r["int8"], r["path"])),
     ])
+
+
+def format_int8(q: dict, fp32_path: str) -> list[str]:
+    """The lines of an int8 export: a table fp32 vs int8, the float ops, or the failure."""
+    if "error" in q:
+        return [f"onnxruntime cannot quantise this model ({q['error']}); kept the float32 "
+                f"file {fp32_path} alone"]
+    acc = lambda a: "-" if a is None else f"{a:.4f}"  # noqa: E731
+    lines = [f"int8 (static QDQ, per-channel, calibrated on {q['n_calibration']} images of "
+             f"{q['calibration']}) -> {q['path']}",
+             f"{'':6} {'test_acc':>8} {'file':>11} {'ms/image':>9}   (batch 1, onnxruntime, "
+             f"1 thread, median of {LATENCY_CALLS} calls)"]
+    for t in ("fp32", "int8"):
+        lines.append(f"{t:6} {acc(q[t + '_acc']):>8} {q[t + '_bytes'] / 1024:>9.1f} KiB "
+                     f"{q[t + '_latency_ms']:>9.3f}")
+    lines.append(f"int8 vs fp32 on {q['n_compared']} {q['compared_on']}: max |logit diff| "
+                 f"{q['max_abs_logit_diff']:.3g}, same class on "
+                 f"{q['argmax_agreement'] * 100:.2f}%; file "
+                 f"{q['int8_bytes'] / q['fp32_bytes']:.2f}x")
+    lines += [f"onnxruntime does not quantise {op} ({n} nodes): it runs in float32 between "
+              "int8 tensors" for op, n in q["float_ops"].items()]
+    return lines

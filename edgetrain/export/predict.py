@@ -7,52 +7,17 @@ training data. This file does not train or export.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgetrain.data.folder import is_image_name, open_image
-from edgetrain.errors import UserError
+from edgetrain.data.folder import open_image
 from edgetrain.export.onnx_export import resolve_depth
+from edgetrain.export.predictions import (  # noqa: F401  (format_predictions: re-exported)
+    BATCH, Prediction, check_top_k, format_predictions, image_files, softmax, top_predictions)
 from edgetrain.method.stage import Prefix
 from edgetrain.regimes.run import load_run, read_finished_run
-
-BATCH = 64
-
-
-@dataclass
-class Prediction:
-    file: str
-    top: list[tuple[str, float]]  # (class name, probability), most likely first
-
-    def to_dict(self) -> dict:
-        return {"file": self.file, "top": [{"class": c, "prob": p} for c, p in self.top]}
-
-
-def image_files(paths: list[str | Path]) -> list[Path]:
-    """The files named, and every image file under the folders named (sorted).
-
-    Raises:
-        UserError: a path that does not exist, or a folder without images.
-    """
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
-            found = sorted(Path(d) / n for d, _, names in os.walk(p) for n in names
-                           if is_image_name(n) and not n.startswith("."))
-            if not found:
-                raise UserError(f"no image file under {p}")
-            files.extend(found)
-        else:
-            raise UserError(f"no such file or folder: {p}")
-    if not files:
-        raise UserError("give at least one image file or folder")
-    return files
 
 
 def predict(run_dir: Path, paths: list[str | Path], depth: int | str = "best", top_k: int = 5
@@ -69,8 +34,7 @@ def predict(run_dir: Path, paths: list[str | Path], depth: int | str = "best", t
     Raises:
         UserError: bad run, depth or top-k; a missing path; a file that is not an image.
     """
-    if top_k < 1:
-        raise UserError(f"--top-k must be >= 1 (got {top_k})")
+    check_top_k(top_k)
     files = image_files(paths)
     _, metrics = read_finished_run(Path(run_dir))
     k = resolve_depth(depth, metrics)
@@ -78,7 +42,6 @@ def predict(run_dir: Path, paths: list[str | Path], depth: int | str = "best", t
                    with_data=False)
     prep = run.data
     model = Prefix(run.stages[:k]).eval()
-    top_k = min(top_k, prep.num_classes)
     out = []
     for i in range(0, len(files), BATCH):
         chunk = files[i:i + BATCH]
@@ -86,14 +49,6 @@ def predict(run_dir: Path, paths: list[str | Path], depth: int | str = "best", t
             open_image(f).close()
         x = torch.from_numpy(np.stack([prep.image_row(f) for f in chunk]))  # (B, C, H, W) uint8
         with torch.no_grad():
-            prob = torch.softmax(model(prep.normalize(x)), dim=1)
-        p, c = prob.topk(top_k, dim=1)
-        for f, ps, cs in zip(chunk, p.tolist(), c.tolist()):
-            out.append(Prediction(str(f), [(prep.class_names[j], round(q, 6))
-                                           for j, q in zip(cs, ps)]))
+            logits = model(prep.normalize(x)).numpy()  # (B, classes)
+        out.extend(top_predictions(chunk, softmax(logits), prep.class_names, top_k))
     return k, out
-
-
-def format_predictions(preds: list[Prediction]) -> str:
-    """One line per image: the file, then class (probability) pairs."""
-    return "\n".join(f"{p.file}\t" + "  ".join(f"{c} ({q:.3f})" for c, q in p.top) for p in preds)
