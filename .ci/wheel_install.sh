@@ -41,12 +41,32 @@ rows=$(tail -n +2 devices.txt | grep -c shipped)
 "$v/edgetrain" train --data digits --mode sequential --epochs 1 --device-profile raspberry-pi-4-4gb \
   --out run --no-progress
 "$v/python" -c "
+from pathlib import Path
 from sklearn.datasets import load_digits
 from PIL import Image
 import numpy as np
-img = load_digits().images[0]
-Image.fromarray((img * 255 / 16).astype(np.uint8)).save('digit.png')"
-"$v/edgetrain" predict run digit.png
+Path('digits').mkdir()
+for i, img in enumerate(load_digits().images[:50]):
+    Image.fromarray((img * 255 / 16).astype(np.uint8)).save(f'digits/{i:03d}.png')"
+"$v/edgetrain" predict run digits/000.png
 "$v/edgetrain" export run --out model.onnx
 ls -l model.onnx
+"$v/edgetrain" predict run digits --json --top-k 1 > run.json
+
+# A device without PyTorch: the documented torch-free install (docs/deploy.md), same wheel.
+python -m venv "$work/lite"
+l="$work/lite/bin"
+"$l/pip" install -q onnxruntime numpy Pillow click && "$l/pip" install -q --no-deps "$wheel"
+if "$l/python" -c "import torch" 2>/dev/null; then echo "wheel check failed: torch in the lite venv"; exit 1; fi
+"$l/edgetrain" predict model.onnx digits --json --top-k 1 > file.json
+set +e; "$l/edgetrain" train --epochs 1 2> train.err; rc=$?; set -e
+[ "$rc" -eq 2 ] && [ "$(wc -l < train.err)" -eq 1 ] || { echo "wheel check failed: train without torch: exit $rc"; cat train.err; exit 1; }
+python - <<'PY'
+import json, os
+top = lambda p: {os.path.basename(x["file"]): x["top"][0]["class"] for x in json.load(open(p))["predictions"]}
+a, b = top("run.json"), top("file.json")
+same = sum(a[f] == b.get(f) for f in a)
+print(f"predict MODEL.onnx without torch agrees with predict RUN_DIR on {same}/{len(a)} images")
+assert same == len(a) == len(b) == 50
+PY
 echo "wheel install check: ok"
