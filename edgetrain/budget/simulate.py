@@ -14,13 +14,13 @@ added by the predictor.
 `step_flops` runs the same step under PyTorch's FLOP counter instead: the planner's estimate of
 what `--recompute` costs in time (`edgetrain.budget.estimate.recompute_time_ratio`).
 
-`tests/test_simulate.py` checks that the simulated peak of a step equals the peak tracked
+`tests/budget/test_simulate.py` checks that the simulated peak of a step equals the peak tracked
 by the same mode around the real `train.train_step` on CPU tensors.
 
 Precision (`--precision bf16|fp16`): `torch.autocast` does nothing to meta tensors, so the
 forwards here run under `edgetrain.method.precision.autocast(precision, "meta")`, which makes
 CPU autocast's casts itself: conv / linear / matmul outputs and what follows them are 2-byte
-tensors, parameters, gradients and optimizer state stay float32 (`tests/test_precision.py`
+tensors, parameters, gradients and optimizer state stay float32 (`tests/method/test_precision.py`
 checks the simulated bf16 step against the real one under CPU autocast).
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ def safetensors_parts(entries: list[tuple[str, str, list[int], list[torch.Tensor
     its buffered batches). `safetensors.torch.save` and `save_file` first copy every tensor
     into Python bytes: a second (for `save`, a third) copy of a module and its optimizer
     state at every checkpoint. Read back with `safetensors.torch.load_file`
-    (tests/test_store_format.py)."""
+    (tests/storage/test_store_format.py)."""
     sizes = [(name, dtype, shape, sum(c.numel() * c.element_size() for c in chunks))
              for name, dtype, shape, chunks in entries]
     data = [memoryview(c.reshape(-1).view(torch.uint8).numpy())

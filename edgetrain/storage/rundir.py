@@ -2,7 +2,7 @@
 
 This docstring is the contract between commands (`train` writes it; `eval`, `export`,
 `predict`, `status` and `train --resume` read it), rendered as the manual's "Run directory"
-page; `tests/test_docs.py` checks that every file a finished run holds is named here.
+page; `tests/docs/test_docs.py` checks that every file a finished run holds is named here.
 
 | path | written by | what it holds |
 |---|---|---|
