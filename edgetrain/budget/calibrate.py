@@ -19,7 +19,6 @@ What it is not: the profile format and its validation (`edgetrain.budget.devices
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 import platform
@@ -34,6 +33,7 @@ from edgetrain.budget.devices import (NAME_RE, OPTIONAL_FIELDS, PROFILE_FIELDS, 
                                       read_profile)
 from edgetrain.errors import UserError
 from edgetrain.measure import runtime_rss_bytes
+from edgetrain.options.file import toml_value
 from edgetrain.units import MIB
 
 TOTAL_TOLERANCE = 0.125
@@ -196,16 +196,6 @@ def calibrate(name: str, cache_dir: Path, root: Path | None = None,
     return read_profile(path), path
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # a JSON string is a TOML basic string (no "\/" is emitted)
-
-
 def profile_toml(d: dict) -> str:
     """A profile dict as TOML: the fields in `PROFILE_FIELDS` order, then the calibrated
     ones, then the `[measured]` table."""
@@ -213,7 +203,7 @@ def profile_toml(d: dict) -> str:
             d.get(k) is not None]
     lines = [f"# Device profile {d['name']} (edgetrain devices calibrate keeps the source of "
              "every measured figure in [measured])."]
-    lines += [f"{k} = {_toml_value(d[k])}" for k in keys]
-    lines += ["", "[measured]"] + [f"{k} = {_toml_value(v)}"
+    lines += [f"{k} = {toml_value(d[k])}" for k in keys]
+    lines += ["", "[measured]"] + [f"{k} = {toml_value(v)}"
                                    for k, v in sorted((d.get("measured") or {}).items())]
     return "\n".join(lines) + "\n"

@@ -84,14 +84,14 @@ def build(make: Callable[[dict], object], values: dict, file_values: dict, path:
         raise
 
 
-def _value(v) -> str:
+def toml_value(v) -> str:
     """A TOML value: bool, int, float, string, or a flat list of them."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a TOML basic string
 
 
@@ -107,7 +107,7 @@ def write_config_file(values: dict, header: str = "") -> str:
         for name in names:
             v = values[name]
             lines.append(f"# {field_meta(name)['doc']}")
-            lines.append(f"# {name} = (unset)" if v is None else f"{name} = {_value(v)}")
+            lines.append(f"# {name} = (unset)" if v is None else f"{name} = {toml_value(v)}")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

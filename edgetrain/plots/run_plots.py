@@ -17,7 +17,7 @@ from edgetrain.storage.atomic import atomic_write_bytes
 from edgetrain.storage.runlog import LOG, read_log
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the Agg backend (no display needed).
 
     Raises:
@@ -52,7 +52,7 @@ def check_plot_path(path: str | Path, option: str = "--plot") -> Path:
         raise UserError(f"{option}: folder {path.parent} does not exist")
     if path.is_dir():
         raise UserError(f"{option}: {path} is a folder")
-    _pyplot()
+    pyplot()
     return path
 
 
@@ -78,7 +78,7 @@ def plot_depth_accuracy(modules: list[dict], best_depth: int, path: Path,
     Returns:
         The path written.
     """
-    plt = _pyplot()
+    plt = pyplot()
     depths = list(range(1, len(modules) + 1))
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(depths, [m["val_acc"] for m in modules], "o-", label="validation")
@@ -166,7 +166,7 @@ def plot_memory(run_dir: Path, path: Path) -> Path:
         UserError: no logged epoch yet, or matplotlib missing.
     """
     lines, phases = memory_records(run_dir)
-    plt = _pyplot()
+    plt = pyplot()
     panels = 2 if phases else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), squeeze=False)
     _plot_epochs(axes[0][0], lines)

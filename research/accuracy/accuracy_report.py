@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 import statistics
 
-from edgetrain.errors import UserError
+from edgetrain.plots.run_plots import pyplot
 
 
 # --------------------------------------------------------------------------- statistics
@@ -133,12 +133,7 @@ def write_plots(res: dict, prefix: Path) -> list[Path]:
     Raises:
         UserError: matplotlib missing (install the `plots` extra).
     """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plots need matplotlib: pip install 'edgetrain[plots]'") from None
+    plt = pyplot()
     prefix = Path(prefix)
     cells = {(c["dataset"], c["train_size"], c["arm"]): c for c in res["cells"]}
     paths = []

@@ -1,5 +1,4 @@
 """The allocator policy, the default thread count, and the speed benchmarks' small parts."""
-import json
 import os
 import subprocess
 import sys

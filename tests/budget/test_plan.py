@@ -6,6 +6,7 @@ Also (was test_plan_recompute.py): The planner and `train --fit` with `--recompu
 passed through to the run.
 """
 from __future__ import annotations
+
 import dataclasses
 import json
 import random
@@ -267,7 +268,7 @@ def fake_recompute_predict(cfg: RunConfig, input_shape, num_classes, n_train=Non
 
 
 @pytest.fixture
-def fake(monkeypatch):
+def fake_recompute(monkeypatch):
     monkeypatch.setattr(planner, "estimate_peak", fake_recompute_predict)
     monkeypatch.setattr(planner, "recompute_time_ratio", lambda cfg, s, n: RATIO[cfg.recompute])
     monkeypatch.setattr(planner, "runtime_baseline_bytes", lambda: BASELINE)
@@ -281,7 +282,7 @@ def test_recompute_is_planned_and_ordered_by_cost():
     assert RECOMPUTE_ORDER == ("none", "segments:2", "blocks")
 
 
-def test_plan_matches_brute_force_rule_with_recompute(fake):
+def test_plan_matches_brute_force_rule_with_recompute(fake_recompute):
     """The documented rule over every setting: the first fitting candidate of the plain
     search, else of the search with segments:2, else with blocks; else the least need."""
     base = RunConfig(batch_size=128, cache_dtype="float16")
@@ -305,7 +306,7 @@ def test_plan_matches_brute_force_rule_with_recompute(fake):
     assert seen == set(RECOMPUTE_ORDER)  # every setting was chosen for some budget
 
 
-def test_plain_plan_that_fits_never_recomputes(fake):
+def test_plain_plan_that_fits_never_recomputes(fake_recompute):
     plain = [needed_bytes(fake_recompute_predict(c, None, 10), BASELINE)
              for c in reference_order(RunConfig(batch_size=64), 18, "float16")]
     p = plan(RunConfig(batch_size=64), (3, 32, 32), 10, None, min(plain))
@@ -314,7 +315,7 @@ def test_plain_plan_that_fits_never_recomputes(fake):
 
 
 @pytest.mark.parametrize("given", ["none", "segments:3", "blocks"])
-def test_given_recompute_is_kept(fake, given):
+def test_given_recompute_is_kept(fake_recompute, given):
     base = RunConfig(batch_size=64, recompute=given)
     roomy = plan(base, (3, 32, 32), 10, None, 8 * 2**30, fixed={"recompute"})
     assert roomy.fits and roomy.cfg.recompute == given  # kept even where none would fit

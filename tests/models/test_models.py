@@ -1,9 +1,8 @@
-"""torchvision ResNets, the ViT and swin_t (issue 10): equivalence with torchvision, residues,
+"""The model registry and CIFAR/K-M ResNets, VGG; torchvision ResNets, the ViT and swin_t (issue 10): equivalence with torchvision, residues,
 every regime, the memory-balanced split and ONNX export, at tiny widths."""
 import pytest
 import torch
 from edgetrain.errors import UserError
-from edgetrain.method.split import build_stages, split_depth
 from edgetrain.method.stage import Prefix
 from edgetrain.models import create_model, list_models
 import torchvision
