@@ -121,7 +121,8 @@ def train_options(fn):
         click.option("--precision", type=click.Choice(PRECISIONS), default=d.precision,
                      show_default=True,
                      help="forward under autocast in bf16 or fp16 (fp32 master weights); fp16 "
-                          "needs CUDA"),
+                          "needs CUDA; auto: bf16 where the device computes it natively, else "
+                          "fp32 (the default of --fit)"),
         click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default=None,
                      show_default="float16; bfloat16 with --precision bf16",
                      help="storage dtype of the activation cache"),
@@ -199,6 +200,7 @@ def train(out, progress, device_profile, memory_budget, resume_dir, fit, **opts)
         click.echo(text)
     else:
         cfg = config_from_options(apply_budget_options(opts, device_profile, memory_budget))
+    cfg = echo_precision(cfg)
     out_dir = Path(out) if out else default_out_dir(cfg)
     job_malloc(cfg.memory_budget is not None)
     launch = None
@@ -212,6 +214,16 @@ def train(out, progress, device_profile, memory_budget, resume_dir, fit, **opts)
     print_table(metrics["modules"], metrics["best_depth"])
     click.echo(f"best depth {metrics['best_depth']}: test accuracy {metrics['best_test_acc']:.4f}"
                f"  (run directory {out_dir})")
+
+
+def echo_precision(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `--precision auto` resolved for its device, the choice printed once."""
+    from edgetrain.method.precision import resolve_precision  # imports torch: deferred
+    from edgetrain.regimes.run import resolve_device  # imports torch: deferred
+    cfg, chosen = resolve_precision(cfg, resolve_device(cfg.device))
+    if chosen:
+        click.echo(chosen)
+    return cfg
 
 
 @cli.command("eval")
@@ -326,8 +338,9 @@ def calibrate_cmd(name, cache_dir, storage_mib):
               show_default=True)
 @click.option("--head", type=click.Choice(HEADS), default=RunConfig.head, show_default=True)
 @click.option("--prefetch-mib", type=float, default=RunConfig.prefetch_mib, show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default=RunConfig.precision,
-              show_default=True, help="the precision the run will train in (not planned)")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="the precision the run will train in (auto: bf16 where the device computes "
+                   "it natively, else fp32; the plan says which and why)")
 @click.option("--recompute", default=RunConfig.recompute, show_default=True,
               help="keep this --recompute (none, blocks, segments:S); unset, the planner tries "
                    "segments:2, then blocks, when nothing fits without")

@@ -25,7 +25,7 @@ HEADS = ("auto", "dgl", "dgl-light", "linear", "mlp")
 OPTIMIZERS = ("sgd", "adamw")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where native (#29), resolved at the edge
 # the activation cache's storage dtype when --cache-dtype is not given: the precision's own
 # 2-byte type (fp32 keeps float16, the default before --precision existed)
 CACHE_DTYPE_OF_PRECISION = {"fp32": "float16", "bf16": "bfloat16", "fp16": "float16"}
@@ -88,6 +88,7 @@ class RunConfig:
     device: str = "auto"
     # mixed precision (#17): the forward under autocast, fp32 master weights
     precision: str = "fp32"
+    precision_requested: str | None = None  # "auto" when `precision` was resolved from it (#29)
     # out-of-core (sequential / multilap); cache_dtype None: follows the precision
     # (`CACHE_DTYPE_OF_PRECISION`), resolved on construction so config.json names it
     cache_dtype: str | None = None
@@ -116,7 +117,7 @@ class RunConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.cache_dtype is None:  # a bad precision is refused just below
+        if self.cache_dtype is None and self.precision != "auto":  # auto: once resolved
             self.cache_dtype = CACHE_DTYPE_OF_PRECISION.get(str(self.precision), "float16")
         _check_types(self)  # wrong types and non-finite floats first: the checks below compare
         if os.path.isdir(self.data):  # config.json names the folder by its absolute path
@@ -134,9 +135,12 @@ class RunConfig:
         for kind in str(self.head).split(","):
             _check_choice("--head", kind, HEADS if "," not in str(self.head) else HEADS[1:])
         _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
+        if self.cache_dtype is not None or self.precision != "auto":
+            _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--device", self.device, DEVICES)
+        _check(self.precision_requested in (None, "auto"),
+               f"precision_requested must be null or \"auto\" (got {self.precision_requested!r})")
         _check(self.modules >= 1, f"--modules must be >= 1 (got {self.modules})")
         _check(self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})")
         _check(self.laps >= 1, f"--laps must be >= 1 (got {self.laps})")
@@ -293,7 +297,8 @@ def _check_types(cfg: "RunConfig") -> None:
         _check(isinstance(getattr(cfg, name), bool),
                f"{name} must be true or false (got {getattr(cfg, name)!r})")
     for name in _STR_FIELDS:
-        _check(isinstance(getattr(cfg, name), str),
+        _check(isinstance(getattr(cfg, name), str) or name == "cache_dtype" and cfg.precision
+               == "auto" and cfg.cache_dtype is None,
                f"{_flag(name)} must be a string (got {getattr(cfg, name)!r})")
     _check(cfg.cache_dir is None or isinstance(cfg.cache_dir, str),
            f"--cache-dir must be a path (got {cfg.cache_dir!r})")

@@ -190,7 +190,7 @@ def run_precision(out_dir: Path, seeds: int | None = None, quick: bool = False,
     import torch  # the machine's description
 
     from edgetrain.method.precision import (bf16_supported,  # imports torch: the parent only
-                                            native_bf16)
+                                            detect_bf16)
     s = setups(quick, size)
     seeds = seeds or s["seeds"]
     torch.set_num_threads(threads)
@@ -202,7 +202,7 @@ def run_precision(out_dir: Path, seeds: int | None = None, quick: bool = False,
               "torch": torch.__version__, "machine": platform.machine(),
               "processor": platform.processor(), "threads": threads,
               "cpu_bf16_autocast": bf16_supported(torch.device("cpu")),
-              "cpu_native_bf16": native_bf16(torch.device("cpu")),
+              "cpu_native_bf16": detect_bf16(torch.device("cpu")).native,
               "setup": {k: v for k, v in s.items() if k != "accuracy"},
               "memory_and_time": rows, "accuracy": acc,
               "wall_s": round(time.perf_counter() - t0, 1)}
