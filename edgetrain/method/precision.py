@@ -236,6 +236,26 @@ def resolve_precision(cfg, device: torch.device | str, check: Bf16Check | None =
             f"precision   {precision} (auto: {why})")
 
 
+def memory_format(device: torch.device | str, capability: str | None = None) -> torch.memory_format:
+    """The memory format a run's modules train in on `device`: channels-last on a CPU whose
+    kernels are AVX-512 (`torch.backends.cpu.get_cpu_capability()`, or `capability`), the
+    default format elsewhere.
+
+    Channels-last made a module's CPU step 0.79x-0.85x as long (resnet20 3x32x32, fp32 and
+    bf16; kmresnet 1x8x8: 0.83x). On oneDNN's AVX2 kernels (CPUs without AVX-512, or
+    ONEDNN_MAX_CPU_ISA=AVX2) torch 2.14.1 corrupts the heap in the weight gradient of a
+    channels-last 1x1 stride-2 convolution with 4 input and 8 output channels (pure PyTorch:
+    `benchmarks/channels_last_repro_torch.py minimal`), so those CPUs keep the default format;
+    so do CUDA devices and other CPUs (not measured).
+    """
+    device = torch.device(device)
+    capability = capability or (torch.backends.cpu.get_cpu_capability()
+                                if device.type == "cpu" else "")
+    if device.type == "cpu" and capability.startswith("AVX512"):
+        return torch.channels_last
+    return torch.preserve_format
+
+
 def check_precision(precision: str, device: torch.device) -> None:
     """Refuse a precision `device` cannot train in (before any run directory exists).
 
