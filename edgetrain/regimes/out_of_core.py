@@ -40,7 +40,7 @@ from edgetrain.data.batches import augment, batch_indices, epoch_generator
 from edgetrain.measure import PhaseRecorder
 from edgetrain.method.loop import (Interrupted, NonFiniteLoss, Trainer, evaluate_chain, fit,
                                   make_trainer)
-from edgetrain.method.precision import autocast, compute_input
+from edgetrain.method.precision import autocast, compute_input, memory_format
 from edgetrain.regimes.run import Run, run_metrics, stopped
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.cache import (CacheInvalid, CacheOverflow, CacheReader, CacheSource,
@@ -174,7 +174,8 @@ class OutOfCore:
         if k > 1:
             reader = self.open_cache(k - 1, split)
             return reader.n, reader.views, sequential_rows(reader, self.cfg.batch_size,
-                                                           self.prefetch_bytes)
+                                                           self.prefetch_bytes,
+                                                           memory_format(self.run.device))
         sp = getattr(self.run.data, split)
         views = self.views if split == "train" else 1
         return len(sp), views, self._raw_views(sp, views)
@@ -218,7 +219,8 @@ class OutOfCore:
         labels = getattr(self.run.data, split).y
         return CacheSource(self.open_cache(k, split), labels, self.cfg.batch_size,
                            self.run.device, train=train, seed=self.cfg.seed,
-                           prefetch_bytes=self.prefetch_bytes)
+                           prefetch_bytes=self.prefetch_bytes,
+                           memory_format=memory_format(self.run.device))
 
     # ------------------------------------------------------------------ training
     def trainer(self, k: int) -> tuple[Trainer, dict]:
