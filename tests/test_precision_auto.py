@@ -213,3 +213,25 @@ def test_calibrate_records_the_detected_bf16(monkeypatch):
         monkeypatch.setattr(calibrate, "detect_bf16", lambda device, n=native: Bf16Check(n, "r"))
         half = calibrate.half_support()
         assert half["bf16"] is native and "bf16: r" in half["how"]
+
+
+def test_the_auto_benchmark_row_pairs_rounds_and_names_the_cpu(monkeypatch):
+    from edgetrain.bench import precision as bench
+    monkeypatch.setattr(precision_mod, "detect_bf16", lambda device: Bf16Check(True, "native"))
+    step = {"fp32": [1.28, 1.92, 1.28], "bf16": [0.64, 0.64, 1.28]}  # s per step of 64
+    seen = []
+
+    def fake_child(spec, timeout_s=1800):
+        p = spec["cfg"]["precision"]
+        seen.append(p)
+        t = step[p][sum(1 for q in seen if q == p) - 1]
+        return {"ok": True, "step_s": [t] * 3, "step_cpu_s": [t / 2] * 3}
+    monkeypatch.setattr(bench, "time_child", fake_child)
+    row = bench.auto_rows(threads=1)
+    assert seen == ["fp32", "bf16"] * 3 and row["auto_resolved"] == "bf16"
+    assert row["speedup_rounds"] == pytest.approx([2.0, 3.0, 1.0])
+    assert row["speedup_median"] == pytest.approx(2.0)
+    assert row["ms_per_sample"]["fp32"][0] == pytest.approx(20.0)
+    assert row["cpu"]["reason"] == "native" and "flags" in row["cpu"]
+    md = "\n".join(bench.auto_markdown(row))
+    assert "**2.00x** as fast as fp32" in md and "auto resolved to **bf16**" in md

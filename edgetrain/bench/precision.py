@@ -306,14 +306,23 @@ def auto_markdown(a: dict | None) -> list[str]:
 
 def markdown(res: dict) -> str:
     """The result as a Markdown page."""
-    s = res["setup"]
     lines = [f"# --precision bf16 against fp32{' (quick smoke run)' if res['quick'] else ''}",
              "", f"edgetrain {res['edgetrain_version']}, torch {res['torch']}, "
              f"{res['machine']}, {res['threads']} threads, CPU bf16 autocast: "
              f"{res['cpu_bf16_autocast']}, native bf16 convolutions (oneDNN): "
              f"{res['cpu_native_bf16']}; {res['wall_s']} s in all.", "",
-             *auto_markdown(res.get("auto")),
-             f"## Memory and step time ({s['model']}, {'x'.join(map(str, s['input_shape']))} "
+             *auto_markdown(res.get("auto"))]
+    if res["memory_and_time"]:
+        lines += memory_markdown(res)
+    if res["accuracy"]:
+        lines += accuracy_markdown(res)
+    return "\n".join(lines) + "\n"
+
+
+def memory_markdown(res: dict) -> list[str]:
+    """The memory and step-time section (part `memory`)."""
+    s = res["setup"]
+    lines = [f"## Memory and step time ({s['model']}, {'x'.join(map(str, s['input_shape']))} "
              f"synthetic, batch {s['batch']})", "",
              "Measured: peak RSS above the child's RSS after imports (fresh process, product "
              "path). Predicted: `estimate_peak` (tensors). Step: one batch through every "
@@ -330,7 +339,12 @@ def markdown(res: dict) -> str:
             f"{_fmt(r['predicted_mib_vs_fp32'], '.3f')} | "
             f"{_fmt(r['step_s_median_vs_fp32'], '.3f')} |"
             + (f" error: {r['error']}" if r.get("error") else ""))
-    lines += ["", "## Accuracy (sequential TRGL, K=2 kmresnet; best test accuracy, depth "
+    return lines
+
+
+def accuracy_markdown(res: dict) -> list[str]:
+    """The accuracy section (part `accuracy`)."""
+    lines = ["", "## Accuracy (sequential TRGL, K=2 kmresnet; best test accuracy, depth "
               "chosen on validation)", "",
               "| data | config | seeds | fp32 mean +- std | bf16 mean +- std | "
               "bf16 - fp32 (paired) mean +- std |", "|---|---|---|---|---|---|"]
@@ -341,7 +355,7 @@ def markdown(res: dict) -> str:
                      f"{a['fp32']['mean']:.4f} +- {a['fp32']['std']:.4f} | "
                      f"{a['bf16']['mean']:.4f} +- {a['bf16']['std']:.4f} | "
                      f"{d['mean']:+.4f} +- {d['std']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":  # the step-time child: spec as JSON on stdin
