@@ -71,3 +71,23 @@ def test_an_unchanged_cache_is_hashed_once_and_an_altered_one_again(tmp_path, mo
     shard.write_bytes(bytes(data))
     with pytest.raises(cache.CacheInvalid, match="checksum"):
         next(iter(src.epoch(0)))
+
+
+def test_readers_of_one_run_share_what_they_verified(tmp_path, monkeypatch):
+    _write(tmp_path, torch.randn(50, 3, 4, 4))
+    hashed = []
+    real = cache._file_sha256
+    monkeypatch.setattr(cache, "_file_sha256", lambda p: hashed.append(p) or real(p))
+    shared: dict = {}
+    n = len(CacheReader(tmp_path / "c", "k1", shared).manifest["shards"])
+    for _ in range(3):
+        CacheReader(tmp_path / "c", "k1", shared).close()
+    assert len(hashed) == n  # hashed at the first open only
+    CacheReader(tmp_path / "c", "k1").close()  # a reader of its own hashes again
+    assert len(hashed) == 2 * n
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(cache.CacheInvalid, match="checksum"):
+        CacheReader(tmp_path / "c", "k1", shared)

@@ -69,6 +69,7 @@ class OutOfCore:
         self.raw = run.raw("train", train=True)
         self.total_steps = self.cfg.epochs * self.raw.steps_per_epoch()
         self.prefetch_bytes = int(self.cfg.prefetch_mib * MIB)
+        self.verified: dict = {}  # (shard, sha256) -> the stat its checksum was checked at
         self.views = self.cfg.cache_views if self.cfg.augment else 1
         self.state = {"edgetrain_version": __version__, "config_sha256": config_hash(self.cfg),
                       "seq": 0, "cursor": {"lap": 0, "module": 0, "epoch": 0},
@@ -144,7 +145,7 @@ class OutOfCore:
 
     def open_cache(self, k: int, split: str) -> CacheReader:
         """A verified reader of cache k (raises `CacheInvalid` if stale, incomplete or corrupt)."""
-        return CacheReader(self.cache_dir(k, split), self.cache_key(k, split))
+        return CacheReader(self.cache_dir(k, split), self.cache_key(k, split), self.verified)
 
     def _valid(self, k: int, split: str) -> bool:
         try:

@@ -267,11 +267,13 @@ class CacheReader:
     Args:
         directory: the cache directory.
         key: the expected key; a cache with another key is refused.
+        verified: (shard path, sha256) -> the file stat its checksum was checked at, shared by the
+            readers of one run (`verify`), so reopening a cache does not hash it again.
     Raises:
         CacheInvalid: see `read_manifest` and `verify`.
     """
 
-    def __init__(self, directory: Path, key: str | None):
+    def __init__(self, directory: Path, key: str | None, verified: dict | None = None):
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir, key)
         m = self.manifest
@@ -279,16 +281,17 @@ class CacheReader:
         self.n, self.views, self.count = int(m["n"]), int(m["views"]), int(m["count"])
         self.row_bytes = planned_bytes(1, self.shape, self.dtype)
         self.rows_per_shard = int(m["rows_per_shard"])
-        self._verified: dict[str, tuple] = {}  # shard -> the file stat it was hashed at
+        self._verified = {} if verified is None else verified
         self.verify()
         self._fds = [os.open(self.dir / s["file"], os.O_RDONLY) for s in m["shards"]]
         self._data_offsets = [self._data_offset(s) for s in m["shards"]]
 
     def verify(self) -> None:
         """Check every shard's size and sha256 against the manifest (streamed, 1 MiB reads).
-        A shard whose file is the one this reader already hashed (same inode, size, mtime
-        and ctime) is not hashed again: re-reading the whole cache before every epoch cost
-        3% of a sequential run (#29); any write to the file, or its replacement, changes them.
+        A shard whose file is the one already hashed (same inode, size, mtime and ctime, in
+        `verified`) is not hashed again: re-reading the whole cache at every open and before
+        every epoch cost 3-4% of a sequential run (#29); any write to the file, or its
+        replacement, changes the stat.
 
         Raises:
             CacheInvalid: a shard is missing, truncated or altered.
@@ -300,12 +303,12 @@ class CacheReader:
                 raise CacheInvalid(f"cache shard {path} is missing or truncated; it is not read")
             st = path.stat()
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            if seen.get(s["file"]) == stamp:
+            if seen.get((str(path), s["sha256"])) == stamp:
                 continue
             if _file_sha256(path) != s["sha256"]:
                 raise CacheInvalid(f"cache shard {path} fails its checksum (altered or corrupt); "
                                    "it is not read")
-            seen[s["file"]] = stamp
+            seen[(str(path), s["sha256"])] = stamp
         if sum(s["rows"] for s in self.manifest["shards"]) != self.count:
             raise CacheInvalid(f"cache manifest in {self.dir} does not add up; it is not read")
 
