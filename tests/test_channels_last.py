@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 from edgetrain.config import RunConfig

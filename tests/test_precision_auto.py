@@ -13,11 +13,10 @@ from pathlib import Path
 
 from click.testing import CliRunner
 import pytest
-import torch
 
 from edgetrain.budget import calibrate
 from edgetrain.budget.devices import load_profile
-from edgetrain.budget.planner import plan_for_device, planned_precision, profile_bf16
+from edgetrain.budget.planner import planned_precision, profile_bf16
 from edgetrain.cli import cli
 from edgetrain.config import RunConfig
 from edgetrain.errors import UserError

@@ -165,7 +165,8 @@ def cpu_description() -> dict:
     """The CPU the row was measured on: its flags that decide bf16, and the decision."""
     import torch  # the machine's description
 
-    from edgetrain.method.precision import cpu_flags, detect_bf16, read_cpuinfo
+    from edgetrain.method.precision import (cpu_flags,  # imports torch: the parent only
+                                            detect_bf16, read_cpuinfo)
     info = read_cpuinfo() or ""
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
                  if ln.split(":")[0].strip() == "model name"), platform.processor())

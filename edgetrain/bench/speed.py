@@ -13,14 +13,22 @@
 4. Accuracy on digits of the cache storage dtype (float16 vs float32) and of --cache-views
    (A = 1 vs 4), next to the in-memory path with live augmentation.
 
+5. The regime table (`regimes`): every regime's `train()` wall and CPU time over end-to-end's
+   on the same job and epochs (`total_over_e2e`, `cpu_over_e2e`), medians of paired rounds,
+   for each of `REGIME_JOBS` (#29).
+6. Where the time goes (`profile`): each regime's CPU seconds per phase under cProfile, and
+   the heads' cost against the modules' bodies.
+
 Writes `speed.json` and `speed.md` to the output directory. Timings on a shared machine are
 noisy: only ratios taken in the same run are reported. This file does not parse argv.
 """
 from __future__ import annotations
 
+import cProfile
 import json
 import os
 from pathlib import Path
+import pstats
 import statistics
 import subprocess
 import sys
@@ -28,6 +36,7 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 from edgetrain.config import RunConfig
 from edgetrain.data.batches import batch_indices, epoch_generator
@@ -266,8 +275,6 @@ def phase_profile(tmp: Path, model: str = "resnet20", k: int = 4, epochs: int = 
     """Per regime, the CPU seconds (cProfile with `time.process_time`) of each of `PHASES`
     (cumulative: a phase includes what it calls; `training: batches` is fit_module minus
     the two step phases), and the heads' share of a training step (`head_share`)."""
-    import cProfile
-    import pstats
     rows = []
     for mode in MODES:
         cfg = _regime_cfg(model, k, epochs, synthetic_size, cache_dtype, mode)
@@ -289,7 +296,6 @@ def phase_profile(tmp: Path, model: str = "resnet20", k: int = 4, epochs: int = 
 def head_share(cfg: RunConfig, reps: int = 4) -> float:
     """CPU time of every module's head (forward + backward) over that of the modules'
     bodies, one batch of `cfg`'s shape, in training mode."""
-    import torch.nn.functional as F
     run = build_run(cfg)
     x = torch.randn(cfg.batch_size, *cfg.input_shape)  # (B, C, H, W)
     y = torch.randint(0, 10, (cfg.batch_size,))
