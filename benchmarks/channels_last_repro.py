@@ -8,6 +8,11 @@ Single layers (BatchNorm2d, Conv2d 1x1/3x3 stride 1/2, pooling) with the same sh
 reproduce it. Channels-last made a module's step 0.83x-0.87x as long
 (benchmarks/results/speedups*.md), so it is worth adopting once this passes.
 
+Attributed (#29): `benchmarks/channels_last_repro_torch.py` (no edgetrain) aborts the same way
+with oneDNN on its AVX2 kernels (ONEDNN_MAX_CPU_ISA=AVX2, a CPU without AVX-512), down to one
+layer (`minimal`: the weight gradient of a channels-last 1x1 stride-2 conv, 4 -> 8 channels):
+a PyTorch/oneDNN bug. Modules are now channels-last on AVX-512 CPUs only.
+
 usage: python benchmarks/channels_last_repro.py [none|head|body|all]   (exit 0: no crash)
 """
 import sys

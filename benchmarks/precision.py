@@ -3,7 +3,7 @@
 The same as `edgetrain bench precision`.
 
 usage: python benchmarks/precision.py [--out benchmarks/results] [--seeds 5] [--threads 2]
-       [--quick] [--size full|small] [--parts memory,accuracy]
+       [--quick] [--size full|small] [--parts memory,accuracy,auto]
 
 Memory and step time come from fresh child processes; accuracy is digits and Fashion-MNIST
 over the seeds (mean, std, paired bf16 - fp32). Run it on a quiet machine. The accuracy
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--size", choices=["full", "small"], default="full",
                     help="small: resnet20 and digits only, for a CPU without native bf16")
-    ap.add_argument("--parts", default="memory,accuracy", help="memory (and step time), accuracy")
+    ap.add_argument("--parts", default="memory,accuracy", help="memory (and step time), accuracy, auto (--precision auto vs fp32 on ResNet-18 3x32x32)")
     a = ap.parse_args()
     if a.seeds is not None and a.seeds < 1 or a.threads < 1:
         ap.error("--seeds and --threads must be >= 1")

@@ -2,7 +2,11 @@
 
 usage: python benchmarks/speed.py [--out benchmarks/results] [--ks 4,8] [--epochs 3]
        [--synthetic-size 512] [--cache-dtype float16] [--no-accuracy] [--no-rss]
-       [--parts regimes,cache_vs_recompute,disk_vs_ram,rss,accuracy]
+       [--parts regimes,profile,cache_vs_recompute,disk_vs_ram,rss,accuracy] [--rounds 3]
+
+regimes: every regime's train() wall time over e2e's (total_over_e2e), median of --rounds
+paired rounds, on resnet20 (1,024 samples, 2 epochs) and resnet56 (512 samples, 4 epochs),
+K=4; profile: where each regime's CPU time goes (resnet20). Run it on a quiet machine.
 """
 import argparse
 from pathlib import Path
@@ -21,11 +25,12 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help="comma-separated parts to run; the others keep their earlier figures")
+    ap.add_argument("--rounds", type=int, default=3, help="paired rounds of the regime table")
     a = ap.parse_args()
     res = run_speed(Path(a.out), ks=[int(v) for v in a.ks.split(",")], epochs=a.epochs,
                     synthetic_size=a.synthetic_size, cache_dtype=a.cache_dtype,
                     accuracy=not a.no_accuracy, rss=not a.no_rss,
-                    parts=tuple(a.parts.split(",")))
+                    parts=tuple(a.parts.split(",")), rounds=a.rounds)
     print(res["table_md"])
 
 

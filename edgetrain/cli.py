@@ -144,6 +144,7 @@ def train(out, progress, resume_dir, fit, config_file, print_only, **opts):
         cfg = build(lambda v: config_from_options(apply_budget_options(
             without_budget(check_budget(v)), v["device_profile"], budget_text(v))), values,
             file_values, config_file)
+    cfg = echo_precision(cfg)
     out_dir = Path(out) if out else default_out_dir(cfg)
     job_malloc(cfg.memory_budget is not None)
     launch = None
@@ -157,6 +158,16 @@ def train(out, progress, resume_dir, fit, config_file, print_only, **opts):
     print_table(metrics["modules"], metrics["best_depth"])
     click.echo(f"best depth {metrics['best_depth']}: test accuracy {metrics['best_test_acc']:.4f}"
                f"  (run directory {out_dir})")
+
+
+def echo_precision(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `--precision auto` resolved for its device, the choice printed once."""
+    from edgetrain.method.precision import resolve_precision  # imports torch: deferred
+    from edgetrain.regimes.run import resolve_device  # imports torch: deferred
+    cfg, chosen = resolve_precision(cfg, resolve_device(cfg.device))
+    if chosen:
+        click.echo(chosen)
+    return cfg
 
 
 @cli.command("eval")
@@ -293,7 +304,9 @@ PLAN_OVERRIDES = {
     "data_cache": {"help": "where the data set is packed (default ~/.cache/edgetrain/data): "
                            "the plan shows the pack's bytes to write there"},
     "batch_size": {"help": "the largest batch to consider"},
-    "precision": {"help": "the precision the run will train in (not planned)"},
+    "precision": {"default": "auto", "help": "the precision the run will train in (auto: bf16 "
+                  "where the device computes it natively, else fp32; the plan says which and "
+                  "why)"},
     "recompute": {"help": "keep this --recompute (none, blocks, segments:S); unset, the planner "
                           "tries segments:2, then blocks, when nothing fits without"},
     "memory_budget": {"help": "instead of --device-profile: a budget, e.g. 1.5GiB"},

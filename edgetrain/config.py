@@ -30,7 +30,7 @@ HEADS = ("auto", "dgl", "dgl-light", "linear", "mlp")
 OPTIMIZERS = ("sgd", "adamw")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where native (#29), resolved at the edge
 # the activation cache's storage dtype when --cache-dtype is not given: the precision's own
 # 2-byte type (fp32 keeps float16, the default before --precision existed)
 CACHE_DTYPE_OF_PRECISION = {"fp32": "float16", "bf16": "bfloat16", "fp16": "float16"}
@@ -147,7 +147,10 @@ class RunConfig:
     device: str = opt("auto", "runtime", "where to train (auto: cuda when available)",
                       choices=DEVICES)
     precision: str = opt("fp32", "runtime", "forward under autocast in bf16 or fp16 (fp32 "
-                         "master weights); fp16 needs CUDA", choices=PRECISIONS)
+                         "master weights; fp16 needs CUDA); auto: bf16 where the device "
+                         "computes it natively, else fp32", choices=PRECISIONS)
+    precision_requested: str | None = opt(None, "runtime", "\"auto\" when `precision` was "
+                                          "resolved from it (written by train)", cli=False)
     recompute: str = opt("none", "runtime", "recompute activations inside the trained "
                          "module(s) during backward: none, blocks (one checkpoint per block) "
                          "or segments:S")
@@ -191,7 +194,7 @@ class RunConfig:
                                   cli=False)
 
     def __post_init__(self) -> None:
-        if self.cache_dtype is None:  # a bad precision is refused just below
+        if self.cache_dtype is None and self.precision != "auto":  # auto: once resolved
             self.cache_dtype = CACHE_DTYPE_OF_PRECISION.get(str(self.precision), "float16")
         if isinstance(self.input_shape, str):  # 'CxHxW', as the command line and a TOML file
             self.input_shape = parse_shape(self.input_shape)
@@ -220,9 +223,12 @@ class RunConfig:
         for kind in str(self.head).split(","):
             _check_choice("--head", kind, HEADS if "," not in str(self.head) else HEADS[1:])
         _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
+        if self.cache_dtype is not None or self.precision != "auto":
+            _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--device", self.device, DEVICES)
+        _check(self.precision_requested in (None, "auto"),
+               f"precision_requested must be null or \"auto\" (got {self.precision_requested!r})")
 
     def _check_ranges(self) -> None:
         """Counts, rates and sizes in range, and the cross-field rules."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 import platform
 import statistics
@@ -81,13 +82,16 @@ def _child_steps(spec: dict) -> dict:
     with torch.no_grad(), autocast(cfg.precision, x.device):
         for st in stages[:-1]:
             inputs.append(st.eval().features(compute_input(inputs[-1], cfg.precision)).float())
-    times = []
+    times, cpu = [], []
     for _ in range(int(spec["warmup"]) + int(spec["steps"])):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for tr, xin in zip(trainers, inputs):
             train_step([tr], xin, y, cfg.label_smoothing, cfg.transport_scaling, cfg.precision)
         times.append(time.perf_counter() - t0)
-    return {"ok": True, "step_s": times[int(spec["warmup"]):], "threads": torch.get_num_threads()}
+        cpu.append(time.process_time() - c0)
+    w = int(spec["warmup"])
+    return {"ok": True, "step_s": times[w:], "step_cpu_s": cpu[w:],
+            "threads": torch.get_num_threads()}
 
 
 def child_main(spec: dict) -> dict:
@@ -152,6 +156,61 @@ def memory_and_time(s: dict, tmp: Path, threads: int) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- (d) auto
+AUTO_JOB = dict(model="resnet18", input_shape=(3, 32, 32), batch=64)  # torchvision, CIFAR stem
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16", "asimd", "sve")
+
+
+def cpu_description() -> dict:
+    """The CPU the row was measured on: its flags that decide bf16, and the decision."""
+    import torch  # the machine's description
+
+    from edgetrain.method.precision import (cpu_flags,  # imports torch: the parent only
+                                            detect_bf16, read_cpuinfo)
+    info = read_cpuinfo() or ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                 if ln.split(":")[0].strip() == "model name"), platform.processor())
+    check = detect_bf16(torch.device("cpu"))
+    return {"model_name": name, "flags": sorted(set(ISA_FLAGS) & cpu_flags(info)),
+            "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": check.native, "reason": check.reason}
+
+
+def auto_rows(threads: int, rounds: int = 3, warmup: int = 2, steps: int = 5) -> dict:
+    """`--precision auto` against fp32 on AUTO_JOB (e2e, SGD): the median step of each
+    precision in fresh children, `rounds` paired rounds (fp32 then auto); per-sample ms."""
+    import torch  # the parent only
+
+    from edgetrain.method.precision import resolve_precision  # imports torch: the parent only
+    j = AUTO_JOB
+    base = bench_config(j["model"], j["input_shape"], j["batch"], "e2e", 1, False,
+                        steps=warmup + steps, device="cpu")
+    auto_cfg, line = resolve_precision(RunConfig(**{**base.to_dict(), "precision": "auto",
+                                                    "cache_dtype": None}),
+                                       torch.device("cpu"))
+    cfgs = {"fp32": base, "auto": auto_cfg}
+    per = {name: [] for name in cfgs}
+    cpu = {name: [] for name in cfgs}
+    load = os.getloadavg()[0]
+    for _ in range(rounds):
+        for name, cfg in cfgs.items():
+            r = time_child({"cfg": cfg.to_dict(), "threads": threads, "warmup": warmup,
+                            "steps": steps})
+            if not r.get("ok"):
+                return {"ok": False, "error": r.get("error")}
+            per[name].append(statistics.median(r["step_s"]) / j["batch"] * 1000)
+            cpu[name].append(statistics.median(r["step_cpu_s"]) / j["batch"] * 1000)
+    ratios = [a / b for a, b in zip(per["fp32"], per["auto"])]
+    cpu_ratios = [a / b for a, b in zip(cpu["fp32"], cpu["auto"])]
+    return {"ok": True, "job": {**j, "mode": "e2e", "optimizer": base.optimizer},
+            "auto_resolved": auto_cfg.precision, "auto_line": line, "cpu": cpu_description(),
+            "rounds": rounds, "steps": steps, "warmup": warmup, "threads": threads,
+            "load_before": load, "load_after": os.getloadavg()[0],
+            "ms_per_sample": per, "speedup_median": statistics.median(ratios),
+            "speedup_rounds": ratios, "cpu_ms_per_sample": cpu,
+            "cpu_speedup_median": statistics.median(cpu_ratios), "cpu_speedup_rounds": cpu_ratios}
+
+
 # --------------------------------------------------------------------------- (c) accuracy
 def accuracy_cfg(data: str, precision: str, seed: int, kw: dict) -> RunConfig:
     """Sequential TRGL, K=2 kmresnet: the product's module-wise path, one lap."""
@@ -185,12 +244,13 @@ def accuracy(s: dict, seeds: int, tmp: Path) -> list[dict]:
 def run_precision(out_dir: Path, seeds: int | None = None, quick: bool = False,
                   threads: int = 2, size: str = "full",
                   parts: tuple[str, ...] = ("memory", "accuracy")) -> dict:
-    """Measure (a) and (b) (part `memory`) and (c) (part `accuracy`), see the module
-    docstring; write precision[-small][-PART].{json,md} (PART when only one part runs)."""
+    """Measure (a) and (b) (part `memory`), (c) (part `accuracy`) and (d) (part `auto`:
+    `auto_rows`), see the module docstring; write precision[-small][-PART].{json,md} (PART
+    when only one part runs)."""
     import torch  # the machine's description
 
     from edgetrain.method.precision import (bf16_supported,  # imports torch: the parent only
-                                            native_bf16)
+                                            detect_bf16)
     s = setups(quick, size)
     seeds = seeds or s["seeds"]
     torch.set_num_threads(threads)
@@ -198,13 +258,15 @@ def run_precision(out_dir: Path, seeds: int | None = None, quick: bool = False,
     with tempfile.TemporaryDirectory(prefix="edgetrain-precision-") as tmp:
         rows = memory_and_time(s, Path(tmp), threads) if "memory" in parts else []
         acc = accuracy(s, seeds, Path(tmp)) if "accuracy" in parts else []
+    auto = auto_rows(threads) if "auto" in parts else None
     result = {"benchmark": "precision", "edgetrain_version": __version__, "quick": quick,
               "torch": torch.__version__, "machine": platform.machine(),
               "processor": platform.processor(), "threads": threads,
               "cpu_bf16_autocast": bf16_supported(torch.device("cpu")),
-              "cpu_native_bf16": native_bf16(torch.device("cpu")),
+              "cpu_native_bf16": detect_bf16(torch.device("cpu")).native,
               "setup": {k: v for k, v in s.items() if k != "accuracy"},
-              "memory_and_time": rows, "accuracy": acc,
+              "memory_and_time": rows, "accuracy": acc, "auto": auto,
+              "load_avg": list(os.getloadavg()),
               "wall_s": round(time.perf_counter() - t0, 1)}
     stem = ("precision" + ("-quick" if quick else "") + ("-small" if size == "small" else "")
             + (f"-{parts[0]}" if len(parts) == 1 else ""))
@@ -216,15 +278,52 @@ def _fmt(v, spec: str = ".1f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def auto_markdown(a: dict | None) -> list[str]:
+    """The `--precision auto` section (part `auto`), or nothing."""
+    if not a:
+        return []
+    if not a.get("ok"):
+        return ["## --precision auto", "", f"error: {a.get('error')}", ""]
+    j, c, ms = a["job"], a["cpu"], a["ms_per_sample"]
+    shape = "x".join(map(str, j["input_shape"]))
+    rows = [f"| {name} | " + " / ".join(f"{v:.2f}" for v in ms[name]) + " | "
+            + " / ".join(f"{v:.2f}" for v in a["cpu_ms_per_sample"][name]) + " |" for name in ms]
+    return ["## --precision auto against fp32", "",
+            f"{j['model']} (CIFAR stem) {shape}, batch {j['batch']}, e2e, "
+            f"{j['optimizer'].upper()}, training steps in fresh processes, median of "
+            f"{a['steps']} steps after {a['warmup']} warm-up per process, {a['rounds']} paired "
+            f"rounds, {a.get('threads', '?')} thread(s), load average "
+            f"{a.get('load_before', float('nan')):.2f} -> {a.get('load_after', float('nan')):.2f}. "
+            f"CPU: {c['model_name']}, flags {', '.join(c['flags'])}, ATen "
+            f"{c['aten_capability']}. auto resolved to **{a['auto_resolved']}** "
+            f"({c['reason']}).", "",
+            "| precision | wall ms per training sample, per round | CPU ms per sample, per "
+            "round |", "|---|---|---|", *rows, "",
+            f"auto is **{a['speedup_median']:.2f}x** as fast as fp32 in wall time (median of the "
+            "rounds' ratios: " + ", ".join(f"{r:.2f}" for r in a["speedup_rounds"]) + "), "
+            f"**{a['cpu_speedup_median']:.2f}x** in CPU time (" +
+            ", ".join(f"{r:.2f}" for r in a["cpu_speedup_rounds"]) + ").", ""]
+
+
 def markdown(res: dict) -> str:
     """The result as a Markdown page."""
-    s = res["setup"]
     lines = [f"# --precision bf16 against fp32{' (quick smoke run)' if res['quick'] else ''}",
              "", f"edgetrain {res['edgetrain_version']}, torch {res['torch']}, "
              f"{res['machine']}, {res['threads']} threads, CPU bf16 autocast: "
              f"{res['cpu_bf16_autocast']}, native bf16 convolutions (oneDNN): "
              f"{res['cpu_native_bf16']}; {res['wall_s']} s in all.", "",
-             f"## Memory and step time ({s['model']}, {'x'.join(map(str, s['input_shape']))} "
+             *auto_markdown(res.get("auto"))]
+    if res["memory_and_time"]:
+        lines += memory_markdown(res)
+    if res["accuracy"]:
+        lines += accuracy_markdown(res)
+    return "\n".join(lines) + "\n"
+
+
+def memory_markdown(res: dict) -> list[str]:
+    """The memory and step-time section (part `memory`)."""
+    s = res["setup"]
+    lines = [f"## Memory and step time ({s['model']}, {'x'.join(map(str, s['input_shape']))} "
              f"synthetic, batch {s['batch']})", "",
              "Measured: peak RSS above the child's RSS after imports (fresh process, product "
              "path). Predicted: `estimate_peak` (tensors). Step: one batch through every "
@@ -241,7 +340,12 @@ def markdown(res: dict) -> str:
             f"{_fmt(r['predicted_mib_vs_fp32'], '.3f')} | "
             f"{_fmt(r['step_s_median_vs_fp32'], '.3f')} |"
             + (f" error: {r['error']}" if r.get("error") else ""))
-    lines += ["", "## Accuracy (sequential TRGL, K=2 kmresnet; best test accuracy, depth "
+    return lines
+
+
+def accuracy_markdown(res: dict) -> list[str]:
+    """The accuracy section (part `accuracy`)."""
+    lines = ["", "## Accuracy (sequential TRGL, K=2 kmresnet; best test accuracy, depth "
               "chosen on validation)", "",
               "| data | config | seeds | fp32 mean +- std | bf16 mean +- std | "
               "bf16 - fp32 (paired) mean +- std |", "|---|---|---|---|---|---|"]
@@ -252,7 +356,7 @@ def markdown(res: dict) -> str:
                      f"{a['fp32']['mean']:.4f} +- {a['fp32']['std']:.4f} | "
                      f"{a['bf16']['mean']:.4f} +- {a['bf16']['std']:.4f} | "
                      f"{d['mean']:+.4f} +- {d['std']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":  # the step-time child: spec as JSON on stdin

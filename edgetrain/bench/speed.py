@@ -13,20 +13,30 @@
 4. Accuracy on digits of the cache storage dtype (float16 vs float32) and of --cache-views
    (A = 1 vs 4), next to the in-memory path with live augmentation.
 
+5. The regime table (`regimes`): every regime's `train()` wall and CPU time over end-to-end's
+   on the same job and epochs (`total_over_e2e`, `cpu_over_e2e`), medians of paired rounds,
+   for each of `REGIME_JOBS` (#29).
+6. Where the time goes (`profile`): each regime's CPU seconds per phase under cProfile, and
+   the heads' cost against the modules' bodies.
+
 Writes `speed.json` and `speed.md` to the output directory. Timings on a shared machine are
 noisy: only ratios taken in the same run are reported. This file does not parse argv.
 """
 from __future__ import annotations
 
+import cProfile
 import json
 import os
 from pathlib import Path
+import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 from edgetrain.config import RunConfig
 from edgetrain.data.batches import batch_indices, epoch_generator
@@ -190,42 +200,171 @@ def cache_accuracy(tmp: Path) -> list[dict]:
     return rows
 
 
-def regime_wall_clock(tmp: Path, k: int, epochs: int, synthetic_size: int,
-                      cache_dtype: str) -> list[dict]:
+# the regime jobs of #29: (model, synthetic samples, epochs); K=4, batch 64, 3x32x32
+REGIME_JOBS = (("resnet20", 1024, 2), ("resnet56", 512, 4))
+MODES = ("e2e", "parallel", "sequential", "multilap")
+
+
+def _regime_cfg(model: str, k: int, epochs: int, synthetic_size: int, cache_dtype: str,
+                mode: str) -> RunConfig:
+    return speed_cfg(k, epochs, synthetic_size, cache_dtype, mode=mode, model=model,
+                     laps=2 if mode == "multilap" and epochs % 2 == 0 else 1)
+
+
+def _one_regime(cfg: RunConfig, out: Path) -> dict:
+    t0, c0 = time.perf_counter(), time.process_time()
+    m = train(cfg, out)
+    return {"total_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "step_s": m["timings"]["step_s"]}  # step_s: training steps only
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def regime_wall_clock(tmp: Path, k: int, epochs: int, synthetic_size: int, cache_dtype: str,
+                      model: str = "resnet56", rounds: int = 3) -> list[dict]:
     """Wall time of `train` for each regime, same network, data and --epochs (sequential and
-    multilap: epochs per module, so every module sees the data as often as in e2e): the
-    whole call, and its training steps alone (metrics.json's timings.step_s)."""
+    multilap: epochs per module, so every module sees the data as often as in e2e), in
+    `rounds` paired rounds (each round runs every regime once, e2e first): per row the
+    median over rounds of the whole call's wall time over e2e's in the same round
+    (`total_over_e2e`), of its CPU time (`cpu_over_e2e`, less sensitive to other jobs on
+    the machine) and of its training steps alone (metrics.json's timings.step_s)."""
+    runs = {mode: [] for mode in MODES}
+    for i in range(rounds):
+        for mode in MODES:
+            cfg = _regime_cfg(model, k, epochs, synthetic_size, cache_dtype, mode)
+            runs[mode].append(_one_regime(cfg, tmp / f"regime-{model}-{mode}-{i}"))
+    e2e = runs["e2e"]
     rows = []
-    for mode in ("e2e", "parallel", "sequential", "multilap"):
-        cfg = speed_cfg(k, epochs, synthetic_size, cache_dtype, mode=mode,
-                        laps=2 if mode == "multilap" and epochs % 2 == 0 else 1)
-        t0 = time.perf_counter()
-        m = train(cfg, tmp / f"regime-{mode}")
-        total = time.perf_counter() - t0
-        steps = m["timings"]["step_s"]  # training steps only (no cache writes, no evaluation)
-        rows.append({"mode": mode, "modules": k, "epochs": epochs, "total_s": total,
-                     "step_s": steps})
-    e2e = rows[0]
-    for r in rows:
-        r["total_over_e2e"] = r["total_s"] / e2e["total_s"]
-        r["step_over_e2e"] = r["step_s"] / e2e["step_s"] if e2e["step_s"] else None
+    for mode, rs in runs.items():
+        ratio = {key: _median([r[key] / e[key] for r, e in zip(rs, e2e) if e[key]])
+                 for key in ("total_s", "cpu_s", "step_s")}
+        rows.append({"mode": mode, "model": model, "modules": k, "epochs": epochs,
+                     "synthetic_size": synthetic_size, "rounds": rounds,
+                     "total_s": _median([r["total_s"] for r in rs]),
+                     "cpu_s": _median([r["cpu_s"] for r in rs]),
+                     "step_s": _median([r["step_s"] for r in rs]),
+                     "total_over_e2e": ratio["total_s"], "cpu_over_e2e": ratio["cpu_s"],
+                     "step_over_e2e": ratio["step_s"], "per_round": rs})
     return rows
+
+
+def regime_jobs(tmp: Path, k: int, cache_dtype: str, rounds: int,
+                jobs=REGIME_JOBS) -> list[dict]:
+    """`regime_wall_clock` for every (model, samples, epochs) of `jobs`."""
+    return [row for model, n, epochs in jobs
+            for row in regime_wall_clock(tmp, k, epochs, n, cache_dtype, model, rounds)]
+
+
+# --------------------------------------------------------------------------- phase profile
+# where a run's CPU time goes: the functions of the product path that make up each phase
+PHASES = {
+    "training steps: forward (body + head)": ("method/loop.py", "stage_loss"),
+    "training steps: backward + optimizer": ("method/loop.py", "optimizer_step"),
+    "training: batches (data, cache reads)": ("method/loop.py", "fit_module"),
+    "cache writes (frozen prefix, eval mode)": ("regimes/out_of_core.py", "_write"),
+    "cache checksums (sha256)": ("storage/cache.py", "_file_sha256"),
+    "per-module / final evaluation": ("method/loop.py", "evaluate_chain"),
+    "module files (save, load, fsync)": ("storage/atomic.py", "atomic_write"),
+    "train() in all": ("regimes/schedule.py", "train"),
+}
+
+
+def phase_profile(tmp: Path, model: str = "resnet20", k: int = 4, epochs: int = 2,
+                  synthetic_size: int = 1024, cache_dtype: str = "float16") -> list[dict]:
+    """Per regime, the CPU seconds (cProfile with `time.process_time`) of each of `PHASES`
+    (cumulative: a phase includes what it calls; `training: batches` is fit_module minus
+    the two step phases), and the heads' share of a training step (`head_share`)."""
+    rows = []
+    for mode in MODES:
+        cfg = _regime_cfg(model, k, epochs, synthetic_size, cache_dtype, mode)
+        prof = cProfile.Profile(time.process_time)
+        prof.runcall(train, cfg, tmp / f"profile-{mode}")
+        stats = pstats.Stats(prof).stats
+        cum = {name: sum(v[3] for (f, _, fn), v in stats.items()
+                         if f.endswith(where) and fn == func)
+               for name, (where, func) in PHASES.items()}
+        steps = cum["training steps: forward (body + head)"] + \
+            cum["training steps: backward + optimizer"]
+        cum["training: batches (data, cache reads)"] -= steps
+        rows.append({"mode": mode, "model": model, "modules": k, "epochs": epochs,
+                     "cpu_s": {n: round(v, 3) for n, v in cum.items()},
+                     "head_share": head_share(cfg) if mode != "e2e" else None})
+    return rows
+
+
+def head_share(cfg: RunConfig, reps: int = 4) -> float:
+    """CPU time of every module's head (forward + backward) over that of the modules'
+    bodies, one batch of `cfg`'s shape, in training mode."""
+    run = build_run(cfg)
+    x = torch.randn(cfg.batch_size, *cfg.input_shape)  # (B, C, H, W)
+    y = torch.randint(0, 10, (cfg.batch_size,))
+    body = head = 0.0
+    for st in run.stages:
+        st.train()
+        with torch.no_grad():
+            z = st.features(x)
+        body += _cpu_of(lambda: st.features(x).float().square().mean().backward(), reps)
+        zz = z.detach().requires_grad_(True)
+        head += _cpu_of(lambda: F.cross_entropy(st.head(zz), y).backward(), reps)
+        x = z
+    return head / body
+
+
+def _cpu_of(fn, reps: int) -> float:
+    fn()  # warm-up
+    t0 = time.process_time()
+    for _ in range(reps):
+        fn()
+    return (time.process_time() - t0) / reps
+
+
+def regimes_table(rows: list[dict]) -> list[str]:
+    """The regime table: per job and regime, medians over paired rounds."""
+    lines = ["Every regime on the same job (3x32x32 synthetic, batch 64, K=4, seed 0) and "
+             "--epochs (sequential and multilap: per module; multilap in 2 laps), paired "
+             "rounds (each round runs every regime once, e2e first); ratios are the median "
+             "over rounds of a run's figure over e2e's in the same round. Wall: the whole "
+             "`train()` call; CPU: its process time (less sensitive to other jobs); steps: "
+             "metrics.json's timings.step_s.", "",
+             "| model | samples | regime | epochs | rounds | train() wall s | wall / e2e "
+             "(total_over_e2e) | CPU / e2e | steps / e2e |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.get('model', 'resnet56')} | {r.get('synthetic_size', '')} | "
+                     f"{r['mode']} | {r['epochs']} | {r.get('rounds', 1)} | {r['total_s']:.1f} | "
+                     f"{r['total_over_e2e']:.3f} | {_fmt3(r.get('cpu_over_e2e'))} | "
+                     f"{_fmt3(r.get('step_over_e2e'))} |")
+    return lines + [""]
+
+
+def profile_table(rows: list[dict]) -> list[str]:
+    """Where the CPU time of each regime goes (`phase_profile`)."""
+    r0 = rows[0]
+    names = list(r0["cpu_s"])
+    lines = [f"Where the time goes: CPU seconds per phase, {r0['model']} 3x32x32, K="
+             f"{r0['modules']}, {r0['epochs']} epochs, one run per regime under cProfile "
+             "(process time; a phase includes what it calls). Heads: every module's head "
+             "(forward + backward) over the modules' bodies, one batch.", "",
+             "| phase | " + " | ".join(r["mode"] for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{r['cpu_s'][n]:.2f}" for r in rows) + " |")
+    lines.append("| heads / bodies (one batch) | " + " | ".join(
+        _fmt3(r["head_share"]) for r in rows) + " |")
+    return lines + [""]
+
+
+def _fmt3(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def _table(res: dict) -> str:
     lines = []
     if res.get("regimes"):
-        lines += ["Every regime, one run each, same network (resnet56, 3x32x32 synthetic, "
-                  f"{res['synthetic_size']} samples, batch 64, seed 0) and --epochs (sequential "
-                  "and multilap: per module; multilap in 2 laps). Parts without a stamp above "
-                  "are from an earlier run.", "",
-                  "| regime | K | epochs | train() wall s | wall / e2e | steps s (sum of step_s) "
-                  "| steps / e2e |", "|---|---|---|---|---|---|---|"]
-        for r in res["regimes"]:
-            so = "" if r["step_over_e2e"] is None else f"{r['step_over_e2e']:.3f}"
-            lines.append(f"| {r['mode']} | {r['modules']} | {r['epochs']} | {r['total_s']:.1f} | "
-                         f"{r['total_over_e2e']:.3f} | {r['step_s']:.1f} | {so} |")
-        lines.append("")
+        lines += regimes_table(res["regimes"])
+    if res.get("profile"):
+        lines += profile_table(res["profile"])
     lines += ["| K | epochs | recompute s | cache s | cache / recompute |", "|---|---|---|---|---|"]
     for r in res.get("cache_vs_recompute") or []:
         lines.append(f"| {r['modules']} | {r['epochs']} | {r['recompute_s']:.1f} | "
@@ -256,12 +395,12 @@ def _table(res: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("regimes", "cache_vs_recompute", "disk_vs_ram", "rss", "accuracy")
+PARTS = ("regimes", "profile", "cache_vs_recompute", "disk_vs_ram", "rss", "accuracy")
 
 
 def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_size: int = 512,
               cache_dtype: str = "float16", accuracy: bool = True, rss: bool = True,
-              parts: tuple[str, ...] = PARTS) -> dict:
+              parts: tuple[str, ...] = PARTS, rounds: int = 3) -> dict:
     """Run the speed benchmark; write speed.json and speed.md to `out_dir`; return results.
 
     Args:
@@ -274,14 +413,15 @@ def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_
         rss: also run the RSS-vs-samples comparison (2 fresh processes).
         parts: which parts to run (of PARTS); the others keep the figures of an earlier run
             in `out_dir`/speed.json, each part stamped with when and under what load it ran.
+        rounds: paired rounds of the regime table (`regime_jobs`: REGIME_JOBS at K=max(ks)).
     """
     out_dir = Path(out_dir)
     old = out_dir / "speed.json"
     res = json.loads(old.read_text()) if old.is_file() else {}
     res.update({"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                 "cache_dtype": cache_dtype, "synthetic_size": synthetic_size})
-    jobs = {"regimes": lambda t: regime_wall_clock(t, max(ks), epochs, synthetic_size,
-                                                   cache_dtype),
+    jobs = {"regimes": lambda t: regime_jobs(t, 4, cache_dtype, rounds),
+            "profile": lambda t: phase_profile(t, cache_dtype=cache_dtype),
             "cache_vs_recompute": lambda t: cache_vs_recompute(t, list(ks), epochs,
                                                                synthetic_size, cache_dtype),
             "disk_vs_ram": lambda t: disk_vs_ram(t, max(ks), 1, synthetic_size, cache_dtype),
@@ -300,9 +440,10 @@ def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_
 
 # what became of each candidate of `bench/speedups.py` (the figures come from its results)
 DECISIONS = {
-    "channels_last": "rejected for now: faster, but torch 2.14 corrupted the heap in the backward "
-                     "of a width-4 kmresnet at one thread (digits, batch 50; 'corrupted "
-                     "double-linked list'); to adopt once isolated",
+    "channels_last": "kept on AVX-512 CPUs (#29: edgetrain.method.precision.memory_format); "
+                     "not on oneDNN's AVX2 kernels, whose weight gradient of a channels-last "
+                     "1x1 stride-2 conv corrupts the heap (torch 2.14.1; "
+                     "benchmarks/channels_last_repro_torch.py)",
     "sgd foreach": "rejected: no win beyond the rounds' spread",
     "sgd fused": "rejected: slower",
     "torch.compile": "rejected as a default: the cold compile outweighs the faster steps",

@@ -6,7 +6,8 @@ profile's `measured` table, and a measured field leaves `estimated`):
   tiny training step (`edgetrain.measure.runtime_rss_bytes`);
 - storage write and read MiB/s in the cache directory: one file written in 4 MiB blocks and
   fsync'd, its pages dropped from the page cache (`posix_fadvise(DONTNEED)`), read back;
-- bf16 / fp16 compute: the GPU's (CUDA) or the CPU's flags (`/proc/cpuinfo`) and oneDNN's check;
+- bf16 / fp16 compute: bf16 by `edgetrain.method.precision.detect_bf16` (the CPU's flags in
+  `/proc/cpuinfo` and oneDNN's check, or the GPU's compute capability), fp16 by the flags;
 - cores available to this process; total and available memory (`psutil`, the cgroup limit
   when lower). `reserved_mib` = total - available, as devices/README.md asks, on an idle board.
 
@@ -33,6 +34,7 @@ from edgetrain.budget.devices import (NAME_RE, OPTIONAL_FIELDS, PROFILE_FIELDS, 
                                       read_profile)
 from edgetrain.errors import UserError
 from edgetrain.measure import runtime_rss_bytes
+from edgetrain.method.precision import cpu_flags, detect_bf16, read_cpuinfo
 from edgetrain.options.file import toml_value
 from edgetrain.units import MIB
 
@@ -77,29 +79,19 @@ def storage_speed(directory: Path, size_mib: int = 256) -> tuple[float, float]:
     return mib / max(write_s, 1e-9), mib / max(read_s, 1e-9)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    flags = set()
-    for line in text.splitlines():
-        if line.split(":")[0].strip() in ("flags", "Features"):
-            flags |= set(line.split(":", 1)[1].split())
-    return flags
-
-
 def half_support() -> dict:
-    """{"bf16": bool, "fp16": bool, "how": str}: native half-precision compute here."""
+    """{"bf16": bool, "fp16": bool, "how": str}: native half-precision compute here (bf16:
+    `edgetrain.method.precision.detect_bf16`, the check `--precision auto` uses)."""
     if torch.cuda.is_available():
-        return {"bf16": bool(torch.cuda.is_bf16_supported()), "fp16": True,
-                "how": f"torch.cuda on {torch.cuda.get_device_name(0)}"}
-    flags = _cpu_flags()
-    onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return {"bf16": bool(onednn or flags & {"avx512_bf16", "amx_bf16", "bf16"}),
+        bf16 = detect_bf16(torch.device("cuda"))
+        return {"bf16": bf16.native, "fp16": True,
+                "how": f"torch.cuda on {torch.cuda.get_device_name(0)}: {bf16.reason}"}
+    bf16 = detect_bf16(torch.device("cpu"))
+    flags = cpu_flags(read_cpuinfo() or "")
+    return {"bf16": bf16.native,
             "fp16": bool(flags & {"avx512_fp16", "amx_fp16", "fphp", "asimdhp"}),
-            "how": "CPU flags in /proc/cpuinfo (avx512_bf16/amx_bf16/bf16, avx512_fp16/amx_fp16/"
-                   f"fphp/asimdhp) and oneDNN's bf16 check ({onednn})"}
+            "how": f"bf16: {bf16.reason}; fp16: CPU flags in /proc/cpuinfo (avx512_fp16/"
+                   "amx_fp16/fphp/asimdhp)"}
 
 
 def memory_mib() -> tuple[int, int]:

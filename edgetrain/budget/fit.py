@@ -26,7 +26,8 @@ from edgetrain.budget.guard import apply_budget_options
 from edgetrain.budget.planner import PLANNED, Plan, format_plan, plan
 from edgetrain.config import RunConfig, config_from_options
 from edgetrain.errors import UserError
-from edgetrain.regimes.run import preview_run_data
+from edgetrain.method.precision import resolve_precision
+from edgetrain.regimes.run import preview_run_data, resolve_device
 from edgetrain.storage.cache import free_space_margin
 from edgetrain.units import fmt_bytes
 
@@ -141,10 +142,13 @@ def fit_config(opts: dict, given: set[str], profile_name: str | None, budget_tex
         raise UserError("--fit with --train-modules needs -K too: the range counts modules of "
                         "a split the planner would otherwise choose")
     opts = apply_budget_options(opts, profile_name, budget_text, root)
+    if "precision" not in given:  # --fit takes the fast path where the device has one
+        opts = {**opts, "precision": "auto"}
     profile = load_profile(profile_name, root) if profile_name else None
     base = config_from_options(_base_options(opts, given))
     if profile is not None and "device" not in given:
         base = dataclasses.replace(base, device=profile.train_device)
+    base, note = resolve_precision(base, resolve_device(base.device))  # trained here
     data = preview_run_data(base)  # its own shape and size and its pack; nothing written
     disk = run_disk(Path(base.cache_dir) if base.cache_dir else Path(out_dir),
                     data.pack.directory.parent, data.pack.write_bytes)
@@ -154,6 +158,7 @@ def fit_config(opts: dict, given: set[str], profile_name: str | None, budget_tex
              profile, fixed=set(given) & set(PLANNED), disk_free=disk.room)
     p.pack_bytes, p.pack_dir, p.pack_free_bytes = (disk.pack_bytes, data.pack.directory,
                                                   disk.data_free)
+    p.precision_note = note
     if not p.fits:
         raise UserError(nothing_fits(p, disk))
     written = bytes_written(p, len(data.train), len(data.val), len(data.test)) + disk.pack_bytes

@@ -26,8 +26,9 @@ from edgetrain.budget.guard import check_runtime_fits
 from edgetrain.config import BUDGET_FIELDS, RunConfig, option_args
 from edgetrain.errors import UserError
 from edgetrain.measure import runtime_baseline_bytes
+from edgetrain.method.precision import Bf16Check, resolve_precision
 from edgetrain.models import create_model
-from edgetrain.regimes.run import preview_run_data
+from edgetrain.regimes.run import preview_run_data, resolve_device
 from edgetrain.units import MIB, fmt_bytes
 
 # A plan fits when runtime + SAFETY x predicted tensor peak + HEADROOM_BYTES <= budget. The
@@ -75,6 +76,7 @@ class Plan:
     pack_bytes: int = 0  # the data pack opening the data will write (0: it is there)
     pack_dir: Path | None = None  # where the data pack is or will be (None: not looked at)
     pack_free_bytes: int | None = None  # free space of its data cache (None: not checked)
+    precision_note: str | None = None  # `--precision auto`: what it chose and why
 
     def command(self) -> str:
         """The exact `edgetrain train` command that runs this plan under its budget."""
@@ -299,12 +301,32 @@ def plan_for_device(base: RunConfig, profile: DeviceProfile | None,
         raise UserError("planning needs a device profile or a memory budget")
     if profile is not None:
         base = dataclasses.replace(base, device=profile.train_device)
+    base, note = planned_precision(base, profile)
     data = preview_run_data(base)
     shape, classes, n_train = data_shape(base, data)
     p = plan(base, shape, classes, n_train, budget_bytes or profile.budget_bytes, profile,
              fixed=fixed)
-    p.pack_bytes, p.pack_dir = data.pack.write_bytes, data.pack.directory
+    p.pack_bytes, p.pack_dir, p.precision_note = data.pack.write_bytes, data.pack.directory, note
     return p
+
+
+def profile_bf16(profile: DeviceProfile) -> Bf16Check:
+    """What a device profile says of native bf16 (`devices calibrate` records it)."""
+    if profile.bf16 is None:
+        return Bf16Check(False, f"profile {profile.name} does not record bf16 (run `edgetrain "
+                                "devices calibrate` on the device)")
+    return Bf16Check(profile.bf16, f"profile {profile.name} records bf16 = "
+                                   f"{str(profile.bf16).lower()}")
+
+
+def planned_precision(base: RunConfig, profile: DeviceProfile | None):
+    """`base` with `--precision auto` resolved for the device planned for (the profile's
+    record, or without one this machine), and the plan's line saying so (None if given)."""
+    if base.precision != "auto":
+        return base, None
+    if profile is not None:
+        return resolve_precision(base, profile.train_device, profile_bf16(profile))
+    return resolve_precision(base, resolve_device(base.device))
 
 
 def data_shape(cfg: RunConfig, data) -> tuple[tuple[int, int, int], int, int]:
@@ -325,7 +347,7 @@ def train_command(cfg: RunConfig, profile: DeviceProfile | None = None) -> str:
     default, args = RunConfig(), ["edgetrain", "train"]
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if not f.metadata["cli"] or f.name in BUDGET_FIELDS + ("transport",) or (
+        if not f.metadata["cli"] or f.name in BUDGET_FIELDS + ("transport", "precision_requested") or (
                 f.name not in _ALWAYS and v == getattr(default, f.name)):
             continue
         if cfg.mode != "multilap" and f.name in ("laps", "cache_dtype", "cache_views"):
@@ -346,6 +368,8 @@ def format_plan(p: Plan) -> str:
     if p.profile is not None:
         lines.append(f"device      {p.profile.name}: {p.profile.description}")
     lines.append(f"budget      {fmt_bytes(p.budget_bytes)} for the training process")
+    if p.precision_note:
+        lines.append(p.precision_note)
     split = f", split {c.split}" if c.mode != "e2e" else ""
     cache = f", cache {c.cache_dtype}" if c.mode == "multilap" else ""
     recompute = f", recompute {c.recompute}" if c.recompute != "none" else ""

@@ -14,13 +14,21 @@ backends only), `autocast` returns `MetaAutocast`, which casts the inputs of the
 CPU autocast runs in low precision, so the memory predictor (`edgetrain.budget.simulate`) sees
 the tensors a real step makes. fp16 training on CUDA also needs a `GradScaler` (`make_scaler`).
 
-What this file is not: the place that decides a device's precision (the user, or a device
-profile's note, does), nor a check of the config's spelling (`edgetrain.config`).
+`--precision auto` is decided here, in one place: `detect_bf16` says whether a device computes
+bf16 natively (x86 with AVX512_BF16 or AMX-BF16, aarch64 with the BF16 extension, each with
+oneDNN's bf16 kernels in this PyTorch build; CUDA from sm_80), `choose_precision` turns
+`auto` into bf16 there and fp32 elsewhere, and `resolve_precision` writes the choice into a
+run's configuration (`precision` resolved, `precision_requested` = "auto").
+
+What this file is not: a check of the config's spelling (`edgetrain.config`).
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+import dataclasses
 import logging
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -121,12 +129,131 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 convolutions run on native kernels: on a CPU without oneDNN's bf16 support
-    (no AVX-512 BF16 / AMX) PyTorch falls back to its slow reference convolution."""
-    if torch.device(device).type != "cpu":
-        return True
+# the CPU flags (x86 `flags`, aarch64 `Features` in /proc/cpuinfo) of native bf16 arithmetic
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+class Bf16Check(NamedTuple):
+    """Whether a device computes bf16 natively (`native`), and why, in a few words."""
+
+    native: bool
+    reason: str
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The CPU feature flags of a /proc/cpuinfo text (x86 `flags`, aarch64 `Features`)."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            flags |= set(value.split())
+    return frozenset(flags)
+
+
+def read_cpuinfo(path: Path = CPUINFO) -> str | None:
+    """/proc/cpuinfo's text, or None where there is none (macOS, Windows)."""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def onednn_bf16() -> bool:
+    """oneDNN's own check: this PyTorch build has bf16 kernels for this CPU (it also says yes
+    on AVX-512 CPUs without AVX512_BF16, where it emulates bf16: hence the flags too)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def _cpu_bf16(cpuinfo: str | None, onednn: bool) -> Bf16Check:
+    if cpuinfo is None:
+        return Bf16Check(False, "no /proc/cpuinfo to read the CPU's flags from")
+    have = [f for f in BF16_CPU_FLAGS if f in cpu_flags(cpuinfo)]
+    if not have:
+        return Bf16Check(False, "this CPU has no bf16 instructions (no avx512_bf16, amx_bf16 "
+                                "or bf16 flag in /proc/cpuinfo)")
+    if not onednn:
+        return Bf16Check(False, f"this CPU has {'+'.join(have)} but this PyTorch build's oneDNN "
+                                "has no bf16 kernels for it")
+    return Bf16Check(True, f"this CPU has {'+'.join(have)} and oneDNN's bf16 kernels")
+
+
+def detect_bf16(device: torch.device | str, cpuinfo: str | None = None,
+                onednn: bool | None = None, capability: tuple[int, int] | None = None
+                ) -> Bf16Check:
+    """Whether `device` computes bf16 natively: the one check `--precision auto`, `devices
+    calibrate` and the bf16 warning use.
+
+    A CPU needs a bf16 flag in /proc/cpuinfo (x86 AVX512_BF16 or AMX-BF16; aarch64 BF16,
+    Armv8.6: Neoverse V1/N2, not a Raspberry Pi's Cortex-A72/A76) and oneDNN's bf16 kernels in
+    this PyTorch build; a CUDA device needs compute capability 8.0 or later (Ampere, Jetson
+    Orin). Elsewhere bf16 runs on emulation or reference kernels, slower than fp32.
+
+    Args:
+        device: the device that will train.
+        cpuinfo: a /proc/cpuinfo text (default: this machine's).
+        onednn: oneDNN's bf16 check (default: this build's, `onednn_bf16`).
+        capability: a CUDA device's (major, minor) (default: `cuda_capability(device)`).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = capability or cuda_capability(device)
+        ok = (major, minor) >= (8, 0)
+        return Bf16Check(ok, f"CUDA sm_{major}{minor} " + (
+            "computes bf16 natively" if ok else "has no native bf16 (needs sm_80 or later)"))
+    if device.type != "cpu":
+        return Bf16Check(False, f"bf16 is not detected on {device.type}")
+    return _cpu_bf16(read_cpuinfo() if cpuinfo is None else cpuinfo,
+                     onednn_bf16() if onednn is None else onednn)
+
+
+def choose_precision(requested: str, device: torch.device | str,
+                     check: Bf16Check | None = None) -> tuple[str, str]:
+    """(precision, why): `requested` itself, or for `auto` bf16 where `device` computes it
+    natively (`detect_bf16`, or the given `check`) and fp32 elsewhere."""
+    if requested != "auto":
+        return requested, "as requested"
+    check = check or detect_bf16(device)
+    return ("bf16" if check.native else "fp32"), check.reason
+
+
+def resolve_precision(cfg, device: torch.device | str, check: Bf16Check | None = None):
+    """`cfg` (a RunConfig) with `precision: auto` resolved for `device`, and the one line that
+    says what was chosen and why (None when the precision was given, and `cfg` unchanged).
+
+    The resolved configuration names the precision it trains in (`bf16` or `fp32`, what
+    every reader of config.json expects) and keeps the request in `precision_requested`.
+    """
+    if cfg.precision != "auto":
+        return cfg, None
+    precision, why = choose_precision("auto", device, check)
+    return (dataclasses.replace(cfg, precision=precision, precision_requested="auto"),
+            f"precision   {precision} (auto: {why})")
+
+
+def memory_format(device: torch.device | str, capability: str | None = None) -> torch.memory_format:
+    """The memory format a run's modules train in on `device`: channels-last on a CPU whose
+    kernels are AVX-512 (`torch.backends.cpu.get_cpu_capability()`, or `capability`), the
+    default format elsewhere.
+
+    Channels-last made a module's CPU step 0.79x-0.85x as long (resnet20 3x32x32, fp32 and
+    bf16; kmresnet 1x8x8: 0.83x). On oneDNN's AVX2 kernels (CPUs without AVX-512, or
+    ONEDNN_MAX_CPU_ISA=AVX2) torch 2.14.1 corrupts the heap in the weight gradient of a
+    channels-last 1x1 stride-2 convolution with 4 input and 8 output channels (pure PyTorch:
+    `benchmarks/channels_last_repro_torch.py minimal`), so those CPUs keep the default format;
+    so do CUDA devices and other CPUs (not measured).
+    """
+    device = torch.device(device)
+    capability = capability or (torch.backends.cpu.get_cpu_capability()
+                                if device.type == "cpu" else "")
+    if device.type == "cpu" and capability.startswith("AVX512"):
+        return torch.channels_last
+    return torch.preserve_format
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -141,9 +268,10 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16" and not bf16_supported(device):
         raise UserError(f"--precision bf16 is not supported on {device.type} by this machine or "
                         "PyTorch build (autocast gave no bfloat16); use --precision fp32")
-    if precision == "bf16" and not native_bf16(device):
-        log.warning("this CPU has no native bf16 convolutions (oneDNN bf16 unsupported): "
-                    "--precision bf16 saves memory but its steps are many times slower")
+    check = detect_bf16(device) if precision == "bf16" and device.type == "cpu" else None
+    if check is not None and not check.native:
+        log.warning(f"--precision bf16 without native bf16 ({check.reason}): it saves memory "
+                    "but its steps may be many times slower")
 
 
 def runnable_precision(precision: str, device: torch.device) -> str:

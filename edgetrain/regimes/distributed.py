@@ -47,7 +47,7 @@ from edgetrain.config import RunConfig
 from edgetrain.errors import Stopped, UserError, first_line
 from edgetrain.measure import peak_rss_mib
 from edgetrain.method.loop import RawSource, Trainer, evaluate_chain, make_trainer, train_epochs
-from edgetrain.method.precision import check_precision
+from edgetrain.method.precision import check_precision, memory_format
 from edgetrain.method.split import block_activation_bytes, split_balanced
 from edgetrain.method.stage import Stage
 from edgetrain.regimes.dist_checkpoint import EpochStop, RankCheckpoint
@@ -204,7 +204,8 @@ def train_rank(state: RankState, trainers: list[Trainer], progress: bool,
     line in `log` (rank 0's RUN_DIR/log.jsonl) for this rank's modules."""
     cfg = state.cfg
     src = StreamSource(state.source if state.inbox is None else None, state.inbox,
-                       state.source.steps_per_epoch(), state.tap, state.outbox)
+                       state.source.steps_per_epoch(), state.tap, state.outbox,
+                       memory_format(state.device))
     train_epochs(trainers, src, cfg.epochs - first_epoch, cfg, first_epoch=first_epoch,
                  desc="parallel (rank 0)", progress=progress and state.rank == 0,
                  on_epoch_end=epoch_logger(log, list(state.owned), then=checkpoint))
@@ -219,7 +220,7 @@ def evaluate_rank(state: RankState) -> list[dict]:
         if state.inbox is None:
             src = RawSource(state.data, split, state.cfg.batch_size, state.device, train=False).epoch()
         else:
-            src = received(state.inbox, phase, n)
+            src = received(state.inbox, phase, n, memory_format(state.device))
         stream = forward_stream(src, state.tap, state.outbox, phase)
         out[name] = evaluate_chain(state.stages, stream, state.cfg.precision)
     return [{"val_acc": v["acc"], "val_loss": v["loss"], "test_acc": t["acc"], "test_loss": t["loss"]}

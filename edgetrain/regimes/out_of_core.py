@@ -40,7 +40,7 @@ from edgetrain.data.batches import augment, batch_indices, epoch_generator
 from edgetrain.measure import PhaseRecorder
 from edgetrain.method.loop import (Interrupted, NonFiniteLoss, Trainer, evaluate_chain,
                                   make_trainer, progress_bar, step_hook, train_epoch)
-from edgetrain.method.precision import autocast, compute_input
+from edgetrain.method.precision import autocast, compute_input, memory_format
 from edgetrain.regimes.run import Run, run_metrics, stopped
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.cache import (CacheInvalid, CacheOverflow, CacheReader, CacheSource,
@@ -69,6 +69,7 @@ class OutOfCore:
         self.raw = run.raw("train", train=True)
         self.total_steps = self.cfg.epochs * self.raw.steps_per_epoch()
         self.prefetch_bytes = int(self.cfg.prefetch_mib * MIB)
+        self.verified: dict = {}  # (shard, sha256) -> the stat its checksum was checked at
         self.views = self.cfg.cache_views if self.cfg.augment else 1
         self.state = {"edgetrain_version": __version__, "config_sha256": config_hash(self.cfg),
                       "seq": 0, "cursor": {"lap": 0, "module": 0, "epoch": 0},
@@ -144,7 +145,7 @@ class OutOfCore:
 
     def open_cache(self, k: int, split: str) -> CacheReader:
         """A verified reader of cache k (raises `CacheInvalid` if stale, incomplete or corrupt)."""
-        return CacheReader(self.cache_dir(k, split), self.cache_key(k, split))
+        return CacheReader(self.cache_dir(k, split), self.cache_key(k, split), self.verified)
 
     def _valid(self, k: int, split: str) -> bool:
         try:
@@ -174,7 +175,8 @@ class OutOfCore:
         if k > 1:
             reader = self.open_cache(k - 1, split)
             return reader.n, reader.views, sequential_rows(reader, self.cfg.batch_size,
-                                                           self.prefetch_bytes)
+                                                           self.prefetch_bytes,
+                                                           memory_format(self.run.device))
         sp = getattr(self.run.data, split)
         views = self.views if split == "train" else 1
         return len(sp), views, self._raw_views(sp, views)
@@ -218,7 +220,8 @@ class OutOfCore:
         labels = getattr(self.run.data, split).y
         return CacheSource(self.open_cache(k, split), labels, self.cfg.batch_size,
                            self.run.device, train=train, seed=self.cfg.seed,
-                           prefetch_bytes=self.prefetch_bytes)
+                           prefetch_bytes=self.prefetch_bytes,
+                           memory_format=memory_format(self.run.device))
 
     # ------------------------------------------------------------------ training
     def trainer(self, k: int) -> tuple[Trainer, dict]:

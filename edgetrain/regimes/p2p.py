@@ -224,9 +224,14 @@ def forward_stream(batches: Iterator, tap: OutputTap | None, outbox: Outbox | No
             outbox.put(phase, i, tap.z, y)
 
 
-def received(inbox: Inbox, phase: int, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def received(inbox: Inbox, phase: int, n_batches: int,
+             fmt: torch.memory_format = torch.preserve_format
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of `phase` from the previous rank; (B, C, H, W) activations in memory
+    format `fmt` (they travel contiguous; the modules may be channels-last, #29)."""
     for i in range(n_batches):
-        yield inbox.get(phase, i)
+        z, y = inbox.get(phase, i)
+        yield (z.contiguous(memory_format=fmt) if z.dim() == 4 else z), y
 
 
 @dataclass
@@ -238,13 +243,14 @@ class StreamSource:
     steps: int
     tap: OutputTap | None
     outbox: Outbox | None
+    memory_format: torch.memory_format = torch.preserve_format  # of received activations
 
     def steps_per_epoch(self) -> int:
         return self.steps
 
     def epoch(self, epoch: int = 0, salt: int = 0):
         src = (self.inner.epoch(epoch, salt) if self.inbox is None
-               else received(self.inbox, epoch, self.steps))
+               else received(self.inbox, epoch, self.steps, self.memory_format))
         return forward_stream(src, self.tap, self.outbox, epoch)
 
 

@@ -24,7 +24,7 @@ from edgetrain.errors import Stopped, UserError
 from edgetrain.measure import PhaseRecorder, peak_rss_mib
 from edgetrain.method.heads import head_spec
 from edgetrain.method.loop import RawSource, evaluate_chain
-from edgetrain.method.precision import autocast, compute_input, runnable_precision
+from edgetrain.method.precision import autocast, compute_input, memory_format, runnable_precision
 from edgetrain.method.split import build_stages, make_bounds
 from edgetrain.method.stage import Stage, init_orthogonal, whole_network
 from edgetrain.models import create_model
@@ -141,11 +141,9 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
     if cfg.train_modules is not None:
         freeze_outside(cfg, net, stages, module_bounds, loaded_heads)
         finetune["train_modules"] = list(cfg.train_modules)
-    # Not channels-last, although a module's CPU step took 0.83x-0.87x the time that way
-    # (benchmarks/results/speedups*.md): torch 2.14's CPU kernels corrupted the heap on a
-    # width-4 kmresnet at one thread ("corrupted double-linked list"; see speed.md)
+    fmt = memory_format(device)  # channels-last on AVX-512 CPUs only (#29, its docstring)
     for st in stages:
-        st.to(device).set_recompute(cfg.recompute)
+        st.to(device, memory_format=fmt).set_recompute(cfg.recompute)
     return Run(cfg, data, net, bounds, stages, device, finetune=finetune or None)
 
 

@@ -103,6 +103,8 @@ def open_safetensors(path: Path, what: str = "module file"):
 def read_into(f, start: int, entry: dict, t: torch.Tensor) -> None:
     """Read one tensor's bytes straight into `t` (CPU, contiguous): no copy, no mapping."""
     a, b = entry["data_offsets"]
+    if not t.is_contiguous():  # reshape(-1) would copy, and the read land in the copy
+        raise ValueError("the target tensor is not contiguous")
     if b - a != t.numel() * t.element_size() or list(entry["shape"]) != list(t.shape):
         raise ValueError(f"entry shaped {entry['shape']}, expected {list(t.shape)}")
     if b > a:

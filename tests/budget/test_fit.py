@@ -60,7 +60,7 @@ def _opts(**kw) -> dict:
 def test_given_options_are_never_changed(fake, tmp_path, fixed):
     """Every subset of the planned fields, given: each keeps its value; fields the planner
     never chooses (data, model, epochs, seed, lr, ...) keep theirs whatever was given."""
-    given = set(BASE) | fixed
+    given = set(BASE) | fixed | {"precision"}  # not given, --fit resolves auto (#29)
     opts = _opts(**{k: GIVEN[k] for k in fixed})
     cfg, text = fitmod.fit_config(opts, given, None, "2GiB", tmp_path)
     for k in fixed:

@@ -142,7 +142,8 @@ def test_train_command_round_trips():
 
 # --------------------------------------------------------------------------- real predictor
 TINY = ["--model", "kmresnet", "--width", "8", "--depth", "4", "--data", "digits",
-        "--train-size", "300", "--epochs", "2", "--laps", "2"]
+        "--train-size", "300", "--epochs", "2", "--laps", "2",
+        "--precision", "fp32"]  # the budgets below are fp32's (plan's default is auto, #29)
 
 
 def _tiny_need(mode: str, **kw) -> int:
@@ -223,7 +224,7 @@ def _plan_then_train(plan_args: list[str], tmp_path, budget_bytes: int) -> dict:
 
 
 SMALL = ["--model", "kmresnet", "--width", "16", "--depth", "4", "--input", "3x32x32",
-         "--synthetic-size", "160", "--epochs", "2", "--laps", "2"]
+         "--synthetic-size", "160", "--epochs", "2", "--laps", "2", "--precision", "fp32"]
 
 
 def test_planned_command_runs_under_its_budget(tmp_path):

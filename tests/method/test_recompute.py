@@ -55,7 +55,9 @@ def test_every_regime_gives_the_same_metrics_with_recomputation(mode, tmp_path):
     ckpt = train(dataclasses.replace(cfg, recompute="segments:2"), tmp_path / "ckpt")
     for a, b in zip(plain["modules"], ckpt["modules"]):
         for key in ("train_loss", "transport", "val_loss", "test_loss", "val_acc", "test_acc"):
-            assert a[key] == pytest.approx(b[key], abs=1e-6), (mode, key)
+            # channels-last modules (AVX-512 CPUs, #29): the recomputed run rounds differently
+            # (1e-8 after module 0's epochs; sequential's module 1 drifts to ~7e-6 on its input)
+            assert a[key] == pytest.approx(b[key], abs=5e-5), (mode, key)
 
 
 def test_recomputation_lowers_the_estimated_peak():

@@ -65,7 +65,8 @@ def test_torchvision_resnet18_features_equal_up_to_layer4(tv_file):
         run.net.eval()
         got, _ = run.net(x)
     assert got.shape == ref.shape == (3, 512, 2, 2)
-    assert (got - ref).abs().max().item() <= 1e-5
+    # channels-last modules on AVX-512 CPUs (#29) round differently from torchvision's NCHW
+    assert (got - ref).abs().max().item() <= 5e-5
 
 
 def test_torchvision_safetensors_source_loads_too(tv_file, tmp_path):

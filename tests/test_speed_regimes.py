@@ -1,0 +1,93 @@
+"""The regime table of `edgetrain bench speed` (#29): total_over_e2e per row, the median of
+paired rounds; the per-phase profile; an unchanged cache is not re-hashed every epoch."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from edgetrain.bench import speed
+from edgetrain.storage import cache
+from edgetrain.storage.cache import CacheReader, CacheSource
+from tests.test_cache import _write
+
+
+def test_regime_rows_are_medians_of_paired_rounds(tmp_path, monkeypatch):
+    """Fake runs with known times: each ratio is the median of the per-round ratios."""
+    times = {"e2e": [10.0, 20.0, 10.0], "parallel": [11.0, 30.0, 10.5],
+             "sequential": [12.0, 22.0, 13.0], "multilap": [15.0, 24.0, 11.0]}
+    calls = []
+
+    def fake(cfg, out):
+        i = sum(1 for c in calls if c == cfg.mode)
+        calls.append(cfg.mode)
+        t = times[cfg.mode][i]
+        return {"total_s": t, "cpu_s": t / 2, "step_s": t / 4}
+    monkeypatch.setattr(speed, "_one_regime", fake)
+    rows = speed.regime_wall_clock(tmp_path, 4, 2, 64, "float16", model="resnet8", rounds=3)
+    assert calls == list(speed.MODES) * 3  # paired: every regime once per round, e2e first
+    by = {r["mode"]: r for r in rows}
+    assert by["e2e"]["total_over_e2e"] == 1.0
+    for mode, t in times.items():
+        want = statistics.median([a / b for a, b in zip(t, times["e2e"])])
+        assert by[mode]["total_over_e2e"] == pytest.approx(want)
+        assert by[mode]["cpu_over_e2e"] == pytest.approx(want)
+        assert by[mode]["total_s"] == statistics.median(t)
+    table = "\n".join(speed.regimes_table(rows))
+    assert "total_over_e2e" in table and f"{by['parallel']['total_over_e2e']:.3f}" in table
+
+
+@pytest.mark.slow  # ~1 min on a quiet 2-core machine: 8 small trainings
+def test_a_real_round_and_the_profile_on_a_tiny_job(tmp_path):
+    rows = speed.regime_wall_clock(tmp_path, 2, 2, 64, "float16", model="resnet8", rounds=1)
+    assert [r["mode"] for r in rows] == list(speed.MODES)
+    assert all(r["total_s"] > 0 and r["total_over_e2e"] > 0 for r in rows)
+    prof = speed.phase_profile(tmp_path, model="resnet8", k=2, epochs=2, synthetic_size=64)
+    by = {r["mode"]: r for r in prof}
+    assert by["sequential"]["cpu_s"]["cache writes (frozen prefix, eval mode)"] > 0
+    assert by["e2e"]["cpu_s"]["cache writes (frozen prefix, eval mode)"] == 0
+    for r in prof:
+        assert 0 < r["cpu_s"]["training steps: backward + optimizer"] < r["cpu_s"]["train() in all"]
+    assert 0 < by["parallel"]["head_share"] < 5
+    assert "| phase |" in "\n".join(speed.profile_table(prof))
+
+
+def test_an_unchanged_cache_is_hashed_once_and_an_altered_one_again(tmp_path, monkeypatch):
+    _write(tmp_path, torch.randn(50, 3, 4, 4))
+    hashed = []
+    real = cache._file_sha256
+    monkeypatch.setattr(cache, "_file_sha256", lambda p: hashed.append(p) or real(p))
+    r = CacheReader(tmp_path / "c", "k1")
+    n = len(hashed)
+    assert n == len(r.manifest["shards"])
+    src = CacheSource(r, torch.zeros(50, dtype=torch.long), 8, torch.device("cpu"))
+    for epoch in range(3):
+        list(src.epoch(epoch))
+    assert len(hashed) == n  # no re-read of the whole cache before every epoch
+    shard = tmp_path / "c" / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(cache.CacheInvalid, match="checksum"):
+        next(iter(src.epoch(0)))
+
+
+def test_readers_of_one_run_share_what_they_verified(tmp_path, monkeypatch):
+    _write(tmp_path, torch.randn(50, 3, 4, 4))
+    hashed = []
+    real = cache._file_sha256
+    monkeypatch.setattr(cache, "_file_sha256", lambda p: hashed.append(p) or real(p))
+    shared: dict = {}
+    n = len(CacheReader(tmp_path / "c", "k1", shared).manifest["shards"])
+    for _ in range(3):
+        CacheReader(tmp_path / "c", "k1", shared).close()
+    assert len(hashed) == n  # hashed at the first open only
+    CacheReader(tmp_path / "c", "k1").close()  # a reader of its own hashes again
+    assert len(hashed) == 2 * n
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(cache.CacheInvalid, match="checksum"):
+        CacheReader(tmp_path / "c", "k1", shared)
