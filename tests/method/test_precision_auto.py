@@ -24,9 +24,9 @@ from edgetrain.method import precision as precision_mod
 from edgetrain.method.precision import (Bf16Check, choose_precision, cpu_flags, detect_bf16,
                                         resolve_precision)
 from edgetrain.storage.rundir import config_hash
-from tests.test_precision import TINY
+from tests.method.test_precision import TINY
 
-CPUINFO = Path(__file__).parent / "fixtures" / "cpuinfo"
+CPUINFO = Path(__file__).parents[1] / "fixtures" / "cpuinfo"
 # fixture -> native bf16 (with oneDNN's bf16 kernels in the build)
 KINDS = {
     "x86-avx512_bf16-amd-epyc.txt": True,

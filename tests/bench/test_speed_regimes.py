@@ -10,7 +10,7 @@ import torch
 from edgetrain.bench import speed
 from edgetrain.storage import cache
 from edgetrain.storage.cache import CacheReader, CacheSource
-from tests.test_cache import _write
+from tests.storage.test_cache import _write
 
 
 def test_regime_rows_are_medians_of_paired_rounds(tmp_path, monkeypatch):
