@@ -30,6 +30,7 @@ HEADS = ("auto", "dgl", "dgl-light", "linear", "mlp")
 OPTIMIZERS = ("sgd", "adamw")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+MEMORY_FORMATS = ("auto", "channels-last", "contiguous")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where native (#29), resolved at the edge
 # the activation cache's storage dtype when --cache-dtype is not given: the precision's own
 # 2-byte type (fp32 keeps float16, the default before --precision existed)
@@ -151,6 +152,10 @@ class RunConfig:
                          "computes it natively, else fp32", choices=PRECISIONS)
     precision_requested: str | None = opt(None, "runtime", "\"auto\" when `precision` was "
                                           "resolved from it (written by train)", cli=False)
+    memory_format: str = opt("auto", "runtime", "layout of the modules' maps (auto: "
+                             "channels-last on CPUs with AVX-512 kernels, where it is faster; "
+                             "contiguous: the same results on every CPU)",
+                             choices=MEMORY_FORMATS)
     recompute: str = opt("none", "runtime", "recompute activations inside the trained "
                          "module(s) during backward: none, blocks (one checkpoint per block) "
                          "or segments:S")
@@ -227,6 +232,7 @@ class RunConfig:
             _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--device", self.device, DEVICES)
+        _check_choice("--memory-format", self.memory_format, MEMORY_FORMATS)
         _check(self.precision_requested in (None, "auto"),
                f"precision_requested must be null or \"auto\" (got {self.precision_requested!r})")
 

@@ -236,24 +236,41 @@ def resolve_precision(cfg, device: torch.device | str, check: Bf16Check | None =
             f"precision   {precision} (auto: {why})")
 
 
-def memory_format(device: torch.device | str, capability: str | None = None) -> torch.memory_format:
-    """The memory format a run's modules train in on `device`: channels-last on a CPU whose
-    kernels are AVX-512 (`torch.backends.cpu.get_cpu_capability()`, or `capability`), the
-    default format elsewhere.
+def memory_format(device: torch.device | str, requested: str = "auto",
+                  capability: str | None = None,
+                  onednn_avx512: bool | None = None) -> torch.memory_format:
+    """The memory format a run's modules train in on `device` (`--memory-format`).
+
+    `auto`: channels-last on a CPU whose kernels are AVX-512 in both ATen
+    (`torch.backends.cpu.get_cpu_capability()`, or `capability`) and oneDNN (`onednn_avx512`;
+    default: oneDNN's own bf16 check, true from its avx512_core kernels up and false under
+    `ONEDNN_MAX_CPU_ISA=AVX2`), the default format elsewhere. `contiguous`: the default format
+    everywhere (the same results on every CPU, up to rounding). `channels-last`: asked for.
 
     Channels-last made a module's CPU step 0.79x-0.85x as long (resnet20 3x32x32, fp32 and
     bf16; kmresnet 1x8x8: 0.83x). On oneDNN's AVX2 kernels (CPUs without AVX-512, or
     ONEDNN_MAX_CPU_ISA=AVX2) torch 2.14.1 corrupts the heap in the weight gradient of a
     channels-last 1x1 stride-2 convolution with 4 input and 8 output channels (pure PyTorch:
     `benchmarks/channels_last_repro_torch.py minimal`), so those CPUs keep the default format;
-    so do CUDA devices and other CPUs (not measured).
+    so do CUDA devices and other CPUs (not measured) unless asked.
+
+    Raises:
+        UserError: channels-last asked for on a CPU whose oneDNN kernels are AVX2.
     """
     device = torch.device(device)
-    capability = capability or (torch.backends.cpu.get_cpu_capability()
-                                if device.type == "cpu" else "")
-    if device.type == "cpu" and capability.startswith("AVX512"):
+    if requested == "contiguous" or (requested == "auto" and device.type != "cpu"):
+        return torch.preserve_format
+    avx512 = device.type == "cpu" and \
+        (capability or torch.backends.cpu.get_cpu_capability()).startswith("AVX512") and \
+        (bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if onednn_avx512 is None
+         else onednn_avx512)
+    if requested == "channels-last":
+        if device.type == "cpu" and not avx512:
+            raise UserError("--memory-format channels-last needs AVX-512 CPU kernels: on "
+                            "oneDNN's AVX2 kernels torch 2.14 corrupts the heap with it "
+                            "(benchmarks/channels_last_repro_torch.py); use auto or contiguous")
         return torch.channels_last
-    return torch.preserve_format
+    return torch.channels_last if avx512 else torch.preserve_format
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -205,7 +205,7 @@ def train_rank(state: RankState, trainers: list[Trainer], progress: bool,
     cfg = state.cfg
     src = StreamSource(state.source if state.inbox is None else None, state.inbox,
                        state.source.steps_per_epoch(), state.tap, state.outbox,
-                       memory_format(state.device))
+                       memory_format(state.device, state.cfg.memory_format))
     train_epochs(trainers, src, cfg.epochs - first_epoch, cfg, first_epoch=first_epoch,
                  desc="parallel (rank 0)", progress=progress and state.rank == 0,
                  on_epoch_end=epoch_logger(log, list(state.owned), then=checkpoint))
@@ -220,7 +220,8 @@ def evaluate_rank(state: RankState) -> list[dict]:
         if state.inbox is None:
             src = RawSource(state.data, split, state.cfg.batch_size, state.device, train=False).epoch()
         else:
-            src = received(state.inbox, phase, n, memory_format(state.device))
+            fmt = memory_format(state.device, state.cfg.memory_format)
+            src = received(state.inbox, phase, n, fmt)
         stream = forward_stream(src, state.tap, state.outbox, phase)
         out[name] = evaluate_chain(state.stages, stream, state.cfg.precision)
     return [{"val_acc": v["acc"], "val_loss": v["loss"], "test_acc": t["acc"], "test_loss": t["loss"]}

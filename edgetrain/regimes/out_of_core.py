@@ -40,7 +40,7 @@ from edgetrain.data.batches import augment, batch_indices, epoch_generator
 from edgetrain.measure import PhaseRecorder
 from edgetrain.method.loop import (Interrupted, NonFiniteLoss, Trainer, evaluate_chain,
                                   make_trainer, progress_bar, step_hook, train_epoch)
-from edgetrain.method.precision import autocast, compute_input, memory_format
+from edgetrain.method.precision import autocast, compute_input
 from edgetrain.regimes.run import Run, run_metrics, stopped
 from edgetrain.storage.atomic import atomic_write_json
 from edgetrain.storage.cache import (CacheInvalid, CacheOverflow, CacheReader, CacheSource,
@@ -176,7 +176,7 @@ class OutOfCore:
             reader = self.open_cache(k - 1, split)
             return reader.n, reader.views, sequential_rows(reader, self.cfg.batch_size,
                                                            self.prefetch_bytes,
-                                                           memory_format(self.run.device))
+                                                           self.run.memory_format)
         sp = getattr(self.run.data, split)
         views = self.views if split == "train" else 1
         return len(sp), views, self._raw_views(sp, views)
@@ -221,7 +221,7 @@ class OutOfCore:
         return CacheSource(self.open_cache(k, split), labels, self.cfg.batch_size,
                            self.run.device, train=train, seed=self.cfg.seed,
                            prefetch_bytes=self.prefetch_bytes,
-                           memory_format=memory_format(self.run.device))
+                           memory_format=self.run.memory_format)
 
     # ------------------------------------------------------------------ training
     def trainer(self, k: int) -> tuple[Trainer, dict]:

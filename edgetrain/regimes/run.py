@@ -67,6 +67,7 @@ class Run:
     finetune: dict | None = None  # metrics.json's `init` / `train_modules` (issue #16)
     stop: Callable[[], bool] | None = None  # a stop request (`edgetrain.signals.StopSignals`)
     log: object | None = None  # RUN_DIR/log.jsonl (`edgetrain.storage.runlog.RunLog`)
+    memory_format: torch.memory_format = torch.preserve_format  # the modules' (`--memory-format`)
 
     @property
     def n_modules(self) -> int:
@@ -141,10 +142,11 @@ def build_run(cfg: RunConfig, data: DataSplits | None = None,
     if cfg.train_modules is not None:
         freeze_outside(cfg, net, stages, module_bounds, loaded_heads)
         finetune["train_modules"] = list(cfg.train_modules)
-    fmt = memory_format(device)  # channels-last on AVX-512 CPUs only (#29, its docstring)
+    fmt = memory_format(device, cfg.memory_format)  # auto: channels-last on AVX-512 CPUs only
     for st in stages:
         st.to(device, memory_format=fmt).set_recompute(cfg.recompute)
-    return Run(cfg, data, net, bounds, stages, device, finetune=finetune or None)
+    return Run(cfg, data, net, bounds, stages, device, finetune=finetune or None,
+               memory_format=fmt)
 
 
 def source_data_info(run_dir: Path) -> tuple[tuple[int, int, int], list[str]]:

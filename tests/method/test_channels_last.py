@@ -15,7 +15,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
+
+from edgetrain.errors import UserError
 
 from edgetrain.config import RunConfig
 from edgetrain.method.precision import memory_format
@@ -56,10 +59,21 @@ def run_smoke_grid(env: dict) -> dict:
 
 
 def test_the_format_follows_the_kernels():
-    assert memory_format("cpu", "AVX512") == torch.channels_last
+    auto = lambda cap, dnnl, device="cpu": memory_format(device, "auto", cap, dnnl)  # noqa: E731
+    assert auto("AVX512", True) == torch.channels_last
+    assert auto("AVX512", False) == torch.preserve_format  # oneDNN held to AVX2
     for cap in ("AVX2", "DEFAULT", "SVE256", "ZVECTOR"):
-        assert memory_format("cpu", cap) == torch.preserve_format
-    assert memory_format("meta", "AVX512") == torch.preserve_format
+        assert auto(cap, True) == torch.preserve_format
+    assert auto("AVX512", True, "meta") == torch.preserve_format
+
+
+def test_the_format_can_be_chosen_and_channels_last_is_refused_where_it_corrupts():
+    assert memory_format("cpu", "contiguous", "AVX512", True) == torch.preserve_format
+    assert memory_format("cpu", "channels-last", "AVX512", True) == torch.channels_last
+    with pytest.raises(UserError, match="AVX-512"):
+        memory_format("cpu", "channels-last", "AVX2", False)
+    with pytest.raises(UserError, match="memory-format"):
+        RunConfig(memory_format="nchw")
 
 
 def test_cpu_modules_take_the_format_and_their_files_load_back(tmp_path):
@@ -85,7 +99,10 @@ def test_the_smoke_grid_runs_on_this_machines_kernels():
     assert res["format"] == str(memory_format("cpu"))
 
 
-def test_the_smoke_grid_runs_as_a_cpu_without_avx512():
-    """The kernels that corrupted the heap: the guard keeps the default format there."""
-    res = run_smoke_grid({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+@pytest.mark.parametrize("env", [{"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+                                 {"ONEDNN_MAX_CPU_ISA": "AVX2"}], ids=["aten+onednn", "onednn"])
+def test_the_smoke_grid_runs_as_a_cpu_without_avx512(env):
+    """The kernels that corrupted the heap: the guard keeps the default format there, also
+    when only oneDNN is held to AVX2 (ATen's kernels still AVX-512)."""
+    res = run_smoke_grid(env)
     assert res == {"format": str(torch.preserve_format), "runs": 10}

@@ -25,8 +25,11 @@ REGIMES = {
     "sequential": dict(mode="sequential", epochs=2),
     "multilap": dict(mode="multilap", epochs=2, laps=2),
 }
+# contiguous: `--memory-format auto` picks channels-last on AVX-512 CPUs only (#29), whose
+# convolutions round differently enough to move an accuracy; the recorded runs hold the layout
+# fixed so that they mean the same on every CPU (tests/method/test_channels_last.py covers auto)
 BASE = dict(data="digits", train_size=400, model="kmresnet", width=8, depth=4, modules=2,
-            batch_size=64, lr=0.05, seed=0)
+            batch_size=64, lr=0.05, seed=0, memory_format="contiguous")
 
 
 # What must hold on any CPU. Counts, depths, bounds and every accuracy are compared exactly:
