@@ -185,8 +185,8 @@ def auto_rows(threads: int, rounds: int = 3, warmup: int = 2, steps: int = 5) ->
     j = AUTO_JOB
     base = bench_config(j["model"], j["input_shape"], j["batch"], "e2e", 1, False,
                         steps=warmup + steps, device="cpu")
-    auto_cfg, line = resolve_precision(RunConfig(**{**base.to_dict(), "precision": "auto",
-                                                    "cache_dtype": None}),
+    auto_cfg, line = resolve_precision(RunConfig.from_dict({**base.to_dict(), "precision": "auto",
+                                                            "cache_dtype": None}),
                                        torch.device("cpu"))
     cfgs = {"fp32": base, "auto": auto_cfg}
     per = {name: [] for name in cfgs}

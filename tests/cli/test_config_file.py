@@ -141,7 +141,10 @@ def test_a_0_1_0_config_json_reads_back_to_the_same_keys_and_hash():
     d = json.loads((FIXTURE / "config.json").read_text())
     cfg = RunConfig.from_dict(d)
     assert cfg.device_profile == "cpu-2gb" and cfg.shared_cpu_gpu_memory is False
-    assert cfg.to_dict() == d  # flat keys, `extra` included, none renamed
+    now = cfg.to_dict()
+    assert {k: now[k] for k in d} == d  # flat keys, `extra` included, none renamed or changed
+    added = {k: now[k] for k in set(now) - set(d)}  # 0.2.0's keys, at the values meaning "as before"
+    assert added == {"precision_requested": None, "memory_format": "auto"}
     state = json.loads((FIXTURE / "state.json").read_text())
     assert state["config_sha256"] == config_hash(cfg)
 
