@@ -7,6 +7,8 @@ export and inference. `run_metrics` turns a trained run into metrics.json's reco
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 import json
 from pathlib import Path
@@ -236,6 +238,9 @@ def load_run(run_dir: Path, device: torch.device | None = None, depth: int | Non
     if not run_dir.is_dir():
         raise UserError(f"no run directory {run_dir}")
     cfg = RunConfig.load(run_dir / "config.json")
+    if not with_data:  # export and predict: PyTorch's default layout, which every exporter
+        cfg = dataclasses.replace(cfg, memory_format="contiguous")  # takes (XNNPACK's passes
+        # refuse channels-last weights); the weights are the same numbers either way
     data = load_data(cfg, gone_folder=True) if with_data else read_preprocessing(run_dir)
     run = build_run(cfg, data=data, device=device, init=False)  # the module files hold the weights
     if cfg.mode == "e2e":  # one module: the whole network with the last head
