@@ -25,7 +25,7 @@ from edgetrain.method.precision import check_precision, resolve_precision
 from edgetrain.regimes.run import (Run, build_run, confusion, eval_precision, evaluate, load_data,
                                    load_run, per_class_record, resolve_device,
                                    write_preprocessing)
-from edgetrain.storage.atomic import atomic_write_json
+from edgetrain.storage.atomic import atomic_write_json, remove_stale_temps
 from edgetrain.storage.cache import check_cache_dir
 from edgetrain.storage.lock import lock_run_dir
 from edgetrain.storage.rundir import best_depth, check_config, claim_out_dir, read_state
@@ -62,6 +62,8 @@ def resume(run_dir: Path, progress: bool = False, stop=None, launch=None) -> dic
 
 
 def _resume(run_dir: Path, progress: bool, stop) -> dict:
+    for d in (run_dir, run_dir / "modules"):  # a kill inside an atomic write left its temp
+        remove_stale_temps(d)
     cfg = RunConfig.load(run_dir / "config.json")
     state = read_state(run_dir)
     if state is not None:

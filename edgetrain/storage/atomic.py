@@ -38,6 +38,18 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temporary files that a process killed inside `atomic_write` left in
+    `directory` (`.NAME.*.tmp`); call it only while holding the directory's lock, so that
+    no live writer's file is taken. Returns what was removed."""
+    gone = []
+    for p in sorted(Path(directory).glob(".*.tmp")) if Path(directory).is_dir() else ():
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 

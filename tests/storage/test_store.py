@@ -88,3 +88,20 @@ def test_disk_full_gives_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypa
         store_mod.atomic_write_json(target, {"v": 2})
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left
+
+
+def test_resume_removes_the_temp_file_a_kill_inside_an_atomic_write_left(tmp_path):
+    """SIGKILL between mkstemp and rename leaves `.NAME.XXXX.tmp`; resuming (under the run's
+    lock) deletes it, so a resumed run directory holds what an uninterrupted one holds."""
+    from edgetrain.regimes.schedule import resume, train
+    from edgetrain.storage.atomic import remove_stale_temps
+    from tests.conftest import tiny_cfg
+    run = tmp_path / "run"
+    train(tiny_cfg(mode="parallel", epochs=1), run)
+    stale = [run / "modules" / ".01.safetensors.next.ab12cd.tmp", run / ".state.json.x1y2.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a file")
+    (run / "modules" / "keep.tmp").write_bytes(b"not ours: no leading dot")
+    resume(run)
+    assert not any(p.exists() for p in stale) and (run / "modules" / "keep.tmp").exists()
+    assert remove_stale_temps(tmp_path / "missing") == []
