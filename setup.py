@@ -7,6 +7,8 @@ for line in Path("edgetrain/__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
         exec(line, version)  # a single literal assignment
 
+ONNX = ["onnx>=1.15,<1.19; python_version < '3.11'", "onnx>=1.15; python_version >= '3.11'"]
+
 setup(
     name="edgetrain",
     version=version["__version__"],
@@ -31,7 +33,9 @@ setup(
         "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={
-        "export": ["onnx>=1.15", "onnxscript>=0.7", "onnxruntime>=1.17"],
+        # onnxruntime 1.23 (the last for Python 3.10) loads IR <= 11: onnx 1.19+ writes IR 12+ in
+        # ORT's own quantisation pre-processing, so int8 export there needs onnx < 1.19
+        "export": [*ONNX, "onnxscript>=0.7", "onnxruntime>=1.17"],
         # predict MODEL.onnx on a device without PyTorch: onnxruntime next to numpy, Pillow,
         # click (docs/deploy.md: `pip install onnxruntime numpy Pillow click` then
         # `pip install --no-deps edgetrain`)
@@ -44,7 +48,7 @@ setup(
         # the manual: `mkdocs build --strict` (CLI reference by mkdocs-click, API by mkdocstrings)
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocs-click>=0.8",
                  "mkdocstrings[python]>=0.26"],
-        "test": ["pytest>=7.4", "hypothesis>=6.0", "onnx>=1.15", "onnxscript>=0.7", "onnxruntime>=1.17", "matplotlib>=3.7"],
+        "test": ["pytest>=7.4", "hypothesis>=6.0", *ONNX, "onnxscript>=0.7", "onnxruntime>=1.17", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["edgetrain=edgetrain.cli:main"]},
 )
