@@ -16,9 +16,11 @@ setup(
     long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     # devices/ (the repository's profiles) is installed inside the package as edgetrain/devices/
-    packages=find_packages(include=["edgetrain", "edgetrain.*"]) + ["edgetrain.devices"],
-    package_dir={"edgetrain.devices": "devices"},
-    package_data={"edgetrain.devices": ["*.toml", "README.md"]},
+    # and recipes/ (`--config NAME`) as edgetrain/recipes/
+    packages=find_packages(include=["edgetrain", "edgetrain.*"]) + ["edgetrain.devices",
+                                                                     "edgetrain.recipes"],
+    package_dir={"edgetrain.devices": "devices", "edgetrain.recipes": "recipes"},
+    package_data={"edgetrain.devices": ["*.toml", "README.md"], "edgetrain.recipes": ["*.toml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1,<2.15",

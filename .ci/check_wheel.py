@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What a user installs: the wheel's contents (python .ci/check_wheel.py WHEEL).
 
-It must hold the package and its six shipped device profiles, and nothing of the repository
+It must hold the package, its six shipped device profiles and its recipes, and nothing of the repository
 around it: no research/, tests/ or benchmarks/, no research module inside edgetrain/bench/.
 Prints the wheel's files and lines; exit 1 with a reason when a check fails.
 """
@@ -23,6 +23,10 @@ def problems(names: list[str]) -> list[str]:
                 and n.endswith(".toml")}
     if profiles != PROFILES:
         out.append(f"shipped profiles {sorted(profiles)} != {sorted(PROFILES)}")
+    recipes = {n.split("/")[-1][:-5] for n in names if n.startswith("edgetrain/recipes/")
+               and n.endswith(".toml")}
+    if "quickstart" not in recipes or len(recipes) < 6:
+        out.append(f"shipped recipes {sorted(recipes)}: quickstart and the five others missing")
     for top in ("research/", "tests/", "benchmarks/", "docs/", "recipes/"):
         if any(n.startswith(top) for n in names):
             out.append(f"the wheel holds {top}")

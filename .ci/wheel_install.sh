@@ -38,6 +38,8 @@ PY
 "$v/edgetrain" devices | tee devices.txt
 rows=$(tail -n +2 devices.txt | grep -c shipped)
 [ "$rows" -eq 6 ] || { echo "wheel check failed: $rows shipped profiles listed, not 6"; exit 1; }
+"$v/edgetrain" train --config quickstart --print-config > recipe.toml  # a shipped recipe, by name
+grep '^mode = "multilap"' recipe.toml
 "$v/edgetrain" train --data digits --mode sequential --epochs 1 --device-profile raspberry-pi-4-4gb \
   --out run --no-progress
 "$v/python" -c "

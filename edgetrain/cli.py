@@ -105,8 +105,9 @@ def print_table(modules: list[dict], best: int) -> None:
         click.echo(f"{m['index'] + 1:>5} {m['val_acc']:>8.4f} {m['test_acc']:>8.4f}{mark}")
 
 
-CONFIG_HELP = ("a TOML file of options, grouped as --print-config writes it; options given "
-               "here override it")
+CONFIG_HELP = ("a TOML file of options, grouped as --print-config writes it, or the name of a "
+               "shipped recipe (quickstart, raspberry-pi-finetune, paper-cpu-...); options "
+               "given here override it")
 
 
 @cli.command()

@@ -25,6 +25,36 @@ def _toml():
     return tomllib
 
 
+def _recipes_dir() -> Path:
+    """`edgetrain/recipes/` in an installed package, else the checkout's top-level `recipes/`."""
+    here = Path(__file__).resolve().parents[1]  # the edgetrain package
+    installed = here / "recipes"
+    return installed if installed.is_dir() else here.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes (`--config NAME`)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def config_path(spec: str) -> Path:
+    """`--config SPEC`: a TOML file, or the name of a shipped recipe (`quickstart`).
+
+    Raises:
+        UserError: neither a file nor a shipped recipe's name.
+    """
+    path = Path(spec)
+    if path.is_file() or "/" in spec or spec.endswith(".toml"):
+        return path  # a missing file is reported by read_config_file
+    if spec in recipe_names():
+        return RECIPES_DIR / f"{spec}.toml"
+    raise UserError(f"--config {spec}: no such file, and no shipped recipe of that name "
+                    f"(recipes: {', '.join(recipe_names()) or 'none'})")
+
+
 def read_config_file(path: Path, names: list[str] | None = None) -> dict:
     """The fields a TOML file sets, by name, in the file's order.
 

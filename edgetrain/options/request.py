@@ -15,7 +15,8 @@ from edgetrain.budget.devices import load_profile
 from edgetrain.config import BUDGET_FIELDS, RunConfig, config_from_options
 from edgetrain.errors import UserError
 from edgetrain.options.command import field_values, given_fields, train_fields
-from edgetrain.options.file import build, merge, printable, read_config_file, write_config_file
+from edgetrain.options.file import (build, config_path, merge, printable, read_config_file,
+                                    write_config_file)
 from edgetrain.units import parse_size
 
 
@@ -30,7 +31,7 @@ def requested(ctx: click.Context, opts: dict, config_file: str | None
     """
     values = field_values(opts)
     given = given_fields(ctx, [n for n in train_fields() if n in values])
-    file_values = read_config_file(Path(config_file)) if config_file else {}
+    file_values = read_config_file(config_path(config_file)) if config_file else {}
     if given & set(BUDGET_FIELDS):  # a budget on the command line replaces the file's, either kind
         file_values = {k: v for k, v in file_values.items() if k not in BUDGET_FIELDS}
     file_values = {k: v for k, v in file_values.items() if k not in given}  # the ones taken

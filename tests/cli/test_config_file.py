@@ -288,3 +288,21 @@ def test_any_file_is_accepted_or_refused_in_one_line_with_exit_2(tmp_path):
             assert "\n" not in line and line.startswith("error: ") and "any.toml" in line, (
                 values, line)
     check()
+
+
+# ------------------------------------------------------------------ shipped recipes by name
+def test_a_shipped_recipe_is_named_by_its_name_from_any_directory(tmp_path, monkeypatch):
+    """`--config quickstart` reads the shipped recipe (package data in a wheel); a name that
+    is neither a file nor a recipe is one line listing the recipes, exit 2."""
+    from edgetrain.options.file import RECIPES_DIR, recipe_names
+    monkeypatch.chdir(tmp_path)  # not the checkout: recipes/quickstart.toml is not here
+    assert {"quickstart", "raspberry-pi-finetune"} <= set(recipe_names())
+    by_name = CliRunner().invoke(cli, ["train", "--config", "quickstart", "--print-config"])
+    by_path = CliRunner().invoke(cli, ["train", "--config", str(RECIPES_DIR / "quickstart.toml"),
+                                       "--print-config"])
+    assert by_name.exit_code == 0 and by_path.exit_code == 0, by_name.output
+    body = lambda out: [ln for ln in out.splitlines() if not ln.startswith("#")]  # noqa: E731
+    assert body(by_name.output) == body(by_path.output) and 'mode = "multilap"' in by_name.output
+    bad = CliRunner().invoke(cli, ["train", "--config", "quickstrat", "--out", "r"])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+    assert "quickstart" in bad.output and not (tmp_path / "r").exists()
