@@ -26,7 +26,7 @@ MODES = ("e2e", "parallel", "sequential", "multilap")
 SPLITS = ("depth", "memory")
 TAU_SCHEDULES = ("constant", "midpoint", "multipliers")
 TRANSPORT_SCALINGS = ("mean", "sample")
-HEADS = ("auto", "dgl", "dgl-light", "linear", "mlp")
+HEADS = ("auto", "dgl", "dgl-s2", "dgl-light", "linear", "mlp")
 OPTIMIZERS = ("sgd", "adamw")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -119,8 +119,8 @@ class RunConfig:
     modules: int = opt(4, "method", "number of modules K", flags=("--modules", "-K"))
     split: str = opt("depth", "method", "cut the blocks into modules of equal depth or equal "
                      "memory", choices=SPLITS)
-    head: str = opt("auto", "method", "auxiliary head (auto: dgl, or dgl-light on maps over "
-                    "256 channels)", choices=HEADS)
+    head: str = opt("auto", "method", "auxiliary head (auto: dgl-s2, the DGL head with its "
+                    "conv at stride 2; dgl-light on maps over 256 channels)", choices=HEADS)
     laps: int = opt(2, "method", "laps of multi-lap sequential training")
     epochs: int = opt(8, "method", "epochs per module (sequential/multilap, all laps together) "
                       "or in all")
@@ -159,6 +159,9 @@ class RunConfig:
     recompute: str = opt("none", "runtime", "recompute activations inside the trained "
                          "module(s) during backward: none, blocks (one checkpoint per block) "
                          "or segments:S")
+    compile: bool = opt(False, "runtime", "torch.compile each module's training forward "
+                        "(inductor: needs a C++ compiler; pays off on long runs; its cache "
+                        "goes under the data cache)", style="on")
     distributed: bool = opt(False, "runtime", "one rank per group of modules (--mode "
                             "parallel, launched by torchrun)", style="on")
     buffer_size: int = opt(0, "runtime", "--distributed: activation batches buffered per "
@@ -259,6 +262,8 @@ class RunConfig:
         _check(self.depth is None or self.depth >= 1, "--depth must be >= 1")
         _check(self.cache_views >= 1, "--cache-views must be >= 1")
         _check(self.prefetch_mib > 0, "--prefetch-mib must be > 0")
+        _check(not (self.compile and self.distributed),
+               "--compile is not supported with --distributed")
         _check(self.mult_s >= 1, "--mult-s must be >= 1")
         _check(self.synthetic_size >= 2, "--synthetic-size must be >= 2")
         _check(self.memory_budget is None or self.memory_budget > 0, "--memory-budget must be > 0")

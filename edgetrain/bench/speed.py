@@ -262,7 +262,7 @@ def regime_jobs(tmp: Path, k: int, cache_dtype: str, rounds: int,
 PHASES = {
     "training steps: forward (body + head)": ("method/loop.py", "stage_loss"),
     "training steps: backward + optimizer": ("method/loop.py", "optimizer_step"),
-    "training: batches (data, cache reads)": ("method/loop.py", "fit_module"),
+    "training: batches (data, cache reads)": ("method/loop.py", "train_epoch"),
     "cache writes (frozen prefix, eval mode)": ("regimes/out_of_core.py", "_write"),
     "cache checksums (sha256)": ("storage/cache.py", "_file_sha256"),
     "per-module / final evaluation": ("method/loop.py", "evaluate_chain"),
@@ -274,7 +274,7 @@ PHASES = {
 def phase_profile(tmp: Path, model: str = "resnet20", k: int = 4, epochs: int = 2,
                   synthetic_size: int = 1024, cache_dtype: str = "float16") -> list[dict]:
     """Per regime, the CPU seconds (cProfile with `time.process_time`) of each of `PHASES`
-    (cumulative: a phase includes what it calls; `training: batches` is fit_module minus
+    (cumulative: a phase includes what it calls; `training: batches` is train_epoch minus
     the two step phases), and the heads' share of a training step (`head_share`)."""
     rows = []
     for mode in MODES:
@@ -320,8 +320,31 @@ def _cpu_of(fn, reps: int) -> float:
     return (time.process_time() - t0) / reps
 
 
-def regimes_table(rows: list[dict]) -> list[str]:
-    """The regime table: per job and regime, medians over paired rounds."""
+# what #29 removed from module-wise training's time (the regime table's "before" column is
+# the table of 0.2.0, kept in speed.json as `regimes_before` with its own stamp)
+REMOVED = [
+    "The DGL heads' 3x3 conv runs at stride 2 (`--head auto` now builds `dgl-s2`): each extra "
+    "head cost 8-24% of its module's body on resnet20; the strided head is a quarter of the "
+    "compute, and its accuracy matched the DGL head's within the 95% confidence interval "
+    "(research/head_cost/results/head_cost-dgl-s2.md, 5 seeds).",
+    "Module k's evaluation on the validation and test sets and the writing of module k+1's "
+    "validation and test caches are one eval-mode forward (they were two).",
+    "The activation cache's shards and manifest are no longer fsynced: every reader checks a "
+    "shard's sha256 and a failing cache is rebuilt, so only a power loss could cost a "
+    "rebuild; the fsyncs were a third of the cache write's time.",
+    "A cache shard written in this process is not read back to be hashed when it is opened "
+    "(the writer's checksum, with the file's stat, is recorded).",
+    "The cache and data readers' prefetch thread runs its float16 -> float32 conversion on "
+    "one intra-op thread, beside the training step's OpenMP team instead of a second team.",
+]
+
+
+def regimes_table(rows: list[dict], before: list[dict] | None = None) -> list[str]:
+    """The regime table: per job and regime, medians over paired rounds (with the
+    total_over_e2e of `before`, an earlier table, beside each row when given)."""
+    old = {(r.get("model"), r.get("synthetic_size"), r["mode"]): r["total_over_e2e"]
+           for r in before or []}
+    extra = " 0.2.0 wall / e2e |" if old else ""
     lines = ["Every regime on the same job (3x32x32 synthetic, batch 64, K=4, seed 0) and "
              "--epochs (sequential and multilap: per module; multilap in 2 laps), paired "
              "rounds (each round runs every regime once, e2e first); ratios are the median "
@@ -329,12 +352,17 @@ def regimes_table(rows: list[dict]) -> list[str]:
              "`train()` call; CPU: its process time (less sensitive to other jobs); steps: "
              "metrics.json's timings.step_s.", "",
              "| model | samples | regime | epochs | rounds | train() wall s | wall / e2e "
-             "(total_over_e2e) | CPU / e2e | steps / e2e |", "|---|---|---|---|---|---|---|---|---|"]
+             "(total_over_e2e) | CPU / e2e | steps / e2e |" + extra,
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if old else "")]
     for r in rows:
+        was = old.get((r.get("model"), r.get("synthetic_size"), r["mode"]))
         lines.append(f"| {r.get('model', 'resnet56')} | {r.get('synthetic_size', '')} | "
                      f"{r['mode']} | {r['epochs']} | {r.get('rounds', 1)} | {r['total_s']:.1f} | "
                      f"{r['total_over_e2e']:.3f} | {_fmt3(r.get('cpu_over_e2e'))} | "
-                     f"{_fmt3(r.get('step_over_e2e'))} |")
+                     f"{_fmt3(r.get('step_over_e2e'))} |" + (f" {_fmt3(was)} |" if old else ""))
+    if old:
+        lines += ["", "Removed from module-wise training's time since 0.2.0 (#29):", ""]
+        lines += [f"- {item}" for item in REMOVED]
     return lines + [""]
 
 
@@ -362,7 +390,7 @@ def _fmt3(v) -> str:
 def _table(res: dict) -> str:
     lines = []
     if res.get("regimes"):
-        lines += regimes_table(res["regimes"])
+        lines += regimes_table(res["regimes"], res.get("regimes_before"))
     if res.get("profile"):
         lines += profile_table(res["profile"])
     lines += ["| K | epochs | recompute s | cache s | cache / recompute |", "|---|---|---|---|---|"]

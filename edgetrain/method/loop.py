@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 import math
 import time
 from typing import Callable, Iterable, Iterator, Protocol
@@ -119,6 +120,7 @@ class Trainer:
     step: int = 0
     history: list = field(default_factory=list)
     scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA: the optimizer's loss scaler
+    loss_fn: Callable | None = None  # --compile: `stage_loss` compiled for this trainer
 
     def record(self) -> dict:
         """What metrics.json keeps of the training: history, tau (None when the stage
@@ -156,7 +158,11 @@ def make_trainer(stage: Stage, cfg: RunConfig, k: int, n_modules: int, total_ste
     params = trainable_parameters(stage)
     opt = make_optimizer(params, cfg) if params else None
     scaler = make_scaler(cfg.precision, params[0].device) if params else None
-    return Trainer(stage, opt, w, cfg.lr, total_steps, cfg.cosine, scaler=scaler)
+    tr = Trainer(stage, opt, w, cfg.lr, total_steps, cfg.cosine, scaler=scaler)
+    if cfg.compile:
+        from edgetrain.method.compiled import compiled_stage_loss  # torch._dynamo: deferred
+        tr.loss_fn = compiled_stage_loss(stage_loss, tr, cfg.data_cache)
+    return tr
 
 
 class NonFiniteLoss(UserError):
@@ -193,7 +199,8 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
         tr.stage.train()
         tr.set_lr()
         with torch.no_grad() if tr.opt is None else nullcontext():  # wholly frozen: forward only
-            total, ce, w, logits, z = stage_loss(tr, x, y, label_smoothing, scaling, precision)
+            total, ce, w, logits, z = (tr.loss_fn or partial(stage_loss, tr))(
+                x, y, label_smoothing, scaling, precision)
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"non-finite loss ({float(total.detach())}) at step {tr.step + 1}")
         if tr.opt is not None:

@@ -33,6 +33,7 @@ import shutil
 import time
 
 import torch
+import torch.nn.functional as F
 
 from edgetrain import __version__
 from edgetrain.budget.guard import budget_guard
@@ -191,20 +192,32 @@ class OutOfCore:
                 yield augment(x, gen, data.flip) if v > 0 else x
 
     @torch.no_grad()
-    def _write(self, k: int, split: str, stage) -> None:
+    def _write(self, k: int, split: str, stage, labels: torch.Tensor | None = None) -> dict | None:
+        """Write cache k of `split`: module k-1 (`stage`, eval mode) over its inputs.
+
+        With `labels` (the split's, in sample order; val and test hold one view), the same
+        pass also evaluates `stage` with its head, as `evaluate_chain` does, and returns
+        {"acc", "loss"}: module k-1's evaluation and cache k come from one forward (#29)."""
         n, views, batches = self._inputs(k, split)
         stage.eval()
-        writer = None
+        writer, correct, loss, seen = None, 0, 0.0, 0
         for x in batches:
             with autocast(self.cfg.precision, self.run.device):  # stored in --cache-dtype
                 z = stage.features(compute_input(x.to(self.run.device), self.cfg.precision))
+                logits = stage.head(z) if labels is not None else None
+            if logits is not None:
+                y = labels[seen:seen + len(z)].to(self.run.device, torch.int64)
+                correct += int((logits.argmax(1) == y).sum())
+                loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+                seen += len(z)
             if writer is None:
                 need = planned_bytes(n * views, tuple(z.shape[1:]), self.cfg.cache_dtype)
                 check_free_space(self.cache_root, need, f"the activation cache of module {k + 1} "
                                  f"({split}, {n * views} rows)")
                 writer = CacheWriter(self.cache_dir(k, split), self.cache_key(k, split),
                                      tuple(z.shape[1:]), self.cfg.cache_dtype, n, views,
-                                     shard_bytes=max(MIB, self.prefetch_bytes // 4))
+                                     shard_bytes=max(MIB, self.prefetch_bytes // 4),
+                                     durable=False, verified=self.verified)
             try:
                 writer.add(z)
             except CacheOverflow as e:
@@ -212,6 +225,9 @@ class OutOfCore:
                                     f"module {k + 1}): {e}; "
                                     f"the trained modules in {self.out} are kept") from None
         writer.close()
+        if labels is None:
+            return None
+        return {"acc": correct / max(seen, 1), "loss": loss / max(seen, 1)}
 
     def source(self, k: int, split: str, train: bool):
         """The batches module k sees: raw data for module 0, cache k for the others."""
@@ -291,11 +307,10 @@ class OutOfCore:
         """After module k of lap `lap`: evaluate (last lap), write cache k+1, drop cache k."""
         last_lap = lap == self.R - 1
         final = last_lap or k < self.first_trained  # the frozen prefix is final after lap 1
-        splits = ["train", "val", "test"] if final else ["train"]
-        if final:
-            self.state["modules"][str(k)] = self._summary(k, tr)
         if k + 1 < self.K:
-            self.ensure_cache(k + 1, splits)
+            self.ensure_cache(k + 1, ["train"])
+        if final:  # val and test: module k's evaluation also writes cache k+1 (`_write`)
+            self.state["modules"][str(k)] = self._summary(k, tr)
         if k > 0 and (k != self.keep_cache or last_lap):
             for s in ("train", "val", "test"):
                 remove_cache(self.cache_dir(k, s))
@@ -303,14 +318,23 @@ class OutOfCore:
         self.write_state(nxt[0], nxt[1], 0)
 
     def _summary(self, k: int, tr: Trainer) -> dict:
+        """Module k's validation and test accuracy and loss, with its training record; when
+        a module follows, the same eval-mode pass writes its val / test cache (one forward
+        of module k over each split, not two)."""
         if k > 0:
             self.ensure_cache(k, ["val", "test"])
         stage = self.store.load(k)
         ev = {}
         for split in ("val", "test"):
             with self._phase("eval"), self._phase(f"module_{k:02d}_eval"):
-                (r,) = evaluate_chain([stage], self.source(k, split, train=False).epoch(),
-                                      self.cfg.precision)
+                if k + 1 < self.K and not self._valid(k + 1, split):
+                    with self._phase("cache_write"), \
+                            self._phase(f"module_{k:02d}_cache_write"):
+                        r = self._write(k + 1, split, stage,
+                                        labels=getattr(self.run.data, split).y)
+                else:
+                    (r,) = evaluate_chain([stage], self.source(k, split, train=False).epoch(),
+                                          self.cfg.precision)
             ev[f"{split}_acc"], ev[f"{split}_loss"] = r["acc"], r["loss"]
         return {**ev, **tr.record()}
 

@@ -20,6 +20,7 @@ from edgetrain.measure import PhaseRecorder
 from edgetrain.regimes.in_memory import train_in_memory
 from edgetrain.regimes.out_of_core import train_out_of_core
 from edgetrain.regimes.resident import train_resident
+from edgetrain.method.compiled import check_compile
 from edgetrain.method.stage import Prefix
 from edgetrain.method.precision import check_precision, resolve_precision
 from edgetrain.regimes.run import (Run, build_run, confusion, eval_precision, evaluate, load_data,
@@ -110,6 +111,7 @@ def train(cfg: RunConfig, out_dir: Path, progress: bool = False, launch=None,
     of a torchrun launch; it returns the metrics on rank 0 and None on the other ranks.
     """
     cfg, _ = resolve_precision(cfg, resolve_device(cfg.device))  # auto: bf16 where native
+    check_compile(cfg)  # --compile without a C++ compiler, or with --distributed
     if cfg.distributed:
         from edgetrain.regimes.distributed import train_distributed  # torch.distributed: deferred
         with out_of_memory_as_user_error(cfg, None, Path(out_dir), context="in a distributed rank"):

@@ -15,9 +15,15 @@ import tempfile
 from edgetrain.errors import UserError
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, durable: bool = True) -> None:
     """Write the file that `write(f)` produces through a temporary file in the same
-    directory, fsync, then rename: a reader sees the old file or the whole new one."""
+    directory, fsync, then rename: a reader sees the old file or the whole new one.
+
+    `durable=False` skips the fsync: for files whose every reader checks them against a
+    checksum and rebuilds them when they fail it (the activation cache's shards and
+    manifest). A killed process loses nothing either way (the page cache holds the
+    data); only a power loss can leave such a file short or zeroed, and its check then
+    rebuilds it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -26,7 +32,8 @@ def atomic_write(path: Path, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -50,12 +57,12 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     return gone
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    atomic_write(path, lambda f: f.write(data), durable)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), durable)
 
 
 def json_text(obj) -> str:
@@ -63,5 +70,5 @@ def json_text(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True)
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json_text(obj))
+def atomic_write_json(path: Path, obj, durable: bool = True) -> None:
+    atomic_write_text(path, json_text(obj), durable)

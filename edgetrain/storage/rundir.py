@@ -47,7 +47,8 @@ RESUMES_FROM = ("0.1.0",)
 
 # fields added after run directories of this version were written, with the default that
 # means "as before": left out of the hash at that value, so those directories still resume
-HASH_OMITS_AT_DEFAULT = {"precision": "fp32", "precision_requested": None, "memory_format": "auto"}
+HASH_OMITS_AT_DEFAULT = {"precision": "fp32", "precision_requested": None, "memory_format": "auto",
+                         "compile": False}
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -37,8 +37,12 @@ from edgetrain.method.split import build_stages, make_bounds
 from edgetrain.models import create_model
 from edgetrain.regimes.run import load_data
 
-HEADS = ("dgl", "dgl-light")
-STEM = "head_cost"
+HEADS = ("dgl", "dgl-light")  # the reference and the default candidate
+STEM = "head_cost"  # results of dgl-light; another candidate C writes head_cost-C.*
+
+
+def stem_of(candidate: str) -> str:
+    return STEM if candidate == "dgl-light" else f"{STEM}-{candidate}"
 # Sequential TRGL at the cpu accuracy grid's tuned sequential settings (lr 0.1, tau 10,
 # midpoint schedule; `research.accuracy.accuracy.cpu_grid`), one block per module, at the
 # model's default width (64).
@@ -68,16 +72,18 @@ def head_params(cfg: RunConfig) -> list[int]:
     return [sum(p.numel() for p in st.head.parameters()) for st in stages]
 
 
-def summarize(runs: list[dict]) -> dict:
-    """Per data set: mean/std per head of best-depth test accuracy and the paired light - dgl
-    difference over the seeds that have both."""
+def summarize(runs: list[dict], heads: tuple[str, str] = HEADS) -> dict:
+    """Per data set: mean/std per head of best-depth test accuracy and the paired
+    candidate - dgl difference over the seeds that have both (the key keeps its first
+    name, `diff_light_minus_dgl`, whatever the candidate)."""
     out = {}
+    ref, cand = heads
     for d in dict.fromkeys(r["dataset"] for r in runs):
         acc = {h: {r["seed"]: r["best_test_acc"] for r in runs
-                   if r["dataset"] == d and r["head"] == h} for h in HEADS}
-        seeds = sorted(set(acc["dgl"]) & set(acc["dgl-light"]))
-        diffs = [acc["dgl-light"][s] - acc["dgl"][s] for s in seeds]
-        out[d] = {"heads": {h: mean_ci95(list(acc[h].values())) for h in HEADS},
+                   if r["dataset"] == d and r["head"] == h} for h in heads}
+        seeds = sorted(set(acc[ref]) & set(acc[cand]))
+        diffs = [acc[cand][s] - acc[ref][s] for s in seeds]
+        out[d] = {"heads": {h: mean_ci95(list(acc[h].values())) for h in heads},
                   "paired_seeds": seeds, "paired_diff": diffs,
                   "diff_light_minus_dgl": mean_ci95(diffs)}
     return out
@@ -106,7 +112,7 @@ def _previous(path: Path, settings: dict, datasets: dict) -> tuple[list[dict], d
 def run_head_cost(out_dir: Path, datasets: dict[str, dict] | None = None,
                   seeds: list[int] | tuple[int, ...] = (0, 1, 2), base: dict | None = None, *,
                   device: str = "auto", threads: int | None = 1, resume: bool = True,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  log: Callable[[str], None] | None = None, candidate: str = "dgl-light") -> dict:
     """Train every (data set, seed, head) and write `out_dir/head_cost.{json,md}` after each.
 
     Args:
@@ -119,6 +125,7 @@ def run_head_cost(out_dir: Path, datasets: dict[str, dict] | None = None,
         resume: keep the runs `head_cost.json` holds with the same settings (other seeds
             and data sets included) and skip those it already has.
         log: called with one line per finished run.
+        candidate: the head compared with `dgl` (results `stem_of(candidate)`.*).
     Returns:
         The results (with `json_path` and `md_path`).
     Raises:
@@ -126,21 +133,23 @@ def run_head_cost(out_dir: Path, datasets: dict[str, dict] | None = None,
     """
     datasets, base = dict(datasets or DATASETS), dict(base or BASE)
     settings = {"base": base, "device": device, "threads": threads}
+    heads = ("dgl", candidate)
     out_dir = Path(out_dir)
-    runs, earlier = (_previous(out_dir / f"{STEM}.json", settings, datasets) if resume
+    runs, earlier = (_previous(out_dir / f"{stem_of(candidate)}.json", settings, datasets) if resume
                      else ([], {}))
     done = {_key(r) for r in runs}
     res = {"benchmark": "head_cost", "edgetrain_version": __version__,
            "torch_version": torch.__version__, "python": platform.python_version(),
            "settings": settings, "datasets": {**earlier, **datasets}, "heads": {},
+           "compared": list(heads),
            "runs": runs, "complete": False}
     for d, fields in res["datasets"].items():
         res["heads"][d] = {h: head_params(run_config(base, fields, d, h, 0, device))
-                           for h in HEADS}
+                           for h in heads}
     with torch_threads(threads):
         for d, fields in datasets.items():
             for s in seeds:
-                for h in HEADS:
+                for h in heads:
                     if (d, h, s) in done:
                         continue
                     rec = run_one(run_config(base, fields, d, h, s, device))
@@ -154,9 +163,10 @@ def run_head_cost(out_dir: Path, datasets: dict[str, dict] | None = None,
 
 
 def _write(res: dict, out_dir: Path) -> dict:
-    res = {**res, "summary": summarize(res["runs"]),
+    heads = tuple(res.get("compared", HEADS))
+    res = {**res, "summary": summarize(res["runs"], heads),
            "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return write_json_and_markdown(res, out_dir, STEM, markdown)
+    return write_json_and_markdown(res, out_dir, stem_of(heads[1]), markdown)
 
 
 def _pct(stat: dict, key: str = "mean") -> str:
@@ -168,22 +178,25 @@ def markdown(res: dict) -> str:
     """The results page: settings, per data set the heads side by side and the paired
     difference, then every run."""
     st = res["settings"]
-    lines = ["# Accuracy cost of the light head (`--head dgl-light` vs `--head dgl`)", "",
+    ref, cand = res.get("compared", HEADS)
+    name = "light" if cand == "dgl-light" else cand
+    what = "the light head" if cand == "dgl-light" else f"the `{cand}` head"
+    lines = [f"# Accuracy cost of {what} (`--head {cand}` vs `--head dgl`)", "",
              f"Sequential TRGL, {json.dumps(st['base'])}; "
              f"{st['threads']} torch thread(s). Best-depth test accuracy (depth chosen on "
-             "validation), in %. Difference: light - dgl, paired by seed. `run s` is wall "
+             f"validation), in %. Difference: {name} - dgl, paired by seed. `run s` is wall "
              "time on a shared machine, not a speed figure. "
              + ("" if res["complete"] else "**Incomplete: the runs below finished.**"), "",
-             "| data | settings | head params per module (dgl / light) | dgl mean ± std | "
-             "light mean ± std | light - dgl mean ± std (95% CI) | pairs |",
+             f"| data | settings | head params per module (dgl / {name}) | dgl mean ± std | "
+             f"{name} mean ± std | {name} - dgl mean ± std (95% CI) | pairs |",
              "|---|---|---|---|---|---|---|"]
     for d, s in res["summary"].items():
         h, diff = s["heads"], s["diff_light_minus_dgl"]
-        params = " / ".join(",".join(str(n) for n in res["heads"][d][k]) for k in HEADS)
+        params = " / ".join(",".join(str(n) for n in res["heads"][d][k]) for k in (ref, cand))
         ci = "" if diff.get("ci95") is None else f" (± {100 * diff['ci95']:.2f})"
         lines.append(f"| {d} | {json.dumps(res['datasets'][d])} | {params} | "
                      f"{_pct(h['dgl'])} ± {_pct(h['dgl'], 'std')} | "
-                     f"{_pct(h['dgl-light'])} ± {_pct(h['dgl-light'], 'std')} | "
+                     f"{_pct(h[cand])} ± {_pct(h[cand], 'std')} | "
                      f"{_pct(diff)} ± {_pct(diff, 'std')}{ci} | {len(s['paired_seeds'])} |")
     lines += ["", "| data | head | seed | best test % | depth | last test % | run s |",
               "|---|---|---|---|---|---|---|"]

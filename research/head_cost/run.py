@@ -23,13 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="research/head_cost/results")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--candidate", default="dgl-light",
+                    help="the head compared with dgl (results: head_cost.* for dgl-light, "
+                         "head_cost-CANDIDATE.* for another)")
     ap.add_argument("--fresh", action="store_true", help="ignore an interrupted run's results")
     a = ap.parse_args(argv)
     datasets = {d: DATASETS[d] for d in (a.data or DATASETS)}
     try:
         res = run_head_cost(Path(a.out_dir), datasets, list(range(a.seeds)), device=a.device,
                             threads=a.threads or None, resume=not a.fresh,
-                            log=lambda s: print(s, flush=True))
+                            log=lambda s: print(s, flush=True), candidate=a.candidate)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -144,7 +144,7 @@ def test_a_0_1_0_config_json_reads_back_to_the_same_keys_and_hash():
     now = cfg.to_dict()
     assert {k: now[k] for k in d} == d  # flat keys, `extra` included, none renamed or changed
     added = {k: now[k] for k in set(now) - set(d)}  # 0.2.0's keys, at the values meaning "as before"
-    assert added == {"precision_requested": None, "memory_format": "auto"}
+    assert added == {"precision_requested": None, "memory_format": "auto", "compile": False}
     state = json.loads((FIXTURE / "state.json").read_text())
     assert state["config_sha256"] == config_hash(cfg)
 

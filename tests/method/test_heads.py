@@ -29,8 +29,9 @@ def test_the_light_head_is_much_smaller_on_wide_maps_and_classifies():
 def test_auto_picks_the_light_head_only_above_the_threshold():
     shapes = [(64, 8, 8), (LIGHT_ABOVE, 4, 4), (LIGHT_ABOVE + 1, 2, 2), (5, 96)]
     kinds = resolve_heads("auto", shapes)
-    assert kinds == ["dgl", "dgl", "dgl-light", "dgl"]
-    assert head_spec(kinds) == "dgl,dgl,dgl-light,dgl" and head_spec(["dgl"] * 3) == "dgl"
+    assert kinds == ["dgl-s2", "dgl-s2", "dgl-light", "dgl-s2"]
+    assert head_spec(kinds) == "dgl-s2,dgl-s2,dgl-light,dgl-s2"
+    assert head_spec(["dgl"] * 3) == "dgl"
     assert resolve_heads("dgl,dgl-light", shapes[:2]) == ["dgl", "dgl-light"]
     with pytest.raises(UserError, match="2 kinds for 3 modules"):
         resolve_heads("dgl,dgl-light", shapes[:3])
@@ -39,8 +40,27 @@ def test_auto_picks_the_light_head_only_above_the_threshold():
 def test_config_json_records_the_resolved_head(tmp_path):
     train(tiny_cfg(mode="parallel", epochs=1, train_size=100), tmp_path / "run")
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["head"] == "dgl"  # width-8 maps: the DGL head, never "auto"
-    assert RunConfig.load(tmp_path / "run" / "config.json").head == "dgl"
+    assert cfg["head"] == "dgl-s2"  # width-8 maps: the strided DGL head, never "auto"
+    assert RunConfig.load(tmp_path / "run" / "config.json").head == "dgl-s2"
+
+
+def test_the_strided_head_convolves_a_quarter_of_the_positions_and_classifies():
+    from torch import nn
+    for shape, conv_out in (((16, 32, 32), (16, 16)), ((64, 7, 7), (4, 4)), ((8, 3, 3), (3, 3))):
+        s2, full = make_head("dgl-s2", shape, 10), make_head("dgl", shape, 10)
+        assert _params(s2) == _params(full)  # same weights; only the conv's stride differs
+        conv = next(m for m in s2 if isinstance(m, nn.Conv2d))
+        x = torch.randn(2, *shape)
+        assert tuple(conv(x).shape[2:]) == conv_out  # maps under STRIDE_FROM keep stride 1
+        assert s2(x).shape == (2, 10)
+
+
+def test_a_0_2_0_run_with_dgl_heads_rebuilds_them(tmp_path):
+    """config.json records the resolved kinds, so a run made when auto meant dgl keeps dgl."""
+    train(tiny_cfg(mode="parallel", epochs=1, train_size=100, head="dgl"), tmp_path / "run")
+    from edgetrain.regimes.run import load_run
+    run = load_run(tmp_path / "run")
+    assert [st.head_kind for st in run.stages] == ["dgl", "dgl"]
 
 
 @pytest.mark.parametrize("bad", ["nope", "dgl,auto", "dgl,,linear"])

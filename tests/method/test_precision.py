@@ -56,7 +56,7 @@ def test_a_config_from_before_precision_hashes_as_it_did():
     """A run directory written before --precision existed (no `precision` key in its
     config.json, state.json holding the old hash) still resumes."""
     old = RunConfig(mode="sequential").to_dict()
-    del old["precision"], old["precision_requested"], old["memory_format"]  # none existed then
+    del old["precision"], old["precision_requested"], old["memory_format"], old["compile"]  # none existed then
     old_hash = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
     assert config_hash(RunConfig.from_dict(old)) == old_hash
     assert config_hash(RunConfig(mode="sequential", precision="bf16")) != old_hash

@@ -118,7 +118,7 @@ def test_resolution_of_a_config(native):
 def test_old_run_directories_keep_their_hash():
     """A config.json written before #29 (no precision_requested) hashes as it did."""
     d = RunConfig().to_dict()
-    del d["precision_requested"], d["memory_format"]  # neither existed before 0.2.0
+    del d["precision_requested"], d["memory_format"], d["compile"]  # none existed before 0.2.0
     import hashlib
     assert config_hash(RunConfig()) == hashlib.sha256(
         json.dumps({k: v for k, v in d.items() if k != "precision"}, sort_keys=True)

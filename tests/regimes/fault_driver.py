@@ -23,7 +23,7 @@ def fault_cfg(mode: str):
 def install_kill(pattern: str, n: int, phase: str) -> None:
     orig, seen = store.atomic_write, [0]
 
-    def hooked(path, write):
+    def hooked(path, write, *args):  # args: atomic_write's `durable`
         if pattern in str(path):
             seen[0] += 1
             if seen[0] == n:
@@ -31,10 +31,10 @@ def install_kill(pattern: str, n: int, phase: str) -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if phase == "mid":
                     return orig(path, lambda f: (f.write(b"\0" * 64), f.flush(),
-                                                 os.kill(os.getpid(), signal.SIGKILL)))
-                orig(path, write)
+                                                 os.kill(os.getpid(), signal.SIGKILL)), *args)
+                orig(path, write, *args)
                 os.kill(os.getpid(), signal.SIGKILL)
-        return orig(path, write)
+        return orig(path, write, *args)
 
     store.atomic_write = hooked
 

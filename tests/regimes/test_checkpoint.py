@@ -64,10 +64,10 @@ def _kill_after_save(monkeypatch):
 def _kill_before_commit(monkeypatch):
     orig = ck_mod.atomic_write_json
 
-    def write(path, obj):
+    def write(path, obj, *args):
         if obj.get("cursor", {}).get("epoch") == 2:
             raise Killed  # the .next files exist, state.json still says epoch 1
-        orig(path, obj)
+        orig(path, obj, *args)
     monkeypatch.setattr(ck_mod, "atomic_write_json", write)
 
 

@@ -104,12 +104,13 @@ def test_disk_full_mid_run_then_resume_is_bit_identical(tmp_path, reference, mon
     ref, run_dir = reference("sequential"), tmp_path / "r"
     orig, seen = store_mod.atomic_write, [0]
 
-    def full_on_third_shard(path, write):
+    def full_on_third_shard(path, write, *args):
         if "shard-" in str(path):
             seen[0] += 1
             if seen[0] == 3:
-                return orig(path, lambda f: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
-        return orig(path, write)
+                return orig(path, lambda f: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")),
+                            *args)
+        return orig(path, write, *args)
 
     monkeypatch.setattr(store_mod, "atomic_write", full_on_third_shard)
     with pytest.raises(UserError, match="no space left"):

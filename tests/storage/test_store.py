@@ -83,7 +83,7 @@ def test_disk_full_gives_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store_mod, "atomic_write",
-                        lambda p, w, orig=store_mod.atomic_write: orig(p, lambda f: full(f, b"{}xx")))
+                        lambda p, w, *a, orig=store_mod.atomic_write: orig(p, lambda f: full(f, b"{}xx"), *a))
     with pytest.raises(UserError, match="no space left.*--resume"):
         store_mod.atomic_write_json(target, {"v": 2})
     assert json.loads(target.read_text()) == {"v": 1}
