@@ -47,12 +47,20 @@ def bench_speed(out_dir, ks, epochs, synthetic_size, cache_dtype, accuracy, rss)
 @click.option("--seeds", type=int, default=None, help="accuracy seeds (default 5; 1 with --quick)")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--quick", is_flag=True, help="tiny configurations: a smoke check of the pipeline")
-def bench_precision(out_dir, seeds, threads, quick):
-    """bf16 against fp32: activation memory, step time (fresh processes) and accuracy."""
+@click.option("--parts", default="memory,accuracy", show_default=True,
+              help="comma separated: memory (and step time), accuracy, auto (--precision auto "
+                   "against fp32 on ResNet-18 3x32x32)")
+def bench_precision(out_dir, seeds, threads, quick, parts):
+    """bf16 against fp32: activation memory, step time (fresh processes) and accuracy;
+    `--parts auto`: what `--precision auto` buys on this machine."""
     from edgetrain.bench.precision import run_precision  # imports torch: deferred
     if seeds is not None and seeds < 1 or threads < 1:
         raise UserError("--seeds and --threads must be >= 1")
-    res = run_precision(Path(out_dir), seeds=seeds, quick=quick, threads=threads)
+    chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
+    unknown = sorted(set(chosen) - {"memory", "accuracy", "auto"})
+    if unknown or not chosen:
+        raise UserError(f"--parts takes memory, accuracy and auto (got {parts!r})")
+    res = run_precision(Path(out_dir), seeds=seeds, quick=quick, threads=threads, parts=chosen)
     click.echo(Path(res["md_path"]).read_text())
 
 

@@ -22,6 +22,7 @@ def test_bench_lists_the_users_measurements_and_no_research():
     (["plan-vs-measured", "--only", "99"], "--only takes indices"),
     (["data-stream", "--n", "2"], "--n must be >= 8"),
     (["floor", "--mode", "nope"], "Invalid value"),
+    (["precision", "--parts", "auto,speed"], "--parts takes memory, accuracy and auto"),
 ])
 def test_bench_user_errors_are_one_line(args, msg, tmp_path):
     res = CliRunner().invoke(cli, ["bench", *args, "--out", str(tmp_path / "out")])
