@@ -166,7 +166,7 @@ def echo_precision(cfg: RunConfig) -> RunConfig:
     from edgetrain.method.precision import resolve_precision  # imports torch: deferred
     from edgetrain.regimes.run import resolve_device  # imports torch: deferred
     cfg, chosen = resolve_precision(cfg, resolve_device(cfg.device))
-    if chosen:
+    if chosen and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 says it once
         click.echo(chosen)
     return cfg
 

@@ -146,6 +146,17 @@ def test_train_auto_records_and_prints_the_resolved_precision(tmp_path, monkeypa
     assert RunConfig.load(out / "config.json").precision == want  # every reader still reads it
 
 
+def test_only_rank_0_of_a_torchrun_launch_prints_the_choice(monkeypatch):
+    from edgetrain.cli import echo_precision
+    monkeypatch.setattr(precision_mod, "detect_bf16", lambda device: Bf16Check(True, "because"))
+    for rank, printed in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        lines = []
+        monkeypatch.setattr("edgetrain.cli.click.echo", lines.append)
+        cfg = echo_precision(RunConfig(precision="auto", device="cpu"))
+        assert cfg.precision == "bf16" and len(lines) == printed  # every rank resolves it
+
+
 def test_plain_train_stays_fp32(tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["train", *TINY, "--out", str(out)])
