@@ -474,7 +474,9 @@ DECISIONS = {
                      "benchmarks/channels_last_repro_torch.py)",
     "sgd foreach": "rejected: no win beyond the rounds' spread",
     "sgd fused": "rejected: slower",
-    "torch.compile": "rejected as a default: the cold compile outweighs the faster steps",
+    "torch.compile": "opt-in (`--compile`): the cold compile outweighs the faster steps here, "
+                     "and on a long run a compiled epoch took 1.05-1.10x an eager one "
+                     "(benchmarks/results/compile.md)",
     "threads=1": "(threads) kept: the CLI uses the CPUs the process may use (measure.usable_cores)",
 }
 
