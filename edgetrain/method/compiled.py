@@ -52,6 +52,6 @@ def check_compile(cfg) -> None:
 
 def compiled_stage_loss(stage_loss, tr, data_cache: str | None):
     """`stage_loss` bound to trainer `tr`, compiled; its cache under `inductor_cache_dir`."""
-    import torch  # deferred: this module is imported by the torch-free option checks
+    import torch  # deferred: the checks above (the CLI's refusals, tests) need no torch
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir(data_cache)))
     return torch.compile(functools.partial(stage_loss, tr), dynamic=False)

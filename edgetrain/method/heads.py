@@ -8,11 +8,12 @@ resnet20 (K=4, 3x32x32) the DGL heads cost 11-12% of a parallel training step; i
 head-cost study (research/head_cost/results/head_cost-dgl-s2.md, 5 seeds, sequential TRGL)
 the strided head's best-depth test accuracy was -0.22 +- 0.38 points on digits and
 +1.73 +- 1.76 on Fashion-MNIST against `dgl` (95% CIs, both spanning 0).
-`dgl-light` first reduces the channels with a 1x1 conv (+ BatchNorm, ReLU) to `light_width(c)` (a quarter, between 16 and 128), then is the DGL
-head on those: on ResNet-50's 2048-channel maps the DGL head holds 2048 x 2048 x 9 conv
-weights (38 M), the light one 0.4 M. `auto` (the default) picks `dgl-s2` for maps of at most
-`LIGHT_ABOVE` channels (`dgl` in 0.2.0) and `dgl-light` above, per module; a run records the resolved kinds,
-never `auto` (`resolve_heads`, `head_spec`). `linear` is global average pool + linear and
+`dgl-light` first reduces the channels with a 1x1 conv (+ BatchNorm, ReLU) to
+`light_width(c)` (a quarter, between 16 and 128), then is the DGL head on those: on
+ResNet-50's 2048-channel maps the DGL head holds 2048 x 2048 x 9 conv weights (38 M), the
+light one 0.4 M. `auto` (the default) picks `dgl-s2` for maps of at most `LIGHT_ABOVE`
+channels (`dgl` in 0.2.0) and `dgl-light` above, per module; a run records the resolved
+kinds, never `auto` (`resolve_heads`, `head_spec`). `linear` is global average pool + linear and
 `mlp` global average pool + a hidden layer. Token features (B, N, D) get a linear head on
 the mean token whatever the kind.
 """

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 import math
 import time
 from typing import Callable, Iterable, Iterator, Protocol
@@ -199,8 +198,9 @@ def train_step(trainers: list[Trainer], x: torch.Tensor, y: torch.Tensor,
         tr.stage.train()
         tr.set_lr()
         with torch.no_grad() if tr.opt is None else nullcontext():  # wholly frozen: forward only
-            total, ce, w, logits, z = (tr.loss_fn or partial(stage_loss, tr))(
-                x, y, label_smoothing, scaling, precision)
+            total, ce, w, logits, z = (
+                tr.loss_fn(x, y, label_smoothing, scaling, precision) if tr.loss_fn is not None
+                else stage_loss(tr, x, y, label_smoothing, scaling, precision))
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"non-finite loss ({float(total.detach())}) at step {tr.step + 1}")
         if tr.opt is not None:
@@ -326,14 +326,29 @@ def evaluate_chain(stages: list[Stage], batches: Iterable[tuple[torch.Tensor, to
     the forward under `autocast(precision)`, the loss in float32."""
     for st in stages:
         st.eval()
-    acc = [{"correct": 0, "loss": 0.0, "n": 0} for _ in stages]
+    acc = [new_scores() for _ in stages]
     for x, y in batches:
         with autocast(precision, x.device):
             x = compute_input(x, precision)
             for a, st in zip(acc, stages):
                 logits, x = st(x)
-                a["correct"] += int((logits.argmax(1) == y).sum())
-                a["loss"] += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-                a["n"] += len(y)
-    return [{"acc": a["correct"] / max(a["n"], 1), "loss": a["loss"] / max(a["n"], 1)}
-            for a in acc]
+                add_scores(a, logits, y)
+    return [scores(a) for a in acc]
+
+
+def new_scores() -> dict:
+    """Running sums of an evaluation: correct predictions, summed loss, samples."""
+    return {"correct": 0, "loss": 0.0, "n": 0}
+
+
+def add_scores(acc: dict, logits: torch.Tensor, y: torch.Tensor) -> None:
+    """Add one batch to `acc`: its correct predictions, its float32 cross-entropy summed
+    over the batch, its size."""
+    acc["correct"] += int((logits.argmax(1) == y).sum())
+    acc["loss"] += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+    acc["n"] += len(y)
+
+
+def scores(acc: dict) -> dict:
+    """Accuracy and mean loss of the running sums `acc`."""
+    return {"acc": acc["correct"] / max(acc["n"], 1), "loss": acc["loss"] / max(acc["n"], 1)}

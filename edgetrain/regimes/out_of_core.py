@@ -33,14 +33,14 @@ import shutil
 import time
 
 import torch
-import torch.nn.functional as F
 
 from edgetrain import __version__
 from edgetrain.budget.guard import budget_guard
 from edgetrain.data.batches import augment, batch_indices, epoch_generator
 from edgetrain.measure import PhaseRecorder
-from edgetrain.method.loop import (Interrupted, NonFiniteLoss, Trainer, evaluate_chain,
-                                  make_trainer, progress_bar, step_hook, train_epoch)
+from edgetrain.method.loop import (Interrupted, NonFiniteLoss, Trainer, add_scores,
+                                  evaluate_chain, make_trainer, new_scores, progress_bar, scores,
+                                  step_hook, train_epoch)
 from edgetrain.method.precision import autocast, compute_input
 from edgetrain.regimes.run import Run, run_metrics, stopped
 from edgetrain.storage.atomic import atomic_write_json
@@ -200,16 +200,13 @@ class OutOfCore:
         {"acc", "loss"}: module k-1's evaluation and cache k come from one forward (#29)."""
         n, views, batches = self._inputs(k, split)
         stage.eval()
-        writer, correct, loss, seen = None, 0, 0.0, 0
+        writer, acc = None, new_scores()
         for x in batches:
             with autocast(self.cfg.precision, self.run.device):  # stored in --cache-dtype
                 z = stage.features(compute_input(x.to(self.run.device), self.cfg.precision))
-                logits = stage.head(z) if labels is not None else None
-            if logits is not None:
-                y = labels[seen:seen + len(z)].to(self.run.device, torch.int64)
-                correct += int((logits.argmax(1) == y).sum())
-                loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-                seen += len(z)
+                if labels is not None:  # rows come in sample order: the labels are a slice
+                    add_scores(acc, stage.head(z),
+                               labels[acc["n"]:acc["n"] + len(z)].to(self.run.device, torch.int64))
             if writer is None:
                 need = planned_bytes(n * views, tuple(z.shape[1:]), self.cfg.cache_dtype)
                 check_free_space(self.cache_root, need, f"the activation cache of module {k + 1} "
@@ -225,9 +222,7 @@ class OutOfCore:
                                     f"module {k + 1}): {e}; "
                                     f"the trained modules in {self.out} are kept") from None
         writer.close()
-        if labels is None:
-            return None
-        return {"acc": correct / max(seen, 1), "loss": loss / max(seen, 1)}
+        return scores(acc) if labels is not None else None
 
     def source(self, k: int, split: str, train: bool):
         """The batches module k sees: raw data for module 0, cache k for the others."""
