@@ -68,6 +68,8 @@ TABLE = [
     ("head_cost-dgl-s2*", "accuracy cost of the strided DGL head (--head dgl-s2, auto's choice since #29) against dgl",
      "python -m research.head_cost.run --candidate dgl-s2 --seeds 5"),
     ("head_cost*", "accuracy cost of --head dgl-light against dgl", "python -m research.head_cost.run"),
+    ("last_epoch_cache*", "sequential TRGL with next-module inputs from the last training epoch against the cache pass (#29)",
+     "python -m research.last_epoch_cache.run"),
     ("finetune*", "fine-tuning with --init against training from scratch, and its cost",
      "python -m research.finetune.run"),
     ("folder_accuracy*", "accuracy trained from image folders against the built-in arrays",

@@ -174,7 +174,8 @@ class RunConfig:
     cache_views: int = opt(1, "out_of_core", "augmented views of the training set stored per "
                            "cache")
     prefetch_mib: float = opt(64.0, "out_of_core", "read-ahead buffer of the data and cache "
-                              "readers, MiB")
+                              "readers, MiB (a reader thread runs only when the intra-op "
+                              "threads leave a core free)")
     in_memory: bool = opt(False, "out_of_core", "sequential/multilap with every module "
                           "resident and no cache (the recompute baseline; not resumable)",
                           cli=False)

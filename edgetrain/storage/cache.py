@@ -36,6 +36,7 @@ import torch
 
 from edgetrain.data.batches import batch_indices, epoch_generator
 from edgetrain.errors import UserError
+from edgetrain.measure import usable_cores
 from edgetrain.storage import atomic  # atomic.atomic_write: where fault tests inject
 from edgetrain.storage.atomic import atomic_write_json, json_text
 from edgetrain.storage.codec import (DTYPE_CODES, open_safetensors, safetensors_header,
@@ -380,12 +381,37 @@ class CacheReader:
         return x.view(len(idx), *self.shape)
 
 
-def prefetch(items: Iterable, max_items: int) -> Iterator:
-    """Iterate `items` produced by a background thread, at most `max_items` ahead.
+def background_reads() -> bool:
+    """Whether a reader thread may run beside the training step: only when torch's intra-op
+    threads leave a core free (`OMP_NUM_THREADS` below the usable cores; under torchrun, the
+    threads of the node's `LOCAL_WORLD_SIZE` processes together).
+
+    With every core in the step's OpenMP team, the reader thread preempts a team member and
+    the whole team waits for it at the next barrier. Measured on 2 cores, 2 threads, resnet20
+    sequential and multi-lap from page-cached shards (medians of 4-5 paired rounds):
+    `train()` took 1.05-1.07x as long with the thread as with the reads done in the step's
+    own thread (#29, docs/speed.md)."""
+    try:
+        procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:  # not torchrun's
+        procs = 1
+    return torch.get_num_threads() * procs < usable_cores()
+
+
+def prefetch(items: Iterable, max_items: int, background: bool | None = None) -> Iterator:
+    """Iterate `items`, produced by a background thread at most `max_items` ahead when
+    `background` (None: `background_reads()`), else in the caller's thread as it asks.
 
     Exceptions in the producer are re-raised in the consumer; closing the consumer stops
     the producer.
     """
+    if not (background_reads() if background is None else background):
+        return iter(items)
+    return _threaded(items, max_items)
+
+
+def _threaded(items: Iterable, max_items: int) -> Iterator:
+    """`prefetch` with its background thread."""
     q: queue.Queue = queue.Queue(maxsize=max(1, max_items))
     stop = threading.Event()
     done = object()

@@ -124,7 +124,7 @@ def test_prefetch_stays_within_its_bound_and_passes_errors():
 
     out = []
     with pytest.raises(RuntimeError, match="reader failed"):
-        for it in prefetch(items(), 3):
+        for it in prefetch(items(), 3, background=True):
             with lock:
                 consumed[0] += 1
             out.append(it)
@@ -149,3 +149,27 @@ def test_a_sequential_run_whose_activations_overflow_float16_stops_with_one_line
     (line,) = [l for l in r.output.splitlines() if l.strip()]
     assert "module 1's outputs (the train activation cache of module 2)" in line and "--cache-dtype bfloat16" in line
     assert (tmp_path / "run" / "modules" / "00.safetensors").is_file()  # module 1 kept
+
+
+def test_prefetch_reads_in_the_callers_thread_when_no_core_is_free(monkeypatch):
+    """With every usable core in torch's intra-op team, batches are read as they are asked
+    for, in the consumer's thread; with a core free, by the background thread."""
+    seen = []
+
+    def items():
+        for i in range(3):
+            seen.append(threading.current_thread().name)
+            yield i
+
+    monkeypatch.setattr(cache_mod, "usable_cores", lambda: torch.get_num_threads())
+    assert not cache_mod.background_reads()
+    assert list(prefetch(items(), 2)) == [0, 1, 2]
+    assert set(seen) == {threading.current_thread().name}
+    seen.clear()
+    monkeypatch.setattr(cache_mod, "usable_cores", lambda: torch.get_num_threads() + 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cache_mod.background_reads()
+    assert list(prefetch(items(), 2)) == [0, 1, 2]
+    assert set(seen) == {"edgetrain-prefetch"}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two processes' teams on the node
+    assert not cache_mod.background_reads()
