@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 import signal
 import subprocess
@@ -106,8 +107,10 @@ def test_sigkill_of_a_parallel_run_then_cli_resume(tmp_path, reference):
     args = ["--data", "digits", "--train-size", "400", "--model", "kmresnet", "--width", "8",
             "--depth", "4", "--modules", "2", "--epochs", "3", "--batch-size", "64",
             "--lr", "0.05", "--seed", "0", "--mode", "parallel", "--no-progress"]
+    # the in-process reference's threads (tests/conftest.py): same threads, same sums
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     p = subprocess.Popen([sys.executable, "-m", "edgetrain.cli", "train", *args, "--out",
-                          str(run_dir)], cwd=ROOT)
+                          str(run_dir)], cwd=ROOT, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:  # kill once epoch 1 is checkpointed
         s = run_dir / "state.json"
@@ -118,6 +121,7 @@ def test_sigkill_of_a_parallel_run_then_cli_resume(tmp_path, reference):
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     r = subprocess.run([sys.executable, "-m", "edgetrain.cli", "train", "--resume", str(run_dir),
-                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert_same_run(reference("parallel"), run_dir)

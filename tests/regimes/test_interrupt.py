@@ -44,7 +44,9 @@ def reference(tmp_path_factory):
 
 def interrupted(run_dir: Path, mode: str, step: int, signals: list[int]) -> subprocess.CompletedProcess:
     """Start the run, send `signals` before its training step `step`, let it go on."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # same threads as the reference: same sums
+    # the in-process reference's threads (tests/conftest.py), whatever OMP_NUM_THREADS says
+    # outside: same threads, same sums
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     p = subprocess.Popen([sys.executable, "-m", "tests.regimes.interrupt_driver", str(step), "train",
                           *ARGS, "--mode", mode, "--out", str(run_dir)], cwd=ROOT, env=env,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
