@@ -18,6 +18,8 @@
    for each of `REGIME_JOBS` (#29).
 6. Where the time goes (`profile`): each regime's CPU seconds per phase under cProfile, and
    the heads' cost against the modules' bodies.
+7. Where a training step's time goes (`steps`): the parallel step with and without the
+   transport penalty and with linear heads, against e2e's, paired repetitions of one batch.
 
 Writes `speed.json` and `speed.md` to the output directory. Timings on a shared machine are
 noisy: only ratios taken in the same run are reported. This file does not parse argv.
@@ -40,8 +42,9 @@ import torch.nn.functional as F
 
 from edgetrain.config import RunConfig
 from edgetrain.data.batches import batch_indices, epoch_generator
-from edgetrain.method.loop import make_trainer, train_epochs
+from edgetrain.method.loop import make_trainer, train_epochs, train_step
 from edgetrain.regimes.out_of_core import OutOfCore
+from edgetrain.regimes.resident import TRAINERS
 from edgetrain.regimes.run import build_run
 from edgetrain.regimes.schedule import train
 from edgetrain.storage.atomic import atomic_write_text
@@ -312,6 +315,58 @@ def head_share(cfg: RunConfig, reps: int = 4) -> float:
     return head / body
 
 
+# a training step's parts (`step_parts`): (label, mode, RunConfig changes); each row is the
+# parallel step with one of TRGL's costs taken away, so the differences attribute the time
+STEP_VARIANTS = (
+    ("e2e", "e2e", {}),
+    ("parallel (TRGL, --head auto)", "parallel", {}),
+    ("parallel, no transport (VanGL)", "parallel", {"transport": False}),
+    ("parallel, linear heads", "parallel", {"head": "linear"}),
+    ("parallel, VanGL and linear heads", "parallel", {"transport": False, "head": "linear"}),
+)
+
+
+def step_parts(model: str = "resnet20", k: int = 4, reps: int = 25,
+               variants=STEP_VARIANTS) -> list[dict]:
+    """Where one training step's time goes: `train_step` on one fixed batch (64, 3x32x32,
+    as the data reader gives it) for each of `variants`, in `reps` paired repetitions
+    (each repetition times every variant once, after 3 warm-up steps each); per row the
+    median milliseconds and the median of its ratio to e2e's step in the same repetition."""
+    x = torch.randn(64, 3, 32, 32)
+    y = torch.randint(0, 10, (64,))
+    steps = []
+    for label, mode, changes in variants:
+        cfg = speed_cfg(k, 1, 256, "float16", mode=mode, model=model, **changes)
+        trainers, _ = TRAINERS[mode](build_run(cfg))
+        steps.append((label, mode, changes, trainers))
+    run = lambda trainers: train_step(trainers, x, y, 0.0, "mean")  # noqa: E731
+    for *_, trainers in steps:
+        for _ in range(3):
+            run(trainers)
+    times = [[] for _ in steps]
+    for _ in range(reps):
+        for t, (*_, trainers) in zip(times, steps):
+            t0 = time.perf_counter()
+            run(trainers)
+            t.append(time.perf_counter() - t0)
+    return [{"variant": label, "mode": mode, "changes": changes, "model": model, "modules": k,
+             "reps": reps, "step_ms": 1e3 * statistics.median(t),
+             "over_e2e": statistics.median(a / b for a, b in zip(t, times[0]))}
+            for (label, mode, changes, _), t in zip(steps, times)]
+
+
+def steps_table(rows: list[dict]) -> list[str]:
+    """The step-parts table (`step_parts`)."""
+    r0 = rows[0]
+    lines = [f"Where a training step's time goes: {r0['model']} 3x32x32, batch 64, K="
+             f"{r0['modules']}, one fixed batch, {r0['reps']} paired repetitions of "
+             "`train_step` (medians). Each row takes one of TRGL's costs away from the parallel "
+             "step, so the differences between rows attribute its time.", "",
+             "| step | ms | over e2e |", "|---|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['step_ms']:.1f} | {r['over_e2e']:.3f} |" for r in rows]
+    return lines + [""]
+
+
 def _cpu_of(fn, reps: int) -> float:
     fn()  # warm-up
     t0 = time.process_time()
@@ -397,6 +452,8 @@ def _table(res: dict) -> str:
         lines += regimes_table(res["regimes"], res.get("regimes_before"))
     if res.get("profile"):
         lines += profile_table(res["profile"])
+    if res.get("steps"):
+        lines += steps_table(res["steps"])
     lines += ["| K | epochs | recompute s | cache s | cache / recompute |", "|---|---|---|---|---|"]
     for r in res.get("cache_vs_recompute") or []:
         lines.append(f"| {r['modules']} | {r['epochs']} | {r['recompute_s']:.1f} | "
@@ -427,7 +484,7 @@ def _table(res: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("regimes", "profile", "cache_vs_recompute", "disk_vs_ram", "rss", "accuracy")
+PARTS = ("regimes", "profile", "steps", "cache_vs_recompute", "disk_vs_ram", "rss", "accuracy")
 
 
 def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_size: int = 512,
@@ -454,6 +511,7 @@ def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_
                 "cache_dtype": cache_dtype, "synthetic_size": synthetic_size})
     jobs = {"regimes": lambda t: regime_jobs(t, 4, cache_dtype, rounds),
             "profile": lambda t: phase_profile(t, cache_dtype=cache_dtype),
+            "steps": lambda t: step_parts(),
             "cache_vs_recompute": lambda t: cache_vs_recompute(t, list(ks), epochs,
                                                                synthetic_size, cache_dtype),
             "disk_vs_ram": lambda t: disk_vs_ram(t, max(ks), 1, synthetic_size, cache_dtype),

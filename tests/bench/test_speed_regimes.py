@@ -53,6 +53,16 @@ def test_a_real_round_and_the_profile_on_a_tiny_job(tmp_path):
     assert "| phase |" in "\n".join(speed.profile_table(prof))
 
 
+def test_step_parts_pair_every_variant_against_e2e_in_each_repetition():
+    """Real steps of a tiny network: one row per variant, e2e first at ratio 1, positive
+    times, and the table names every variant."""
+    rows = speed.step_parts(model="resnet8", k=2, reps=2)
+    assert [r["variant"] for r in rows] == [v[0] for v in speed.STEP_VARIANTS]
+    assert rows[0]["over_e2e"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+    table = "\n".join(speed.steps_table(rows))
+    assert all(v[0] in table for v in speed.STEP_VARIANTS)
+
+
 def test_an_unchanged_cache_is_hashed_once_and_an_altered_one_again(tmp_path, monkeypatch):
     _write(tmp_path, torch.randn(50, 3, 4, 4))
     hashed = []
