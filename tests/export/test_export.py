@@ -305,7 +305,7 @@ def test_every_registered_model_exports_and_agrees(name):
     proto = ex.export_onnx(model, x[:2], ex.DEFAULT_OPSET, "logits")
     onnx.checker.check_model(proto, full_check=True)
     sess = ex.ort_session(proto.SerializeToString())
-    diffs = ex.batch_agreement(sess, model, [x[:1], x])
+    diffs = ex_check.batch_agreement(sess, model, [x[:1], x])
     for xb in (x[:1], x):
-        tol = max(ex.ATOL, 2 * ex.float32_noise(model, xb))
+        tol = max(ex_check.ATOL, 2 * ex_check.float32_noise(model, xb))
         assert diffs[len(xb)] <= tol, (name, diffs, tol)
