@@ -417,9 +417,9 @@ def _threaded(items: Iterable, max_items: int) -> Iterator:
     done = object()
 
     def produce():
-        # one intra-op thread here: the training step's OpenMP team already has a thread per
-        # core, and a conversion in this thread would start a second team beside it (with
-        # OpenMP the setting is per thread; the consumer keeps its own)
+        # one intra-op thread here: a conversion in this thread would start a second OpenMP
+        # team of torch's size beside the training step's, on the one free core this thread
+        # has (`background_reads`; the setting is per thread, the consumer keeps its own)
         torch.set_num_threads(1)
         try:
             for it in items:
