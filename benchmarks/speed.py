@@ -2,7 +2,7 @@
 
 usage: python benchmarks/speed.py [--out benchmarks/results] [--ks 4,8] [--epochs 3]
        [--synthetic-size 512] [--cache-dtype float16] [--no-accuracy] [--no-rss]
-       [--parts regimes,profile,steps,cache_vs_recompute,disk_vs_ram,rss,accuracy] [--rounds 3]
+       [--parts regimes,profile,steps,heads,cache_vs_recompute,disk_vs_ram,rss,accuracy] [--rounds 3]
 
 regimes: every regime's train() wall time over e2e's (total_over_e2e), median of --rounds
 paired rounds, on resnet20 (1,024 samples, 2 epochs) and resnet56 (512 samples, 4 epochs),

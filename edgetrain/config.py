@@ -26,7 +26,7 @@ MODES = ("e2e", "parallel", "sequential", "multilap")
 SPLITS = ("depth", "memory")
 TAU_SCHEDULES = ("constant", "midpoint", "multipliers")
 TRANSPORT_SCALINGS = ("mean", "sample")
-HEADS = ("auto", "dgl", "dgl-s2", "dgl-light", "linear", "mlp")
+HEADS = ("auto", "dgl", "dgl-s2", "dgl-k1", "dgl-light", "linear", "mlp")
 OPTIMIZERS = ("sgd", "adamw")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -119,8 +119,9 @@ class RunConfig:
     modules: int = opt(4, "method", "number of modules K", flags=("--modules", "-K"))
     split: str = opt("depth", "method", "cut the blocks into modules of equal depth or equal "
                      "memory", choices=SPLITS)
-    head: str = opt("auto", "method", "auxiliary head (auto: dgl-s2, the DGL head with its "
-                    "conv at stride 2; dgl-light on maps over 256 channels)", choices=HEADS)
+    head: str = opt("auto", "method", "auxiliary head (auto: dgl-k1, the DGL head with a 1x1 "
+                    "conv at stride 2; dgl-light on maps over 256 channels; dgl-s2: the 3x3 "
+                    "conv at stride 2; dgl: the paper's)", choices=HEADS)
     laps: int = opt(2, "method", "laps of multi-lap sequential training")
     epochs: int = opt(8, "method", "epochs per module (sequential/multilap, all laps together) "
                       "or in all")

@@ -24,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -276,6 +277,7 @@ class _Phase:
     cuda_max_allocated_bytes: int = 0
     cuda_max_reserved_bytes: int = 0
     count: int = 0
+    seconds: float = 0.0  # wall time inside the phase, nested phases included
 
 
 @dataclass
@@ -318,6 +320,7 @@ class PhaseRecorder:
         self._sample()
         p = self.phases.setdefault(name, _Phase(name))
         self._stack.append(p)
+        t0 = time.perf_counter()
         try:
             yield p
         except BaseException:
@@ -325,6 +328,7 @@ class PhaseRecorder:
                 self.failed_in = [q.name for q in self._stack]
             raise
         finally:
+            p.seconds += time.perf_counter() - t0
             self._sample()
             self._stack.pop()
             p.count += 1
@@ -334,10 +338,12 @@ class PhaseRecorder:
         return max(self.overall_peak_rss_bytes, peak_rss_bytes()) / MIB
 
     def metrics(self) -> dict:
-        """JSON-ready figures: `{phase: {peak_rss_mib, cuda_max_allocated_mib, ...}}`."""
+        """JSON-ready figures: `{phase: {peak_rss_mib, count, seconds, cuda_max_allocated_mib,
+        ...}}` (seconds: this process's wall time in the phase, nested phases included)."""
         out = {}
         for name, p in self.phases.items():
-            d = {"peak_rss_mib": p.peak_rss_bytes / MIB, "count": p.count}
+            d = {"peak_rss_mib": p.peak_rss_bytes / MIB, "count": p.count,
+                 "seconds": round(p.seconds, 4)}
             if _cuda_on(self.device):
                 d["cuda_max_allocated_mib"] = p.cuda_max_allocated_bytes / MIB
                 d["cuda_max_reserved_mib"] = p.cuda_max_reserved_bytes / MIB

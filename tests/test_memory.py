@@ -77,6 +77,22 @@ def test_phase_recorder_separates_nested_phases():
     json.dumps(m)
 
 
+def test_phase_recorder_times_each_phase_with_nested_ones_inside(monkeypatch):
+    """seconds: wall time in the phase (perf_counter), summed over entries; a parent's
+    includes its nested phases'."""
+    clock = iter([0.0, 1.0, 3.0, 10.0, 10.5, 11.0])  # train [0, 10], cache [1, 3] + [10.5, 11]
+    monkeypatch.setattr("edgetrain.measure.time.perf_counter", lambda: next(clock))
+    rec = PhaseRecorder()
+    with rec.phase("train"):
+        with rec.phase("cache_write"):
+            pass
+    with rec.phase("cache_write"):
+        pass
+    m = rec.metrics()
+    assert m["train"]["seconds"] == 10.0 and m["cache_write"]["seconds"] == 2.5
+    assert m["cache_write"]["count"] == 2
+
+
 def _pred(mode, **kw):
     cfg = tiny_cfg(data="synthetic", input_shape=(3, 32, 32), model="resnet20", width=8, depth=None,
                    mode=mode, modules=3, batch_size=32, **kw)

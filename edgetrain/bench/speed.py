@@ -20,6 +20,8 @@
    the heads' cost against the modules' bodies.
 7. Where a training step's time goes (`steps`): the parallel step with and without the
    transport penalty and with linear heads, against e2e's, paired repetitions of one batch.
+8. Heads in train()'s wall time (`heads`): parallel and sequential with `HEAD_ARMS`, paired
+   with e2e in the same rounds.
 
 Writes `speed.json` and `speed.md` to the output directory. Timings on a shared machine are
 noisy: only ratios taken in the same run are reported. This file does not parse argv.
@@ -27,6 +29,7 @@ noisy: only ratios taken in the same run are reported. This file does not parse 
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -218,7 +221,10 @@ def _one_regime(cfg: RunConfig, out: Path) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     m = train(cfg, out)
     return {"total_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-            "step_s": m["timings"]["step_s"]}  # step_s: training steps only
+            "step_s": m["timings"]["step_s"],  # step_s: training steps only
+            # the cache pass: trained modules' eval-mode forwards writing the next modules'
+            # training caches (val / test caches come from the evaluation's forward)
+            "cache_s": m["timings"].get("cache_pass_s", 0.0)}
 
 
 def _median(values: list[float]) -> float:
@@ -232,7 +238,10 @@ def regime_wall_clock(tmp: Path, k: int, epochs: int, synthetic_size: int, cache
     `rounds` paired rounds (each round runs every regime once, e2e first): per row the
     median over rounds of the whole call's wall time over e2e's in the same round
     (`total_over_e2e`), of its CPU time (`cpu_over_e2e`, less sensitive to other jobs on
-    the machine) and of its training steps alone (metrics.json's timings.step_s)."""
+    the machine), of its training steps alone (metrics.json's timings.step_s), and of its
+    cache pass over e2e's whole call (`cache_over_e2e`: metrics.json's
+    timings.cache_pass_s, 0 where no cache is written), so `total_over_e2e -
+    cache_over_e2e` is the run's time without the cache pass."""
     runs = {mode: [] for mode in MODES}
     for i in range(rounds):
         for mode in MODES:
@@ -243,14 +252,58 @@ def regime_wall_clock(tmp: Path, k: int, epochs: int, synthetic_size: int, cache
     for mode, rs in runs.items():
         ratio = {key: _median([r[key] / e[key] for r, e in zip(rs, e2e) if e[key]])
                  for key in ("total_s", "cpu_s", "step_s")}
+        cache = _median([r.get("cache_s", 0.0) / e["total_s"] for r, e in zip(rs, e2e)
+                         if e["total_s"]])
         rows.append({"mode": mode, "model": model, "modules": k, "epochs": epochs,
                      "synthetic_size": synthetic_size, "rounds": rounds,
                      "total_s": _median([r["total_s"] for r in rs]),
                      "cpu_s": _median([r["cpu_s"] for r in rs]),
                      "step_s": _median([r["step_s"] for r in rs]),
                      "total_over_e2e": ratio["total_s"], "cpu_over_e2e": ratio["cpu_s"],
-                     "step_over_e2e": ratio["step_s"], "per_round": rs})
+                     "step_over_e2e": ratio["step_s"], "cache_over_e2e": cache,
+                     "per_round": rs})
     return rows
+
+
+# the head A/B of `head_wall_clock`: auto's kind before (3x3 conv) and now (1x1 conv)
+HEAD_ARMS = ("dgl-s2", "dgl-k1")
+
+
+def head_wall_clock(tmp: Path, rounds: int = 9, heads=HEAD_ARMS, modes=("parallel", "sequential"),
+                    model: str = "resnet20", synthetic_size: int = 1024, epochs: int = 2,
+                    cache_dtype: str = "float16") -> list[dict]:
+    """train()'s wall time with each of `heads` in each of `modes` on one regime job, in
+    `rounds` paired rounds (e2e, then every (mode, head)); per row the median over rounds of
+    its wall over e2e's and over the first head's in the same mode and round."""
+    arms = [("e2e", None)] + [(m, h) for m in modes for h in heads]
+    times: dict = {a: [] for a in arms}
+    for i in range(rounds):
+        for mode, head in arms:
+            cfg = _regime_cfg(model, 4, epochs, synthetic_size, cache_dtype, mode)
+            if head is not None:
+                cfg = dataclasses.replace(cfg, head=head)
+            times[(mode, head)].append(
+                _one_regime(cfg, tmp / f"heads-{mode}-{head}-{i}")["total_s"])
+    e2e = times[("e2e", None)]
+    return [{"mode": mode, "head": head, "model": model, "synthetic_size": synthetic_size,
+             "epochs": epochs, "rounds": rounds, "total_s": _median(t),
+             "total_over_e2e": _median([a / b for a, b in zip(t, e2e)]),
+             "over_first_head": None if head is None else
+             _median([a / b for a, b in zip(t, times[(mode, heads[0])])])}
+            for (mode, head), t in times.items()]
+
+
+def heads_table(rows: list[dict]) -> list[str]:
+    """The head A/B table (`head_wall_clock`)."""
+    r0, first = rows[0], rows[1]["head"]
+    lines = [f"Heads in train()'s wall time: {r0['model']} 3x32x32, {r0['synthetic_size']} "
+             f"samples, {r0['epochs']} epochs, K=4, {r0['rounds']} paired rounds (e2e, then "
+             f"each regime with each head), medians of the per-round ratios.", "",
+             f"| regime | head | train() wall s | wall / e2e | wall / {first}'s |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['mode']} | {r['head'] or '-'} | {r['total_s']:.2f} | "
+              f"{r['total_over_e2e']:.3f} | {_fmt3(r['over_first_head'])} |" for r in rows]
+    return lines + [""]
 
 
 def regime_jobs(tmp: Path, k: int, cache_dtype: str, rounds: int,
@@ -320,6 +373,7 @@ def head_share(cfg: RunConfig, reps: int = 4) -> float:
 STEP_VARIANTS = (
     ("e2e", "e2e", {}),
     ("parallel (TRGL, --head auto)", "parallel", {}),
+    ("parallel, dgl-s2 heads (a 3x3 conv; auto's before dgl-k1)", "parallel", {"head": "dgl-s2"}),
     ("parallel, no transport (VanGL)", "parallel", {"transport": False}),
     ("parallel, linear heads", "parallel", {"head": "linear"}),
     ("parallel, VanGL and linear heads", "parallel", {"transport": False, "head": "linear"}),
@@ -378,10 +432,15 @@ def _cpu_of(fn, reps: int) -> float:
 # what #29 removed from module-wise training's time (the regime table's "before" column is
 # the table of 0.2.0, kept in speed.json as `regimes_before` with its own stamp)
 REMOVED = [
-    "The DGL heads' 3x3 conv runs at stride 2 (`--head auto` now builds `dgl-s2`): each extra "
-    "head cost 8-24% of its module's body on resnet20; the strided head is a quarter of the "
-    "compute, and its accuracy matched the DGL head's within the 95% confidence interval "
+    "The DGL heads' 3x3 conv runs at stride 2 (`dgl-s2`): each extra head cost 8-24% of its "
+    "module's body on resnet20; the strided head is a quarter of the compute, and its "
+    "accuracy matched the DGL head's within the 95% confidence interval "
     "(research/head_cost/results/head_cost-dgl-s2.md, 5 seeds).",
+    "Then a 1x1 conv in that head (`--head auto` now builds `dgl-k1`): the heads' CPU share "
+    "of a resnet20 step halves again, train() takes 0.97x as long as with `dgl-s2` (the head "
+    "table), and its accuracy matched `dgl-s2`'s within the 95% confidence interval on "
+    "resnet20 and kmresnet (research/head_cost/results/head_cost-dgl-k1-vs-dgl-s2*.md, "
+    "5 seeds).",
     "Module k's evaluation on the validation and test sets and the writing of module k+1's "
     "validation and test caches are one eval-mode forward (they were two).",
     "The activation cache's shards and manifest are no longer fsynced: every reader checks a "
@@ -409,16 +468,21 @@ def regimes_table(rows: list[dict], before: list[dict] | None = None) -> list[st
              "rounds (each round runs every regime once, e2e first); ratios are the median "
              "over rounds of a run's figure over e2e's in the same round. Wall: the whole "
              "`train()` call; CPU: its process time (less sensitive to other jobs); steps: "
-             "metrics.json's timings.step_s.", "",
+             "metrics.json's timings.step_s; cache pass: the wall time of writing the "
+             "training caches (one eval-mode forward of each trained module but the last "
+             "over the training split, per lap; metrics.json's timings.cache_pass_s; the "
+             "validation and test caches come from each module's evaluation) over e2e's "
+             "train() wall.", "",
              "| model | samples | regime | epochs | rounds | train() wall s | wall / e2e "
-             "(total_over_e2e) | CPU / e2e | steps / e2e |" + extra,
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if old else "")]
+             "(total_over_e2e) | CPU / e2e | steps / e2e | cache pass / e2e |" + extra,
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if old else "")]
     for r in rows:
         was = old.get((r.get("model"), r.get("synthetic_size"), r["mode"]))
         lines.append(f"| {r.get('model', 'resnet56')} | {r.get('synthetic_size', '')} | "
                      f"{r['mode']} | {r['epochs']} | {r.get('rounds', 1)} | {r['total_s']:.1f} | "
                      f"{r['total_over_e2e']:.3f} | {_fmt3(r.get('cpu_over_e2e'))} | "
-                     f"{_fmt3(r.get('step_over_e2e'))} |" + (f" {_fmt3(was)} |" if old else ""))
+                     f"{_fmt3(r.get('step_over_e2e'))} | {_fmt3(r.get('cache_over_e2e'))} |"
+                     + (f" {_fmt3(was)} |" if old else ""))
     if old:
         lines += ["", "Removed from module-wise training's time since 0.2.0 (#29):", ""]
         lines += [f"- {item}" for item in REMOVED]
@@ -454,6 +518,8 @@ def _table(res: dict) -> str:
         lines += profile_table(res["profile"])
     if res.get("steps"):
         lines += steps_table(res["steps"])
+    if res.get("heads"):
+        lines += heads_table(res["heads"])
     lines += ["| K | epochs | recompute s | cache s | cache / recompute |", "|---|---|---|---|---|"]
     for r in res.get("cache_vs_recompute") or []:
         lines.append(f"| {r['modules']} | {r['epochs']} | {r['recompute_s']:.1f} | "
@@ -484,7 +550,8 @@ def _table(res: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("regimes", "profile", "steps", "cache_vs_recompute", "disk_vs_ram", "rss", "accuracy")
+PARTS = ("regimes", "profile", "steps", "heads", "cache_vs_recompute", "disk_vs_ram", "rss",
+         "accuracy")
 
 
 def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_size: int = 512,
@@ -512,6 +579,7 @@ def run_speed(out_dir: Path, ks: list[int] = (4, 8), epochs: int = 3, synthetic_
     jobs = {"regimes": lambda t: regime_jobs(t, 4, cache_dtype, rounds),
             "profile": lambda t: phase_profile(t, cache_dtype=cache_dtype),
             "steps": lambda t: step_parts(),
+            "heads": lambda t: head_wall_clock(t, rounds),
             "cache_vs_recompute": lambda t: cache_vs_recompute(t, list(ks), epochs,
                                                                synthetic_size, cache_dtype),
             "disk_vs_ram": lambda t: disk_vs_ram(t, max(ks), 1, synthetic_size, cache_dtype),

@@ -7,15 +7,22 @@ filters' responses at a quarter of the positions, for a quarter of the head's co
 resnet20 (K=4, 3x32x32) the DGL heads cost 11-12% of a parallel training step; in the
 head-cost study (research/head_cost/results/head_cost-dgl-s2.md, 5 seeds, sequential TRGL)
 the strided head's best-depth test accuracy was -0.22 +- 0.38 points on digits and
-+1.73 +- 1.76 on Fashion-MNIST against `dgl` (95% CIs, both spanning 0).
++1.73 +- 1.76 on Fashion-MNIST against `dgl` (95% CIs, both spanning 0). `dgl-k1` is
+`dgl-s2` with a 1x1 conv: per position a linear map of the channels, a ninth of the strided
+conv's weights and compute. Against `dgl-s2` (research/head_cost/results/
+head_cost-dgl-k1-vs-dgl-s2*.md, 5 seeds, sequential TRGL) its best-depth test accuracy was
++0.22 +- 0.45 points on digits and +0.50 +- 0.94 on Fashion-MNIST with resnet20, -0.11 +-
+0.80 and +0.84 +- 1.92 with kmresnet (95% CIs, all spanning 0), with a seventh to a third
+of the heads' parameters; resnet20's parallel and sequential train() took 0.97x as long
+as with `dgl-s2` (benchmarks/results/speed.md, 9 paired rounds).
 `dgl-light` first reduces the channels with a 1x1 conv (+ BatchNorm, ReLU) to
 `light_width(c)` (a quarter, between 16 and 128), then is the DGL head on those: on
 ResNet-50's 2048-channel maps the DGL head holds 2048 x 2048 x 9 conv weights (38 M), the
-light one 0.4 M. `auto` (the default) picks `dgl-s2` for maps of at most `LIGHT_ABOVE`
-channels (`dgl` in 0.2.0) and `dgl-light` above, per module; a run records the resolved
-kinds, never `auto` (`resolve_heads`, `head_spec`). `linear` is global average pool + linear and
-`mlp` global average pool + a hidden layer. Token features (B, N, D) get a linear head on
-the mean token whatever the kind.
+light one 0.4 M. `auto` (the default) picks `dgl-k1` for maps of at most `LIGHT_ABOVE`
+channels (`dgl` in 0.2.0, then `dgl-s2`) and `dgl-light` above, per module; a run records
+the resolved kinds, never `auto` (`resolve_heads`, `head_spec`). `linear` is global average
+pool + linear and `mlp` global average pool + a hidden layer. Token features (B, N, D) get a
+linear head on the mean token whatever the kind.
 """
 from __future__ import annotations
 
@@ -42,7 +49,8 @@ def _pool_to_2x2(h: int, w: int) -> nn.Module:
     return nn.AvgPool2d(k, s)
 
 
-STRIDE_FROM = 4  # `dgl-s2`: maps at least this wide take the conv at stride 2
+STRIDE_FROM = 4  # `dgl-s2`, `dgl-k1`: maps at least this wide take the conv at stride 2
+AUTO_HEAD = "dgl-k1"  # what `auto` builds on maps of at most LIGHT_ABOVE channels
 LIGHT_ABOVE = 256  # channels above which `auto` picks the light head
 
 
@@ -53,9 +61,9 @@ def light_width(c: int) -> int:
 
 def resolve_heads(spec: str, feat_shapes: list[tuple[int, ...]]) -> list[str]:
     """The head kind of each module: `spec` for all, a comma-separated kind per module, or
-    `auto` (dgl-s2 up to LIGHT_ABOVE channels, dgl-light above)."""
+    `auto` (AUTO_HEAD up to LIGHT_ABOVE channels, dgl-light above)."""
     if spec == "auto":
-        return ["dgl-light" if len(s) == 3 and s[0] > LIGHT_ABOVE else "dgl-s2"
+        return ["dgl-light" if len(s) == 3 and s[0] > LIGHT_ABOVE else AUTO_HEAD
                 for s in feat_shapes]
     kinds = spec.split(",")
     if len(kinds) == 1:
@@ -83,11 +91,12 @@ def make_head(kind: str, feat_shape: tuple[int, ...], num_classes: int) -> nn.Mo
         r = light_width(c)
         return nn.Sequential(nn.Conv2d(c, r, 1, bias=False), nn.BatchNorm2d(r), nn.ReLU(inplace=True),
                              make_head("dgl", (r, h, w), num_classes))
-    if kind in ("dgl", "dgl-s2"):
-        stride = 2 if kind == "dgl-s2" and min(h, w) >= STRIDE_FROM else 1
+    if kind in ("dgl", "dgl-s2", "dgl-k1"):
+        stride = 2 if kind != "dgl" and min(h, w) >= STRIDE_FROM else 1
         h2, w2 = -(-h // stride), -(-w // stride)  # the conv's output: padding 1, kernel 3
+        kernel = 1 if kind == "dgl-k1" else 3
         return nn.Sequential(
-            nn.Conv2d(c, c, 3, stride, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, kernel, stride, kernel // 2), nn.ReLU(inplace=True),
             _pool_to_2x2(h2, w2), nn.BatchNorm2d(c), nn.Flatten(),
             nn.Linear(c * min(h2, 2) * min(w2, 2), num_classes))
     pool = [nn.AvgPool2d((h, w)), nn.Flatten()]  # fixed-size pool: exports cleanly to ONNX

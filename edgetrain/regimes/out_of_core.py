@@ -78,6 +78,9 @@ class OutOfCore:
         self._t0 = time.perf_counter()
         self._base_s = 0.0
         self._memo: dict = {}
+        # wall seconds of the cache pass in this process: caches written outside evaluation
+        # (in a run from the start, the training split's); metrics.json timings.cache_pass_s
+        self.cache_pass_s = 0.0
         # --train-modules A:B: the frozen prefix (modules < A-1) trains its new heads in lap 1
         # only, and cache A-1 (its output) is kept across laps: the prefix is never reloaded
         self.first_trained = self.cfg.train_modules[0] - 1 if self.cfg.train_modules else 0
@@ -166,8 +169,10 @@ class OutOfCore:
             self.ensure_cache(k - 1, missing)
         stage = self.store.load(k - 1)
         for s in missing:
+            t0 = time.perf_counter()
             with self._phase("cache_write"), self._phase(f"module_{k - 1:02d}_cache_write"):
                 self._write(k, s, stage)
+            self.cache_pass_s += time.perf_counter() - t0
             if k > 1 and k - 1 != self.keep_cache:
                 remove_cache(self.cache_dir(k - 1, s))
 
@@ -388,5 +393,6 @@ def train_out_of_core(run: Run, out: Path, progress: bool = False, state: dict |
     evals = [{k: s[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")} for s in summaries]
     metrics = run_metrics(run, summaries, evals, float(ooc.state["train_s"]),
                           max_resident=resident)
+    metrics["timings"]["cache_pass_s"] = ooc.cache_pass_s
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -41,8 +41,13 @@ HEADS = ("dgl", "dgl-light")  # the reference and the default candidate
 STEM = "head_cost"  # results of dgl-light; another candidate C writes head_cost-C.*
 
 
-def stem_of(candidate: str) -> str:
-    return STEM if candidate == "dgl-light" else f"{STEM}-{candidate}"
+def stem_of(candidate: str, reference: str = "dgl", model: str = "kmresnet") -> str:
+    """head_cost (dgl-light vs dgl), head_cost-C (C vs dgl) or head_cost-C-vs-R, with
+    `-on-MODEL` for another model than BASE's."""
+    stem = STEM if candidate == "dgl-light" else f"{STEM}-{candidate}"
+    if reference != "dgl":
+        stem += f"-vs-{reference}"
+    return stem if model == BASE["model"] else f"{stem}-on-{model}"
 # Sequential TRGL at the cpu accuracy grid's tuned sequential settings (lr 0.1, tau 10,
 # midpoint schedule; `research.accuracy.accuracy.cpu_grid`), one block per module, at the
 # model's default width (64).
@@ -112,7 +117,8 @@ def _previous(path: Path, settings: dict, datasets: dict) -> tuple[list[dict], d
 def run_head_cost(out_dir: Path, datasets: dict[str, dict] | None = None,
                   seeds: list[int] | tuple[int, ...] = (0, 1, 2), base: dict | None = None, *,
                   device: str = "auto", threads: int | None = 1, resume: bool = True,
-                  log: Callable[[str], None] | None = None, candidate: str = "dgl-light") -> dict:
+                  log: Callable[[str], None] | None = None, candidate: str = "dgl-light",
+                  reference: str = "dgl") -> dict:
     """Train every (data set, seed, head) and write `out_dir/head_cost.{json,md}` after each.
 
     Args:
@@ -125,7 +131,9 @@ def run_head_cost(out_dir: Path, datasets: dict[str, dict] | None = None,
         resume: keep the runs `head_cost.json` holds with the same settings (other seeds
             and data sets included) and skip those it already has.
         log: called with one line per finished run.
-        candidate: the head compared with `dgl` (results `stem_of(candidate)`.*).
+        candidate: the head compared with `reference` (results `stem_of(candidate,
+            reference)`.*).
+        reference: the head it is compared with (`dgl`, the paper's).
     Returns:
         The results (with `json_path` and `md_path`).
     Raises:
@@ -133,9 +141,10 @@ def run_head_cost(out_dir: Path, datasets: dict[str, dict] | None = None,
     """
     datasets, base = dict(datasets or DATASETS), dict(base or BASE)
     settings = {"base": base, "device": device, "threads": threads}
-    heads = ("dgl", candidate)
+    heads = (reference, candidate)
     out_dir = Path(out_dir)
-    runs, earlier = (_previous(out_dir / f"{stem_of(candidate)}.json", settings, datasets) if resume
+    runs, earlier = (_previous(out_dir / f"{stem_of(candidate, reference, base['model'])}.json",
+                               settings, datasets) if resume
                      else ([], {}))
     done = {_key(r) for r in runs}
     res = {"benchmark": "head_cost", "edgetrain_version": __version__,
@@ -166,7 +175,8 @@ def _write(res: dict, out_dir: Path) -> dict:
     heads = tuple(res.get("compared", HEADS))
     res = {**res, "summary": summarize(res["runs"], heads),
            "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return write_json_and_markdown(res, out_dir, stem_of(heads[1]), markdown)
+    stem = stem_of(heads[1], heads[0], res["settings"]["base"]["model"])
+    return write_json_and_markdown(res, out_dir, stem, markdown)
 
 
 def _pct(stat: dict, key: str = "mean") -> str:
@@ -181,21 +191,21 @@ def markdown(res: dict) -> str:
     ref, cand = res.get("compared", HEADS)
     name = "light" if cand == "dgl-light" else cand
     what = "the light head" if cand == "dgl-light" else f"the `{cand}` head"
-    lines = [f"# Accuracy cost of {what} (`--head {cand}` vs `--head dgl`)", "",
+    lines = [f"# Accuracy cost of {what} (`--head {cand}` vs `--head {ref}`)", "",
              f"Sequential TRGL, {json.dumps(st['base'])}; "
              f"{st['threads']} torch thread(s). Best-depth test accuracy (depth chosen on "
-             f"validation), in %. Difference: {name} - dgl, paired by seed. `run s` is wall "
+             f"validation), in %. Difference: {name} - {ref}, paired by seed. `run s` is wall "
              "time on a shared machine, not a speed figure. "
              + ("" if res["complete"] else "**Incomplete: the runs below finished.**"), "",
-             f"| data | settings | head params per module (dgl / {name}) | dgl mean ± std | "
-             f"{name} mean ± std | {name} - dgl mean ± std (95% CI) | pairs |",
+             f"| data | settings | head params per module ({ref} / {name}) | {ref} mean ± std | "
+             f"{name} mean ± std | {name} - {ref} mean ± std (95% CI) | pairs |",
              "|---|---|---|---|---|---|---|"]
     for d, s in res["summary"].items():
         h, diff = s["heads"], s["diff_light_minus_dgl"]
         params = " / ".join(",".join(str(n) for n in res["heads"][d][k]) for k in (ref, cand))
         ci = "" if diff.get("ci95") is None else f" (± {100 * diff['ci95']:.2f})"
         lines.append(f"| {d} | {json.dumps(res['datasets'][d])} | {params} | "
-                     f"{_pct(h['dgl'])} ± {_pct(h['dgl'], 'std')} | "
+                     f"{_pct(h[ref])} ± {_pct(h[ref], 'std')} | "
                      f"{_pct(h[cand])} ± {_pct(h[cand], 'std')} | "
                      f"{_pct(diff)} ± {_pct(diff, 'std')}{ci} | {len(s['paired_seeds'])} |")
     lines += ["", "| data | head | seed | best test % | depth | last test % | run s |",

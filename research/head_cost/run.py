@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 import sys
 
-from research.head_cost.head_cost import DATASETS, run_head_cost
+from research.head_cost.head_cost import BASE, DATASETS, run_head_cost
 from edgetrain.errors import UserError
 
 
@@ -26,13 +26,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidate", default="dgl-light",
                     help="the head compared with dgl (results: head_cost.* for dgl-light, "
                          "head_cost-CANDIDATE.* for another)")
+    ap.add_argument("--reference", default="dgl",
+                    help="the head the candidate is compared with (another than dgl: results "
+                         "head_cost-CANDIDATE-vs-REFERENCE.*)")
+    ap.add_argument("--model", default=BASE["model"],
+                    help="the network (another than kmresnet, at its default width and depth: "
+                         "results ...-on-MODEL.*)")
     ap.add_argument("--fresh", action="store_true", help="ignore an interrupted run's results")
     a = ap.parse_args(argv)
     datasets = {d: DATASETS[d] for d in (a.data or DATASETS)}
+    base = BASE if a.model == BASE["model"] else {**BASE, "model": a.model, "depth": None}
     try:
-        res = run_head_cost(Path(a.out_dir), datasets, list(range(a.seeds)), device=a.device,
+        res = run_head_cost(Path(a.out_dir), datasets, list(range(a.seeds)), base,
+                            device=a.device,
                             threads=a.threads or None, resume=not a.fresh,
-                            log=lambda s: print(s, flush=True), candidate=a.candidate)
+                            log=lambda s: print(s, flush=True), candidate=a.candidate,
+                            reference=a.reference)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,8 +29,8 @@ def test_the_light_head_is_much_smaller_on_wide_maps_and_classifies():
 def test_auto_picks_the_light_head_only_above_the_threshold():
     shapes = [(64, 8, 8), (LIGHT_ABOVE, 4, 4), (LIGHT_ABOVE + 1, 2, 2), (5, 96)]
     kinds = resolve_heads("auto", shapes)
-    assert kinds == ["dgl-s2", "dgl-s2", "dgl-light", "dgl-s2"]
-    assert head_spec(kinds) == "dgl-s2,dgl-s2,dgl-light,dgl-s2"
+    assert kinds == ["dgl-k1", "dgl-k1", "dgl-light", "dgl-k1"]
+    assert head_spec(kinds) == "dgl-k1,dgl-k1,dgl-light,dgl-k1"
     assert head_spec(["dgl"] * 3) == "dgl"
     assert resolve_heads("dgl,dgl-light", shapes[:2]) == ["dgl", "dgl-light"]
     with pytest.raises(UserError, match="2 kinds for 3 modules"):
@@ -40,8 +40,8 @@ def test_auto_picks_the_light_head_only_above_the_threshold():
 def test_config_json_records_the_resolved_head(tmp_path):
     train(tiny_cfg(mode="parallel", epochs=1, train_size=100), tmp_path / "run")
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["head"] == "dgl-s2"  # width-8 maps: the strided DGL head, never "auto"
-    assert RunConfig.load(tmp_path / "run" / "config.json").head == "dgl-s2"
+    assert cfg["head"] == "dgl-k1"  # width-8 maps: the 1x1 strided DGL head, never "auto"
+    assert RunConfig.load(tmp_path / "run" / "config.json").head == "dgl-k1"
 
 
 def test_the_strided_head_convolves_a_quarter_of_the_positions_and_classifies():
@@ -53,6 +53,17 @@ def test_the_strided_head_convolves_a_quarter_of_the_positions_and_classifies():
         x = torch.randn(2, *shape)
         assert tuple(conv(x).shape[2:]) == conv_out  # maps under STRIDE_FROM keep stride 1
         assert s2(x).shape == (2, 10)
+
+
+def test_the_k1_head_is_the_strided_head_with_a_1x1_conv():
+    from torch import nn
+    for shape in ((16, 32, 32), (64, 7, 7), (8, 3, 3)):
+        k1, s2 = make_head("dgl-k1", shape, 10), make_head("dgl-s2", shape, 10)
+        c1, c3 = (next(m for m in h if isinstance(m, nn.Conv2d)) for h in (k1, s2))
+        assert c1.kernel_size == (1, 1) and c1.stride == c3.stride
+        assert _params(k1) == _params(s2) - c3.weight.numel() + c1.weight.numel()
+        x = torch.randn(2, *shape)
+        assert c1(x).shape == c3(x).shape and k1(x).shape == (2, 10)
 
 
 def test_a_0_2_0_run_with_dgl_heads_rebuilds_them(tmp_path):

@@ -22,6 +22,9 @@ def test_cached_sequential_matches_in_memory_path_with_one_module_resident(tmp_p
     ooc = train(tiny_cfg(**kw), tmp_path / "ooc")
     mem = train(tiny_cfg(**kw, in_memory=True), tmp_path / "mem")
     assert ooc["max_resident_modules"] == 1 and mem["max_resident_modules"] == 3
+    # the cache pass (training caches 1 and 2) is timed, and is part of the training time
+    assert 0 < ooc["timings"]["cache_pass_s"] < ooc["timings"]["train_s"]
+    assert ooc["memory"]["cache_write"]["seconds"] >= ooc["timings"]["cache_pass_s"] * 0.99
     for (va, ta), (vb, tb) in zip(_acc(ooc), _acc(mem)):
         assert abs(va - vb) <= 0.005 and abs(ta - tb) <= 0.005
     assert [m["steps"] for m in ooc["modules"]] == [m["steps"] for m in mem["modules"]]

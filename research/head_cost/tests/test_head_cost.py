@@ -48,6 +48,22 @@ def test_paired_difference_and_resume(tmp_path, monkeypatch):
         head_cost.run_head_cost(tmp_path, DATA, [0, 1], {**TINY, "lr": 0.2})
 
 
+def test_another_reference_and_model_name_their_results(tmp_path, monkeypatch):
+    """--reference R and --model M: the candidate is paired with R, the files say both."""
+    calls = []
+    monkeypatch.setattr(head_cost, "run_one", _fake_run(calls))
+    res = head_cost.run_head_cost(tmp_path, DATA, [0, 1], {**WIDE, "model": "resnet20",
+                                                           "width": None, "depth": None},
+                                  candidate="dgl-k1", reference="dgl-s2")
+    assert calls == [("digits", h, s) for s in (0, 1) for h in ("dgl-s2", "dgl-k1")]
+    assert res["compared"] == ["dgl-s2", "dgl-k1"]
+    assert res["summary"]["digits"]["paired_diff"] == pytest.approx([0.0, 0.0])
+    md = (tmp_path / "head_cost-dgl-k1-vs-dgl-s2-on-resnet20.md").read_text()
+    assert "`--head dgl-k1` vs `--head dgl-s2`" in md and "dgl-k1 - dgl-s2" in md
+    assert head_cost.stem_of("dgl-light") == "head_cost"
+    assert head_cost.stem_of("dgl-s2") == "head_cost-dgl-s2"
+
+
 def test_rows_are_written_as_they_finish(tmp_path, monkeypatch):
     calls, fake = [], None
 
