@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 import functools
 import math
 import os
+from pathlib import Path
 import resource
 import subprocess
 import sys
 import time
 from typing import Any, Callable, Iterable
 
+import psutil
 import torch
 
 from edgetrain.units import MIB
@@ -399,14 +401,55 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def memory_mib() -> tuple[int, int]:
+    """(total, available) MiB of this machine, or of its cgroup when that is lower."""
+    vm = psutil.virtual_memory()
+    total, avail = vm.total, vm.available
+    try:
+        limit = int(Path("/sys/fs/cgroup/memory.max").read_text().strip())
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit < total:
+            total, avail = limit, min(avail, limit - used)
+    except (OSError, ValueError):
+        pass
+    return total // MIB, avail // MIB
+
+
+def memory_headroom_bytes() -> int:
+    """What this process may still allocate: the least of its address-space limit
+    (RLIMIT_AS) minus its address space (VmSize), and the memory available to it
+    (`memory_mib`: the machine's, or its cgroup's when lower)."""
+    room = memory_mib()[1] * MIB
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    vm = _status_kib("VmSize")
+    if soft != resource.RLIM_INFINITY and vm is not None:
+        room = min(room, soft - vm * 1024)
+    return room
+
+
 OOM_MARKS = ("can't allocate memory", "out of memory", "cannot allocate memory",
              "DefaultCPUAllocator")
+# oneDNN words every failure to build a kernel so, a failed allocation of its scratchpad
+# included; it counts as out of memory only when the process is near its memory's end
+ONEDNN_FAILURE = "could not create a primitive"
+LOW_HEADROOM = 512 * MIB
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """True for an allocation failure: Python's MemoryError, CUDA's OutOfMemoryError, or the
+    """True for an allocation failure: Python's MemoryError, CUDA's OutOfMemoryError, the
     RuntimeError a CPU allocator raises (`[enforce fail at alloc_cpu.cpp] ... can't allocate
-    memory`)."""
+    memory`), or oneDNN's `could not create a primitive` with less than LOW_HEADROOM left
+    to allocate (`memory_headroom_bytes`; elsewhere that error is a kernel's, not memory's)."""
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         return True
-    return isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MARKS)
+    if not isinstance(e, RuntimeError):
+        return False
+    text = str(e)
+    if any(m in text for m in OOM_MARKS):
+        return True
+    if ONEDNN_FAILURE not in text:
+        return False
+    try:
+        return memory_headroom_bytes() < LOW_HEADROOM
+    except MemoryError:  # too little left even to read /proc
+        return True

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -149,3 +151,28 @@ def test_train_records_phase_peaks(tmp_path):
     assert m["peak_rss_mib"] >= max(p["peak_rss_mib"] for p in m["memory"].values()) > 0
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["memory"] == m["memory"]
+
+
+def test_onednn_failure_is_out_of_memory_only_near_the_memory_s_end(monkeypatch):
+    """oneDNN says `could not create a primitive` for a failed scratchpad allocation and for
+    a kernel it cannot build alike: only with little left to allocate is it memory."""
+    from edgetrain import measure
+    e = RuntimeError("could not create a primitive")
+    monkeypatch.setattr(measure, "memory_headroom_bytes", lambda: 100 * MIB)
+    assert measure.is_out_of_memory(e)
+    monkeypatch.setattr(measure, "memory_headroom_bytes", lambda: 8 * 1024 * MIB)
+    assert not measure.is_out_of_memory(e)
+    assert measure.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert measure.is_out_of_memory(MemoryError()) and not measure.is_out_of_memory(ValueError())
+
+
+def test_memory_headroom_follows_the_address_space_limit():
+    """In a child capped 300 MiB above its address space, the headroom is at most 300 MiB."""
+    code = ("import resource; from edgetrain import measure as m; "
+            "vm = m._status_kib('VmSize') * 1024; "
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + 300 * 2**20, resource.RLIM_INFINITY)); "
+            "print(m.memory_headroom_bytes())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert 0 < int(out) <= 300 * MIB
+    assert memory.memory_headroom_bytes() > 0

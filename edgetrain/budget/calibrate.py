@@ -26,14 +26,13 @@ import platform
 import socket
 import time
 
-import psutil
 import torch
 
 from edgetrain.budget import devices
 from edgetrain.budget.devices import (NAME_RE, OPTIONAL_FIELDS, PROFILE_FIELDS, DeviceProfile,
                                       read_profile)
 from edgetrain.errors import UserError
-from edgetrain.measure import runtime_rss_bytes
+from edgetrain.measure import memory_mib, runtime_rss_bytes
 from edgetrain.method.precision import cpu_flags, detect_bf16, read_cpuinfo
 from edgetrain.options.file import toml_value
 from edgetrain.units import MIB
@@ -92,20 +91,6 @@ def half_support() -> dict:
             "fp16": bool(flags & {"avx512_fp16", "amx_fp16", "fphp", "asimdhp"}),
             "how": f"bf16: {bf16.reason}; fp16: CPU flags in /proc/cpuinfo (avx512_fp16/"
                    "amx_fp16/fphp/asimdhp)"}
-
-
-def memory_mib() -> tuple[int, int]:
-    """(total, available) MiB of this machine, or of its cgroup when that is lower."""
-    vm = psutil.virtual_memory()
-    total, avail = vm.total, vm.available
-    try:
-        limit = int(Path("/sys/fs/cgroup/memory.max").read_text().strip())
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        if limit < total:
-            total, avail = limit, min(avail, limit - used)
-    except (OSError, ValueError):
-        pass
-    return total // MIB, avail // MIB
 
 
 def measure_device(cache_dir: Path, storage_mib: int = 256) -> tuple[dict, dict]:
