@@ -28,7 +28,6 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-import psutil
 import torch
 
 from edgetrain.units import MIB
@@ -403,6 +402,7 @@ def peak_rss_mib() -> float:
 
 def memory_mib() -> tuple[int, int]:
     """(total, available) MiB of this machine, or of its cgroup when that is lower."""
+    import psutil  # here: a torch-free install (predict MODEL.onnx) has no psutil
     vm = psutil.virtual_memory()
     total, avail = vm.total, vm.available
     try:
