@@ -39,15 +39,6 @@ from edgetrain.regimes.run import load_data
 
 HEADS = ("dgl", "dgl-light")  # the reference and the default candidate
 STEM = "head_cost"  # results of dgl-light; another candidate C writes head_cost-C.*
-
-
-def stem_of(candidate: str, reference: str = "dgl", model: str = "kmresnet") -> str:
-    """head_cost (dgl-light vs dgl), head_cost-C (C vs dgl) or head_cost-C-vs-R, with
-    `-on-MODEL` for another model than BASE's."""
-    stem = STEM if candidate == "dgl-light" else f"{STEM}-{candidate}"
-    if reference != "dgl":
-        stem += f"-vs-{reference}"
-    return stem if model == BASE["model"] else f"{stem}-on-{model}"
 # Sequential TRGL at the cpu accuracy grid's tuned sequential settings (lr 0.1, tau 10,
 # midpoint schedule; `research.accuracy.accuracy.cpu_grid`), one block per module, at the
 # model's default width (64).
@@ -57,6 +48,15 @@ BASE = dict(model="kmresnet", width=None, depth=4, modules=4, mode="sequential",
 DATASETS = {"digits": dict(epochs=8),
             "fashion-mnist": dict(train_size=5000, epochs=2, val_fraction=0.1,
                                   test_size=2000)}
+
+
+def stem_of(candidate: str, reference: str = "dgl", model: str | None = None) -> str:
+    """head_cost (dgl-light vs dgl), head_cost-C (C vs dgl) or head_cost-C-vs-R, with
+    `-on-MODEL` for another model than BASE's."""
+    stem = STEM if candidate == "dgl-light" else f"{STEM}-{candidate}"
+    if reference != "dgl":
+        stem += f"-vs-{reference}"
+    return stem if model in (None, BASE["model"]) else f"{stem}-on-{model}"
 
 
 def run_config(base: dict, data_fields: dict, dataset: str, head: str, seed: int,
